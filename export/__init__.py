@@ -1,0 +1,15 @@
+"""fluxrt export step: Flux diffusers checkpoints to ONNX graphs plus a manifest the Rust runtime reads.
+
+Run `python -m export --help`. Modules, one concern each:
+  checkpoint  load and check a diffusers-format Flux checkpoint folder
+  presets     small random-weight pipelines with the real architecture (tiny, bench)
+  wrappers    torch modules whose forward() is exactly one ONNX graph's contract
+  onnx_export torch -> ONNX (dynamic axes, external data, fp16 islands)
+  tokenizers  tokenizer.json files for the Rust side, real tokenizers from offline sources
+  manifest    the manifest.json schema
+  validate    onnxruntime vs PyTorch at two shapes
+  goldens     reference outputs from diffusers' FluxPipeline
+  layouts     re-save a model in the official BFL or optimum-onnx layout
+"""
+
+__version__ = "0.1.0"

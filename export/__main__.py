@@ -1,0 +1,103 @@
+"""`python -m export`: see --help. Errors a user can fix exit with code 2 and one line naming the problem."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import onnx_export as ox
+from .checkpoint import ExportError
+
+SUBCOMMANDS = ("tiny", "preset", "layout", "goldens")
+WORK_DIR = Path("build/export")
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export a diffusers-format FLUX.1 checkpoint to ONNX graphs + manifest.json for fluxrt. "
+        f"Other commands: {', '.join(SUBCOMMANDS)} (python -m export COMMAND --help).",
+    )
+    p.add_argument("checkpoint", type=Path, help="diffusers-format Flux folder (e.g. a FLUX.1-schnell download)")
+    p.add_argument("out_dir", type=Path, help="model folder to create")
+    p.add_argument("--precision", choices=ox.PRECISIONS, default="fp32")
+    p.add_argument("--opset", type=int, default=ox.DEFAULT_OPSET)
+    p.add_argument("--components", nargs="+", choices=ox.GRAPHS, default=None, help="graphs to export (default all)")
+    p.add_argument("--validate", action="store_true", help="check every graph against PyTorch at two shapes")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--name", default=None, help="model name in the manifest (default: the folder name)")
+    return p
+
+
+def sub_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("tiny", help="build, export and validate the bundled tiny models and their goldens")
+    t.add_argument("--models", type=Path, default=Path("models"))
+    t.add_argument("--goldens", type=Path, default=Path("tests/goldens"))
+    t.add_argument("--no-goldens", action="store_true")
+    t.add_argument("--work", type=Path, default=WORK_DIR, help="where the random checkpoints are built")
+    t.add_argument("--force", action="store_true")
+    pr = sub.add_parser("preset", help="build a random-weight preset (tiny-schnell, tiny-dev, bench, bench-dev) "
+                        "and export it")
+    pr.add_argument("preset")
+    pr.add_argument("out_dir", type=Path)
+    pr.add_argument("--checkpoint-only", action="store_true", help="write the diffusers checkpoint, not ONNX")
+    pr.add_argument("--work", type=Path, default=WORK_DIR)
+    pr.add_argument("--validate", action="store_true")
+    pr.add_argument("--force", action="store_true")
+    lay = sub.add_parser("layout", help="re-save an exported model in the BFL or optimum-onnx layout")
+    lay.add_argument("layout", choices=["bfl", "optimum"])
+    lay.add_argument("model_dir", type=Path)
+    lay.add_argument("out_dir", type=Path)
+    g = sub.add_parser("goldens", help="write diffusers FluxPipeline goldens for a checkpoint")
+    g.add_argument("checkpoint", type=Path)
+    g.add_argument("out_dir", type=Path)
+    g.add_argument("--t5-max-length", type=int, default=None)
+    return p
+
+
+def run_sub(args) -> None:
+    from . import bundle, goldens, layouts, presets
+
+    if args.command == "tiny":
+        bundle.build_tiny(args.models, None if args.no_goldens else args.goldens, args.work, args.force)
+    elif args.command == "preset":
+        if args.preset not in presets.PRESETS:
+            raise ExportError(f"unknown preset {args.preset!r}; choose one of {', '.join(presets.PRESETS)}")
+        if args.checkpoint_only:
+            presets.build_checkpoint(args.preset, args.out_dir)
+        else:
+            bundle.build_preset_model(args.preset, args.out_dir, args.work, args.force, args.validate)
+    elif args.command == "layout":
+        if args.out_dir.exists() and any(args.out_dir.iterdir()):
+            raise ExportError(f"output folder {args.out_dir} exists and is not empty; choose a new folder")
+        for path in layouts.resave(args.model_dir, args.out_dir, args.layout):
+            print(f"wrote {path}")
+    elif args.command == "goldens":
+        from .checkpoint import load
+
+        variant = load(args.checkpoint, ["vae_decoder"]).variant
+        t5_len = args.t5_max_length or {"schnell": 256, "dev": 512}[variant]
+        goldens.write_goldens(args.checkpoint, args.out_dir, variant, t5_len)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            run_sub(sub_parser().parse_args(argv))
+            return 0
+        from .run import export_model
+
+        a = export_parser().parse_args(argv)
+        export_model(a.checkpoint, a.out_dir, precision=a.precision, opset=a.opset, components=a.components,
+                     validate=a.validate, force=a.force, name=a.name)
+        return 0
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
