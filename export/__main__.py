@@ -73,6 +73,8 @@ def run_sub(args) -> None:
     elif args.command == "layout":
         if args.out_dir.exists() and any(args.out_dir.iterdir()):
             raise ExportError(f"output folder {args.out_dir} exists and is not empty; choose a new folder")
+        if not (args.model_dir / "manifest.json").is_file():
+            raise ExportError(f"{args.model_dir} has no manifest.json; pass a model folder written by python -m export")
         for path in layouts.resave(args.model_dir, args.out_dir, args.layout):
             print(f"wrote {path}")
     elif args.command == "goldens":

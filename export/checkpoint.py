@@ -91,9 +91,11 @@ def check_folder(root: Path, graphs: list[str]) -> dict:
 
 
 def _load(what: str, folder: Path, loader, dtype):
+    from safetensors import SafetensorError  # transformers lets it through for a truncated model.safetensors
+
     try:
         return loader(folder, dtype).eval()
-    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"cannot load the {what} from {folder}: {first}; the files may be truncated or corrupt") from e
 

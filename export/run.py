@@ -100,7 +100,10 @@ def export_model(
 
 
 def _tokenizer(src: Path, dst: Path, kind: str) -> dict:
-    meta = tok.export_tokenizer_json(src, dst, kind)
+    try:
+        meta = tok.export_tokenizer_json(src, dst, kind)
+    except RuntimeError as e:  # a missing, corrupt or wrong tokenizer folder: one line, not a traceback
+        raise ExportError(str(e).strip().splitlines()[0]) from e
     return {"file": f"{dst.name}/tokenizer.json", **meta}
 
 

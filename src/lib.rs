@@ -13,3 +13,5 @@ pub mod text;
 
 pub use error::{Error, ErrorKind, Result};
 pub mod runtime;
+pub mod model;
+pub mod pipeline;

@@ -1,1 +1,31 @@
 //! The only module that touches `ort`: library discovery, providers, sessions, tensors.
+//!
+//! - [`library`]: finds and loads ONNX Runtime once per process ([`init`]); the `ort` environment lives here.
+//! - [`providers`]: execution provider names ([`Provider`]), what this build and the loaded library support, and
+//!   [`probe`], which tries each requested provider once and returns a [`ProviderPlan`].
+//! - [`session`]: [`Graph`], one loaded ONNX graph, run with f32/i64 arrays that are converted to the graph's
+//!   declared element types (f16, bf16, i32, ...) and back to f32; [`Canceller`] stops runs from another thread.
+//!
+//! Typical use:
+//! ```no_run
+//! use fluxrt::runtime::{self, Graph, Provider, SessionConfig, TensorIn};
+//! # fn main() -> fluxrt::Result<()> {
+//! runtime::init(None)?;
+//! let plan = runtime::probe(&runtime::parse_list("cuda,cpu")?, false)?;
+//! let cfg = SessionConfig { providers: plan, ..Default::default() };
+//! let mut clip = Graph::load("model/clip.opt/model.onnx".as_ref(), "clip", &cfg)?;
+//! let ids = ndarray::Array2::<i64>::zeros((1, 77)).into_dyn();
+//! let outs = clip.run(&[("input_ids", TensorIn::I64(ids.view()))])?;
+//! # Ok(()) }
+//! ```
+
+pub mod library;
+pub mod providers;
+pub mod session;
+
+pub use library::{init, OrtLibrary};
+pub use providers::{available_in_library, compiled_in, parse_list, probe, Provider, ProviderPlan};
+pub use session::{
+    physical_cores, Canceller, Dim, ElemType, Graph, IoInfo, Optimization, Outputs, SessionConfig,
+    TensorIn,
+};

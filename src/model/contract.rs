@@ -1,0 +1,225 @@
+//! The ONNX I/O contract of each graph (the official BFL / demoDiffusion names), and the check of a loaded
+//! graph against it. Pure data: the runtime layer supplies what a session declares.
+
+use std::fmt;
+
+use crate::runtime::{ElemType, IoInfo};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    Clip,
+    T5,
+    Transformer,
+    VaeDecoder,
+    VaeEncoder,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [Role::Clip, Role::T5, Role::Transformer, Role::VaeDecoder, Role::VaeEncoder];
+
+    /// The name used in manifests and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Clip => "clip",
+            Role::T5 => "t5",
+            Role::Transformer => "transformer",
+            Role::VaeDecoder => "vae_decoder",
+            Role::VaeEncoder => "vae_encoder",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.name() == name)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// f32, f16 or bf16: the runtime converts.
+    Float,
+    /// i32 or i64: the runtime converts.
+    Int,
+}
+
+/// One input or output the pipeline relies on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Port {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub rank: usize,
+}
+
+const fn port(name: &'static str, kind: Kind, rank: usize) -> Port {
+    Port { name, kind, rank }
+}
+
+/// Inputs the pipeline feeds. `guidance` only for a guidance-distilled (dev) transformer.
+pub fn inputs(role: Role, guidance: bool) -> Vec<Port> {
+    use Kind::*;
+    match role {
+        Role::Clip | Role::T5 => vec![port("input_ids", Int, 2)],
+        Role::Transformer => {
+            let mut v = vec![
+                port("hidden_states", Float, 3),
+                port("encoder_hidden_states", Float, 3),
+                port("pooled_projections", Float, 2),
+                port("timestep", Float, 1),
+                port("img_ids", Float, 2),
+                port("txt_ids", Float, 2),
+            ];
+            if guidance {
+                v.push(port("guidance", Float, 1));
+            }
+            v
+        }
+        Role::VaeDecoder => vec![port("latent", Float, 4)],
+        Role::VaeEncoder => vec![port("images", Float, 4)],
+    }
+}
+
+/// Outputs the pipeline reads.
+pub fn outputs(role: Role) -> Vec<Port> {
+    use Kind::*;
+    match role {
+        Role::Clip => vec![port("pooled_embeddings", Float, 2)],
+        Role::T5 => vec![port("text_embeddings", Float, 3)],
+        Role::Transformer => vec![port("latent", Float, 3)],
+        Role::VaeDecoder => vec![port("images", Float, 4)],
+        Role::VaeEncoder => vec![port("latent", Float, 4)],
+    }
+}
+
+/// Graph-side names for a layout whose names differ from the contract (optimum-onnx), contract name first.
+pub fn optimum_names(role: Role) -> &'static [(&'static str, &'static str)] {
+    match role {
+        Role::Clip => &[("pooled_embeddings", "pooler_output"), ("text_embeddings", "last_hidden_state")],
+        Role::T5 => &[("text_embeddings", "last_hidden_state")],
+        Role::Transformer => &[("latent", "out_hidden_states")],
+        Role::VaeDecoder => &[("latent", "latent_sample"), ("images", "sample")],
+        Role::VaeEncoder => &[("images", "sample"), ("latent", "latent_parameters")],
+    }
+}
+
+fn kind_of(t: &ElemType) -> Option<Kind> {
+    match t {
+        ElemType::F32 | ElemType::F16 | ElemType::BF16 => Some(Kind::Float),
+        ElemType::I32 | ElemType::I64 => Some(Kind::Int),
+        ElemType::Other(_) => None,
+    }
+}
+
+/// Every way the graph's declared I/O departs from the contract, one readable line each (empty = fits).
+/// `actual_name` maps a contract name to the graph's own name (identity except for optimum graphs).
+pub fn check(
+    role: Role,
+    guidance: bool,
+    graph_inputs: &[IoInfo],
+    graph_outputs: &[IoInfo],
+    actual_name: &dyn Fn(&str) -> String,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut side = |what: &str, want: Vec<Port>, have: &[IoInfo]| {
+        for p in want {
+            let name = actual_name(p.name);
+            match have.iter().find(|io| io.name == name) {
+                None => {
+                    let names: Vec<&str> = have.iter().map(|io| io.name.as_str()).collect();
+                    problems.push(format!(
+                        "{role}: {what} `{name}` is missing (the graph has: {})",
+                        names.join(", ")
+                    ))
+                }
+                Some(io) => {
+                    if kind_of(&io.dtype) != Some(p.kind) {
+                        problems.push(format!(
+                            "{role}: {what} `{name}` has type {}, expected {}",
+                            io.dtype,
+                            match p.kind {
+                                Kind::Float => "a float (f32/f16/bf16)",
+                                Kind::Int => "an integer (i32/i64)",
+                            }
+                        ));
+                    }
+                    if io.shape.len() != p.rank {
+                        problems.push(format!(
+                            "{role}: {what} `{name}` has rank {}, expected {}",
+                            io.shape.len(),
+                            p.rank
+                        ));
+                    }
+                }
+            }
+        }
+    };
+    side("input", inputs(role, guidance), graph_inputs);
+    side("output", outputs(role), graph_outputs);
+    // An input the pipeline does not know would be left unfed: refuse it before the first run.
+    let known: Vec<String> = inputs(role, true).iter().map(|p| actual_name(p.name)).collect();
+    for io in graph_inputs {
+        if !known.contains(&io.name) {
+            problems.push(format!("{role}: unexpected input `{}` ({io})", io.name));
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::Dim;
+
+    fn io(name: &str, dtype: ElemType, rank: usize) -> IoInfo {
+        IoInfo { name: name.into(), dtype, shape: vec![Dim::Symbolic("d".into()); rank] }
+    }
+
+    fn same(n: &str) -> String {
+        n.to_string()
+    }
+
+    #[test]
+    fn a_conforming_transformer_has_no_problems() {
+        let ins: Vec<IoInfo> = inputs(Role::Transformer, true)
+            .iter()
+            .map(|p| io(p.name, if p.kind == Kind::Float { ElemType::F16 } else { ElemType::I32 }, p.rank))
+            .collect();
+        let outs = vec![io("latent", ElemType::F16, 3)];
+        assert!(check(Role::Transformer, true, &ins, &outs, &same).is_empty());
+    }
+
+    #[test]
+    fn renamed_input_wrong_dtype_and_rank_are_each_reported() {
+        let ins = vec![io("input_idz", ElemType::I32, 2)];
+        let outs = vec![io("text_embeddings", ElemType::I64, 2)];
+        let p = check(Role::T5, false, &ins, &outs, &same);
+        assert!(p.iter().any(|m| m.contains("input `input_ids` is missing")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("unexpected input `input_idz`")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("has type i64")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("has rank 2, expected 3")), "{p:?}");
+    }
+
+    #[test]
+    fn guidance_is_required_only_for_dev() {
+        let ins: Vec<IoInfo> = inputs(Role::Transformer, false).iter().map(|p| io(p.name, ElemType::F32, p.rank)).collect();
+        let outs = vec![io("latent", ElemType::F32, 3)];
+        assert!(check(Role::Transformer, false, &ins, &outs, &same).is_empty());
+        let p = check(Role::Transformer, true, &ins, &outs, &same);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("guidance"));
+    }
+
+    #[test]
+    fn optimum_names_are_mapped() {
+        let map = |n: &str| {
+            optimum_names(Role::VaeDecoder).iter().find(|(c, _)| *c == n).map_or(n.to_string(), |(_, a)| a.to_string())
+        };
+        let ins = vec![io("latent_sample", ElemType::F32, 4)];
+        let outs = vec![io("sample", ElemType::F32, 4)];
+        assert!(check(Role::VaeDecoder, false, &ins, &outs, &map).is_empty());
+    }
+}

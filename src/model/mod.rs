@@ -1,0 +1,329 @@
+//! A model folder resolved into graph files, tokenizers and settings, from any of the layouts fluxrt reads:
+//! - `manifest`: the export step's folder (manifest.json says everything);
+//! - `bfl`: the official black-forest-labs FLUX.1-*-onnx layout (`clip.opt/model.onnx`, ...);
+//! - `optimum`: optimum-onnx's diffusers-style folders and transformers-style names.
+//!
+//! Without a manifest, the variant is read off the transformer graph (a `guidance` input means dev) once it
+//! is loaded, and the FLUX.1 defaults for that variant apply ([`ModelSpec::set_variant`]).
+
+pub mod contract;
+pub mod manifest;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub use contract::Role;
+pub use manifest::{Defaults, Manifest, VaeConfig, Variant};
+
+use crate::schedule::SchedulerConfig;
+use crate::text::TokenizerSettings;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Manifest,
+    Bfl,
+    Optimum,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Manifest => "fluxrt manifest",
+            Layout::Bfl => "BFL ONNX",
+            Layout::Optimum => "optimum-onnx",
+        }
+    }
+}
+
+/// One graph file and how its I/O names map to the contract's.
+#[derive(Debug, Clone)]
+pub struct GraphSpec {
+    pub role: Role,
+    pub path: PathBuf,
+    /// Contract name -> the graph's own name, where they differ.
+    pub renames: Vec<(&'static str, &'static str)>,
+}
+
+impl GraphSpec {
+    pub fn actual_name(&self, contract_name: &str) -> String {
+        self.renames
+            .iter()
+            .find(|(c, _)| *c == contract_name)
+            .map_or(contract_name, |(_, a)| *a)
+            .to_string()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenizerSpec {
+    pub path: PathBuf,
+    pub settings: TokenizerSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub root: PathBuf,
+    pub name: String,
+    pub layout: Layout,
+    /// Known from the manifest; otherwise set from the transformer graph's inputs.
+    pub variant: Option<Variant>,
+    pub latent_channels: usize,
+    pub vae: VaeConfig,
+    pub defaults: Option<Defaults>,
+    pub scheduler: Option<SchedulerConfig>,
+    pub clip_tokenizer: TokenizerSpec,
+    pub t5_tokenizer: TokenizerSpec,
+    pub graphs: BTreeMap<Role, GraphSpec>,
+}
+
+impl ModelSpec {
+    /// Resolves a model folder; every missing piece is an error that names it.
+    pub fn resolve(root: &Path) -> Result<ModelSpec> {
+        if !root.exists() {
+            return Err(Error::model(format!("model folder {} does not exist", root.display())).with_hint(
+                "pass --model with a folder made by `python -m export`, or an official FLUX.1 ONNX download",
+            ));
+        }
+        if !root.is_dir() {
+            return Err(Error::model(format!("{} is not a folder", root.display()))
+                .with_hint("--model takes the model folder, not a file inside it"));
+        }
+        let spec = if root.join(manifest::FILE_NAME).is_file() {
+            from_manifest(root)?
+        } else if root.join("clip.opt").is_dir() || root.join("transformer.opt").is_dir() {
+            from_bfl(root)?
+        } else if root.join("transformer").join("model.onnx").is_file() {
+            from_optimum(root)?
+        } else {
+            return Err(Error::model(format!(
+                "{} holds no Flux model: no manifest.json, no BFL `*.opt/` folders, no optimum `transformer/model.onnx`",
+                root.display()
+            ))
+            .with_hint("export one with `python -m export CHECKPOINT OUT_DIR`"));
+        };
+        for g in spec.graphs.values() {
+            require_file(&g.path, &format!("the {} graph", g.role))?;
+        }
+        require_file(&spec.clip_tokenizer.path, "the CLIP tokenizer")?;
+        require_file(&spec.t5_tokenizer.path, "the T5 tokenizer")?;
+        Ok(spec)
+    }
+
+    pub fn graph(&self, role: Role) -> Result<&GraphSpec> {
+        self.graphs.get(&role).ok_or_else(|| {
+            Error::model(format!("model {} has no {role} graph", self.name))
+                .with_hint("export it with `python -m export CHECKPOINT OUT --components ...`")
+        })
+    }
+
+    /// Fills in what a manifest-less layout learns from its transformer graph.
+    pub fn set_variant(&mut self, v: Variant) {
+        if self.variant.is_none() {
+            self.variant = Some(v);
+        }
+        let v = self.variant.unwrap_or(v);
+        if self.defaults.is_none() {
+            let d = Defaults::for_variant(v);
+            self.t5_tokenizer.settings.max_length = d.t5_max_length;
+            self.defaults = Some(d);
+        }
+        if self.scheduler.is_none() {
+            self.scheduler = Some(match v {
+                Variant::Schnell => SchedulerConfig::schnell(),
+                Variant::Dev => SchedulerConfig::dev(),
+            });
+        }
+    }
+
+    pub fn defaults(&self) -> Defaults {
+        self.defaults.clone().unwrap_or_else(|| Defaults::for_variant(self.variant.unwrap_or(Variant::Schnell)))
+    }
+
+    pub fn scheduler(&self) -> SchedulerConfig {
+        self.scheduler.clone().unwrap_or_else(|| match self.variant {
+            Some(Variant::Dev) => SchedulerConfig::dev(),
+            _ => SchedulerConfig::schnell(),
+        })
+    }
+}
+
+fn require_file(path: &Path, what: &str) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(Error::model(format!("{what} {} is not a file", path.display()))),
+        Err(_) => Err(Error::model(format!("{what} is missing: {} not found", path.display()))
+            .with_hint("re-export the model or copy the missing file from the original download")),
+    }
+}
+
+fn from_manifest(root: &Path) -> Result<ModelSpec> {
+    let m = Manifest::read(&root.join(manifest::FILE_NAME))?;
+    let mut graphs = BTreeMap::new();
+    for (name, g) in &m.graphs {
+        let role = Role::from_name(name).ok_or_else(|| {
+            Error::model(format!("manifest lists an unknown graph `{name}`"))
+                .with_hint("known graphs: clip, t5, transformer, vae_decoder, vae_encoder")
+        })?;
+        graphs.insert(role, GraphSpec { role, path: root.join(&g.file), renames: Vec::new() });
+    }
+    let tok = |e: &manifest::TokenizerEntry, base: TokenizerSettings| TokenizerSpec {
+        path: root.join(&e.file),
+        settings: TokenizerSettings {
+            max_length: e.max_length,
+            pad_id: e.pad_id,
+            bos_id: e.bos_id.or(base.bos_id),
+            eos_id: e.eos_id.or(base.eos_id),
+            ..base
+        },
+    };
+    let clip = tok(&m.tokenizers.clip, TokenizerSettings::clip(m.tokenizers.clip.max_length));
+    let mut t5 = tok(&m.tokenizers.t5, TokenizerSettings::t5(m.defaults.t5_max_length));
+    // The T5 graph runs at the model's sequence length, which may be shorter than the tokenizer's limit.
+    t5.settings.max_length = m.defaults.t5_max_length;
+    Ok(ModelSpec {
+        root: root.to_path_buf(),
+        name: m.name.clone(),
+        layout: Layout::Manifest,
+        variant: Some(m.variant),
+        latent_channels: m.latent_channels,
+        vae: m.vae.clone(),
+        defaults: Some(m.defaults.clone()),
+        scheduler: Some(m.scheduler.clone()),
+        clip_tokenizer: clip,
+        t5_tokenizer: t5,
+        graphs,
+    })
+}
+
+fn default_tokenizers(root: &Path) -> (TokenizerSpec, TokenizerSpec) {
+    (
+        TokenizerSpec { path: root.join("tokenizer").join("tokenizer.json"), settings: TokenizerSettings::clip(77) },
+        // Length fixed by set_variant once the variant is known.
+        TokenizerSpec { path: root.join("tokenizer_2").join("tokenizer.json"), settings: TokenizerSettings::t5(256) },
+    )
+}
+
+fn folder_name(root: &Path) -> String {
+    root.canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| root.display().to_string())
+}
+
+/// Precisions of BFL's transformer folders, in the order fluxrt prefers them on a generic provider.
+pub const BFL_TRANSFORMER_PRECISIONS: [&str; 5] = ["fp32", "fp16", "bf16", "fp8", "fp4"];
+
+fn from_bfl(root: &Path) -> Result<ModelSpec> {
+    let mut graphs = BTreeMap::new();
+    let mut add = |role: Role, rel: PathBuf| {
+        graphs.insert(role, GraphSpec { role, path: root.join(rel), renames: Vec::new() });
+    };
+    add(Role::Clip, Path::new("clip.opt").join("model.onnx"));
+    add(Role::T5, Path::new("t5.opt").join("model.onnx"));
+    add(Role::VaeDecoder, Path::new("vae.opt").join("model.onnx"));
+    let tdir = root.join("transformer.opt");
+    let precision = BFL_TRANSFORMER_PRECISIONS.iter().find(|p| tdir.join(p).join("model.onnx").is_file());
+    match precision {
+        Some(p) => add(Role::Transformer, Path::new("transformer.opt").join(p).join("model.onnx")),
+        None => {
+            return Err(Error::model(format!(
+                "{} has no transformer.opt/<precision>/model.onnx (looked for {})",
+                root.display(),
+                BFL_TRANSFORMER_PRECISIONS.join(", ")
+            ))
+            .with_hint("download the transformer.opt folder of the FLUX.1 ONNX repository"))
+        }
+    }
+    if root.join("vae_encoder.opt").join("model.onnx").is_file() {
+        add(Role::VaeEncoder, Path::new("vae_encoder.opt").join("model.onnx"));
+    }
+    let (clip, t5) = default_tokenizers(root);
+    Ok(bare_spec(root, Layout::Bfl, graphs, clip, t5))
+}
+
+fn from_optimum(root: &Path) -> Result<ModelSpec> {
+    let mut graphs = BTreeMap::new();
+    for (role, dir) in [
+        (Role::Clip, "text_encoder"),
+        (Role::T5, "text_encoder_2"),
+        (Role::Transformer, "transformer"),
+        (Role::VaeDecoder, "vae_decoder"),
+        (Role::VaeEncoder, "vae_encoder"),
+    ] {
+        let path = root.join(dir).join("model.onnx");
+        if role == Role::VaeEncoder && !path.is_file() {
+            continue; // optional: only img2img needs it
+        }
+        graphs.insert(role, GraphSpec { role, path, renames: contract::optimum_names(role).to_vec() });
+    }
+    let (clip, t5) = default_tokenizers(root);
+    Ok(bare_spec(root, Layout::Optimum, graphs, clip, t5))
+}
+
+fn bare_spec(
+    root: &Path,
+    layout: Layout,
+    graphs: BTreeMap<Role, GraphSpec>,
+    clip: TokenizerSpec,
+    t5: TokenizerSpec,
+) -> ModelSpec {
+    ModelSpec {
+        root: root.to_path_buf(),
+        name: folder_name(root),
+        layout,
+        variant: None,
+        latent_channels: 16,
+        vae: VaeConfig::default(),
+        defaults: None,
+        scheduler: None,
+        clip_tokenizer: clip,
+        t5_tokenizer: t5,
+        graphs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundled(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(name)
+    }
+
+    #[test]
+    fn resolves_the_bundled_manifest_model() {
+        let s = ModelSpec::resolve(&bundled("tiny-flux-dev")).unwrap();
+        assert_eq!(s.layout, Layout::Manifest);
+        assert_eq!(s.variant, Some(Variant::Dev));
+        assert_eq!(s.graphs.len(), 5);
+        assert_eq!(s.t5_tokenizer.settings.max_length, 512);
+        assert_eq!(s.clip_tokenizer.settings.max_length, 77);
+    }
+
+    #[test]
+    fn a_missing_folder_is_a_model_error_with_a_hint() {
+        let e = ModelSpec::resolve(Path::new("/nonexistent/model")).unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::Model);
+        assert!(e.message.contains("does not exist"), "{e}");
+        assert!(e.hint.is_some());
+    }
+
+    #[test]
+    fn a_folder_without_a_model_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let e = ModelSpec::resolve(d.path()).unwrap_err();
+        assert!(e.message.contains("holds no Flux model"), "{e}");
+    }
+
+    #[test]
+    fn set_variant_fills_defaults_for_manifestless_layouts() {
+        let d = tempfile::tempdir().unwrap();
+        let (clip, t5) = default_tokenizers(d.path());
+        let mut s = bare_spec(d.path(), Layout::Bfl, BTreeMap::new(), clip, t5);
+        s.set_variant(Variant::Dev);
+        assert_eq!(s.defaults().steps, 28);
+        assert_eq!(s.t5_tokenizer.settings.max_length, 512);
+        assert!(s.scheduler().use_dynamic_shifting);
+    }
+}

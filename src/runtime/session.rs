@@ -1,0 +1,1064 @@
+//! One ONNX graph, loaded into an ONNX Runtime session, run with f32/i64 arrays whatever its declared types.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use half::{bf16, f16};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use ort::ep::ExecutionProviderDispatch;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{RunOptions, Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
+
+use super::library;
+use super::providers::{self, Provider, ProviderPlan};
+use crate::{Error, ErrorKind, Result};
+
+/// ONNX Runtime's graph optimization level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Optimization {
+    /// No graph rewrites.
+    Disable,
+    /// Constant folding and redundant node removal.
+    Basic,
+    /// Plus fusions (attention, GELU, LayerNorm, ...).
+    Extended,
+    /// Everything, including layout changes (ONNX Runtime's default).
+    #[default]
+    All,
+}
+
+impl From<Optimization> for GraphOptimizationLevel {
+    fn from(o: Optimization) -> Self {
+        match o {
+            Optimization::Disable => GraphOptimizationLevel::Disable,
+            Optimization::Basic => GraphOptimizationLevel::Level1,
+            Optimization::Extended => GraphOptimizationLevel::Level2,
+            Optimization::All => GraphOptimizationLevel::All,
+        }
+    }
+}
+
+impl FromStr for Optimization {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "disable" | "disabled" | "none" | "off" | "0" => Ok(Optimization::Disable),
+            "basic" | "1" => Ok(Optimization::Basic),
+            "extended" | "2" => Ok(Optimization::Extended),
+            "all" | "3" | "99" => Ok(Optimization::All),
+            _ => Err(Error::input(format!("unknown optimization level {s:?}"))
+                .with_hint("use one of: disable, basic, extended, all")),
+        }
+    }
+}
+
+/// How to build sessions.
+#[derive(Debug, Clone, Default)]
+pub struct SessionConfig {
+    /// Intra-op threads; `None` = the number of physical cores this process may use.
+    pub threads: Option<usize>,
+    pub optimization: Optimization,
+    /// From [`providers::probe`]; the default is CPU only.
+    pub providers: ProviderPlan,
+}
+
+/// The number of physical cores available to this process (at least 1): logical CPUs the process may use, divided
+/// by the SMT width when that can be read (Linux), since ONNX Runtime's kernels gain little from hyper-threads.
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let smt = smt_width().unwrap_or(1).max(1);
+    (logical / smt).max(1)
+}
+
+fn smt_width() -> Option<usize> {
+    // e.g. "0,1" or "0-1" for two hardware threads per core.
+    let list =
+        std::fs::read_to_string("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list")
+            .ok()?;
+    let mut n = 0;
+    for part in list.trim().split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => {
+                b.parse::<usize>()
+                    .ok()?
+                    .checked_sub(a.parse::<usize>().ok()?)?
+                    + 1
+            }
+            None => 1,
+        };
+    }
+    Some(n)
+}
+
+/// An input or output element type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ElemType {
+    F32,
+    F16,
+    BF16,
+    I32,
+    I64,
+    /// Anything else, by ONNX Runtime's name (`bool`, `u8`, `f64`, `sequence<...>`, ...).
+    Other(String),
+}
+
+impl ElemType {
+    fn from_ort(ty: TensorElementType) -> ElemType {
+        match ty {
+            TensorElementType::Float32 => ElemType::F32,
+            TensorElementType::Float16 => ElemType::F16,
+            TensorElementType::Bfloat16 => ElemType::BF16,
+            TensorElementType::Int32 => ElemType::I32,
+            TensorElementType::Int64 => ElemType::I64,
+            other => ElemType::Other(other.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for ElemType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ElemType::F32 => "f32",
+            ElemType::F16 => "f16",
+            ElemType::BF16 => "bf16",
+            ElemType::I32 => "i32",
+            ElemType::I64 => "i64",
+            ElemType::Other(s) => s,
+        })
+    }
+}
+
+/// One dimension of a declared shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dim {
+    Fixed(i64),
+    /// A dynamic dimension, by its name in the graph (`batch`, `seq`, ...), or `?` when it has none.
+    Symbolic(String),
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbolic(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A graph input or output as the model declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoInfo {
+    pub name: String,
+    pub dtype: ElemType,
+    pub shape: Vec<Dim>,
+}
+
+impl IoInfo {
+    fn from_outlet(name: &str, ty: &ValueType) -> IoInfo {
+        match ty {
+            ValueType::Tensor {
+                ty,
+                shape,
+                dimension_symbols,
+            } => IoInfo {
+                name: name.to_string(),
+                dtype: ElemType::from_ort(*ty),
+                shape: shape
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| {
+                        if d >= 0 {
+                            Dim::Fixed(d)
+                        } else {
+                            match dimension_symbols.get(i).filter(|s| !s.is_empty()) {
+                                Some(s) => Dim::Symbolic(s.clone()),
+                                None => Dim::Symbolic("?".to_string()),
+                            }
+                        }
+                    })
+                    .collect(),
+            },
+            other => IoInfo {
+                name: name.to_string(),
+                dtype: ElemType::Other(other.to_string()),
+                shape: Vec::new(),
+            },
+        }
+    }
+}
+
+impl fmt::Display for IoInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}{}", self.name, self.dtype, shape_str(&self.shape))
+    }
+}
+
+fn shape_str(dims: &[Dim]) -> String {
+    format!(
+        "[{}]",
+        dims.iter()
+            .map(Dim::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+fn given_str(shape: &[usize]) -> String {
+    format!(
+        "[{}]",
+        shape
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// An input array. It is converted to the element type the graph declares: f32 to f16/bf16 (or kept), i64 to i32 (or
+/// kept). Contiguous arrays already in the declared type are passed without a copy.
+#[derive(Debug, Clone)]
+pub enum TensorIn<'a> {
+    F32(ArrayViewD<'a, f32>),
+    I64(ArrayViewD<'a, i64>),
+}
+
+impl TensorIn<'_> {
+    fn shape(&self) -> &[usize] {
+        match self {
+            TensorIn::F32(a) => a.shape(),
+            TensorIn::I64(a) => a.shape(),
+        }
+    }
+    fn kind(&self) -> &'static str {
+        match self {
+            TensorIn::F32(_) => "f32",
+            TensorIn::I64(_) => "i64",
+        }
+    }
+}
+
+impl<'a> From<ArrayViewD<'a, f32>> for TensorIn<'a> {
+    fn from(a: ArrayViewD<'a, f32>) -> Self {
+        TensorIn::F32(a)
+    }
+}
+
+impl<'a> From<ArrayViewD<'a, i64>> for TensorIn<'a> {
+    fn from(a: ArrayViewD<'a, i64>) -> Self {
+        TensorIn::I64(a)
+    }
+}
+
+impl<'a> From<&'a ArrayD<f32>> for TensorIn<'a> {
+    fn from(a: &'a ArrayD<f32>) -> Self {
+        TensorIn::F32(a.view())
+    }
+}
+
+impl<'a> From<&'a ArrayD<i64>> for TensorIn<'a> {
+    fn from(a: &'a ArrayD<i64>) -> Self {
+        TensorIn::I64(a.view())
+    }
+}
+
+/// Cancels runs from another thread. Cheap to clone; create one per job, hand clones to whoever may cancel, and pass
+/// it to [`Graph::run_with`]. Once cancelled it stays cancelled: every later run with it fails with
+/// [`ErrorKind::Cancelled`] without running. Needs no ONNX Runtime to create.
+#[derive(Clone, Default)]
+pub struct Canceller {
+    inner: Arc<CancelInner>,
+}
+
+#[derive(Default)]
+struct CancelInner {
+    cancelled: AtomicBool,
+    /// The run options of the runs in flight with this canceller.
+    running: Mutex<Vec<Arc<RunOptions>>>,
+}
+
+impl fmt::Debug for Canceller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Canceller")
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
+
+impl Canceller {
+    pub fn new() -> Canceller {
+        Canceller::default()
+    }
+
+    /// Cancels the runs in flight with this handle (ONNX Runtime stops between kernels) and every later one.
+    pub fn cancel(&self) {
+        let running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
+        self.inner.cancelled.store(true, Ordering::SeqCst);
+        for opts in running.iter() {
+            let _ = opts.terminate();
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Registers a run; `None` when already cancelled.
+    fn begin(&self) -> Result<Option<Arc<RunOptions>>> {
+        let opts = Arc::new(
+            RunOptions::new()
+                .map_err(|e| Error::runtime(format!("cannot create run options: {e}")))?,
+        );
+        let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
+        if self.is_cancelled() {
+            return Ok(None);
+        }
+        running.push(Arc::clone(&opts));
+        Ok(Some(opts))
+    }
+
+    fn end(&self, opts: &Arc<RunOptions>) {
+        let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.retain(|o| !Arc::ptr_eq(o, opts));
+    }
+}
+
+/// A run's outputs: `(name, values as f32)` in the graph's output order, copied out of ONNX Runtime's memory.
+pub type Outputs = Vec<(String, ArrayD<f32>)>;
+
+/// A loaded ONNX graph. `run` takes `&mut self`: use one `Graph` per thread, or a `Mutex`.
+pub struct Graph {
+    session: Session,
+    role: String,
+    path: PathBuf,
+    inputs: Vec<IoInfo>,
+    outputs: Vec<IoInfo>,
+    providers: Vec<Provider>,
+}
+
+impl fmt::Debug for Graph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Graph")
+            .field("role", &self.role)
+            .field("path", &self.path)
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .field("providers", &self.providers)
+            .finish()
+    }
+}
+
+const REEXPORT_HINT: &str =
+    "re-export the graph or re-download the model (the file may be incomplete or damaged)";
+
+impl Graph {
+    /// Loads `path` (external data resolves relative to it). `role` names the graph in messages (`clip`, `t5`,
+    /// `transformer`, `vae`). Loads ONNX Runtime through [`library::init(None)`](library::init) if needed.
+    pub fn load(path: &Path, role: &str, cfg: &SessionConfig) -> Result<Graph> {
+        let what = format!("{role} graph {}", path.display());
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::model(format!("{what} does not exist")).with_hint(
+                    "check the model folder; re-export the graph or re-download the model if the file is missing",
+                ));
+            }
+            Err(e) => return Err(Error::model(format!("cannot read {what}: {e}"))),
+        };
+        if meta.is_dir() {
+            return Err(Error::model(format!(
+                "{what} is a folder, not an .onnx file"
+            )));
+        }
+        if meta.len() == 0 {
+            return Err(Error::model(format!("{what} is empty (0 bytes)")).with_hint(REEXPORT_HINT));
+        }
+        let lib = library::init(None)?;
+
+        let providers: Vec<Provider> = if cfg.providers.active.is_empty() {
+            vec![Provider::Cpu]
+        } else {
+            cfg.providers.active.clone()
+        };
+        // CPU is always ONNX Runtime's implicit last provider; registering it explicitly would turn its arena off.
+        let mut eps = Vec::new();
+        for p in providers.iter().copied().filter(|p| *p != Provider::Cpu) {
+            match providers::dispatch(p) {
+                Some(d) => eps.push(d),
+                None => {
+                    return Err(Error::provider(format!(
+                        "{what}: execution provider {p} is not compiled into this fluxrt binary"
+                    ))
+                    .with_hint(format!(
+                        "rebuild with `--features {p}`, or probe providers before loading"
+                    )))
+                }
+            }
+        }
+        let threads = cfg
+            .threads
+            .filter(|&t| t > 0)
+            .unwrap_or_else(physical_cores);
+        let session = build_session(lib, path, cfg.optimization, threads, eps)
+            .map_err(|e| load_error(&what, &e))?;
+
+        let inputs = session
+            .inputs()
+            .iter()
+            .map(|o| IoInfo::from_outlet(o.name(), o.dtype()))
+            .collect();
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| IoInfo::from_outlet(o.name(), o.dtype()))
+            .collect();
+        Ok(Graph {
+            session,
+            role: role.to_string(),
+            path: path.to_path_buf(),
+            inputs,
+            outputs,
+            providers,
+        })
+    }
+
+    pub fn role(&self) -> &str {
+        &self.role
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn inputs(&self) -> &[IoInfo] {
+        &self.inputs
+    }
+    pub fn outputs(&self) -> &[IoInfo] {
+        &self.outputs
+    }
+    pub fn input(&self, name: &str) -> Option<&IoInfo> {
+        self.inputs.iter().find(|i| i.name == name)
+    }
+    pub fn output(&self, name: &str) -> Option<&IoInfo> {
+        self.outputs.iter().find(|o| o.name == name)
+    }
+    /// The providers this session was built with, in priority order (CPU last when it is the fallback).
+    pub fn providers(&self) -> &[Provider] {
+        &self.providers
+    }
+
+    /// Runs the graph. Every declared input must be given once; outputs come back in the graph's order, as f32.
+    pub fn run(&mut self, inputs: &[(&str, TensorIn)]) -> Result<Outputs> {
+        self.run_inner(inputs, None)
+    }
+
+    /// Like [`run`](Graph::run), cancellable through `cancel` from another thread (then the error kind is
+    /// [`ErrorKind::Cancelled`]).
+    pub fn run_with(&mut self, inputs: &[(&str, TensorIn)], cancel: &Canceller) -> Result<Outputs> {
+        self.run_inner(inputs, Some(cancel))
+    }
+
+    fn run_inner(
+        &mut self,
+        inputs: &[(&str, TensorIn)],
+        cancel: Option<&Canceller>,
+    ) -> Result<Outputs> {
+        if cancel.is_some_and(Canceller::is_cancelled) {
+            return Err(self.cancelled());
+        }
+        let values = self.prepare(inputs)?;
+        let opts = match cancel {
+            Some(c) => match c.begin()? {
+                Some(o) => Some(o),
+                None => return Err(self.cancelled()),
+            },
+            None => None,
+        };
+        let result = match &opts {
+            Some(o) => self
+                .session
+                .run_with_options(values, o.as_ref())
+                .map(|outs| collect_outputs(outs.into_iter())),
+            None => self
+                .session
+                .run(values)
+                .map(|outs| collect_outputs(outs.into_iter())),
+        };
+        if let (Some(c), Some(o)) = (cancel, &opts) {
+            c.end(o);
+        }
+        match result {
+            Ok(Ok(outs)) => Ok(outs),
+            Ok(Err((name, ty))) => Err(Error::model(format!(
+                "{} graph {}: output {name} has element type {ty}, which fluxrt cannot convert to f32",
+                self.role,
+                self.path.display()
+            ))),
+            Err(_) if cancel.is_some_and(Canceller::is_cancelled) => Err(self.cancelled()),
+            Err(e) => Err(Error::runtime(format!("running the {} graph {} failed: {e}", self.role, self.path.display()))),
+        }
+    }
+
+    fn cancelled(&self) -> Error {
+        Error::new(
+            ErrorKind::Cancelled,
+            format!("run of the {} graph cancelled", self.role),
+        )
+    }
+
+    fn model_error(&self, msg: String) -> Error {
+        Error::model(format!(
+            "{} graph {}: {msg}",
+            self.role,
+            self.path.display()
+        ))
+    }
+
+    /// Checks names, ranks and fixed dimensions, and converts each input to the declared element type.
+    fn prepare<'v>(
+        &self,
+        given: &[(&str, TensorIn<'v>)],
+    ) -> Result<Vec<(Cow<'static, str>, SessionInputValue<'v>)>> {
+        for (i, (name, _)) in given.iter().enumerate() {
+            if self.input(name).is_none() {
+                let declared: Vec<String> = self.inputs.iter().map(IoInfo::to_string).collect();
+                return Err(self.model_error(format!(
+                    "has no input named {name:?}; its inputs are: {}",
+                    declared.join(", ")
+                )));
+            }
+            if given[..i].iter().any(|(n, _)| n == name) {
+                return Err(self.model_error(format!("input {name:?} given twice")));
+            }
+        }
+        let mut values = Vec::with_capacity(self.inputs.len());
+        for info in &self.inputs {
+            let Some((_, t)) = given.iter().find(|(n, _)| *n == info.name) else {
+                return Err(self.model_error(format!("required input {info} was not given")));
+            };
+            let shape = t.shape();
+            if shape.len() != info.shape.len() {
+                return Err(self.model_error(format!(
+                    "input {} expects rank {} {}, given rank {} {}",
+                    info.name,
+                    info.shape.len(),
+                    shape_str(&info.shape),
+                    shape.len(),
+                    given_str(shape)
+                )));
+            }
+            for (d, (want, &have)) in info.shape.iter().zip(shape).enumerate() {
+                if let Dim::Fixed(w) = want {
+                    if *w != have as i64 {
+                        return Err(self.model_error(format!(
+                            "input {} expects shape {}, given {} (dimension {d} differs)",
+                            info.name,
+                            shape_str(&info.shape),
+                            given_str(shape)
+                        )));
+                    }
+                }
+            }
+            let value = convert_input(t, &info.dtype).map_err(|why| {
+                self.model_error(format!(
+                    "input {} ({} {}): {why}",
+                    info.name,
+                    info.dtype,
+                    shape_str(&info.shape)
+                ))
+            })?;
+            values.push((Cow::Owned(info.name.clone()), value));
+        }
+        Ok(values)
+    }
+}
+
+fn build_session(
+    lib: &library::OrtLibrary,
+    path: &Path,
+    optimization: Optimization,
+    threads: usize,
+    eps: Vec<ExecutionProviderDispatch>,
+) -> ort::Result<Session> {
+    let mut builder = Session::builder(lib.env())?
+        .with_optimization_level(optimization.into())?
+        .with_intra_threads(threads)?;
+    if !eps.is_empty() {
+        builder = builder.with_execution_providers(eps)?;
+    }
+    builder.commit_from_file(path)
+}
+
+fn load_error(what: &str, e: &ort::Error) -> Error {
+    use ort::ErrorCode as C;
+    let msg = e.message();
+    match e.code() {
+        C::InvalidProtobuf => Error::model(format!(
+            "{what} is not a valid ONNX model (it could not be parsed; truncated or damaged?): {msg}"
+        ))
+        .with_hint(REEXPORT_HINT),
+        _ if msg.contains("xternal data") => {
+            Error::model(format!("{what}: its external data (weights stored beside it) is missing or unreadable: {msg}"))
+                .with_hint("keep the .onnx file and its external data files (.onnx_data, .data) together in one folder, or re-download the model")
+        }
+        C::NoSuchFile => Error::model(format!("{what} refers to a file that is missing (external weights?): {msg}"))
+            .with_hint("keep the .onnx file and its external data files (.onnx_data, .data) together in one folder"),
+        C::ExecutionProviderFailure => Error::provider(format!("{what}: an execution provider failed: {msg}"))
+            .with_hint("try another provider order, or run on cpu"),
+        C::NotImplemented => Error::model(format!("{what} uses something this ONNX Runtime cannot run: {msg}"))
+            .with_hint("update ONNX Runtime, or re-export the graph with a supported opset / element types"),
+        _ => Error::model(format!("ONNX Runtime cannot load {what}: {msg}")).with_hint(REEXPORT_HINT),
+    }
+}
+
+fn convert_input<'v>(
+    t: &TensorIn<'v>,
+    declared: &ElemType,
+) -> std::result::Result<SessionInputValue<'v>, String> {
+    let ort_err = |e: ort::Error| e.to_string();
+    match (t, declared) {
+        (TensorIn::F32(a), ElemType::F32) => match a.as_slice() {
+            // Zero-copy: contiguous, already f32.
+            Some(_) => Ok(TensorRef::from_array_view(a.clone())
+                .map_err(ort_err)?
+                .into()),
+            None => Ok(Tensor::from_array(a.as_standard_layout().into_owned())
+                .map_err(ort_err)?
+                .into()),
+        },
+        (TensorIn::F32(a), ElemType::F16) => owned(a, f16::from_f32),
+        (TensorIn::F32(a), ElemType::BF16) => owned(a, bf16::from_f32),
+        (TensorIn::I64(a), ElemType::I64) => match a.as_slice() {
+            Some(_) => Ok(TensorRef::from_array_view(a.clone())
+                .map_err(ort_err)?
+                .into()),
+            None => Ok(Tensor::from_array(a.as_standard_layout().into_owned())
+                .map_err(ort_err)?
+                .into()),
+        },
+        (TensorIn::I64(a), ElemType::I32) => {
+            let mut out = Vec::with_capacity(a.len());
+            for &v in a.iter() {
+                out.push(
+                    i32::try_from(v)
+                        .map_err(|_| format!("value {v} does not fit the declared i32"))?,
+                );
+            }
+            let arr = ArrayD::from_shape_vec(IxDyn(a.shape()), out).map_err(|e| e.to_string())?;
+            Ok(Tensor::from_array(arr).map_err(ort_err)?.into())
+        }
+        (t, declared) => Err(format!(
+            "fluxrt cannot feed {} data to a {declared} input",
+            t.kind()
+        )),
+    }
+}
+
+fn owned<'v, T>(
+    a: &ArrayViewD<'_, f32>,
+    f: impl Fn(f32) -> T,
+) -> std::result::Result<SessionInputValue<'v>, String>
+where
+    T: ort::value::PrimitiveTensorElementType + Clone + fmt::Debug + 'static,
+{
+    // `iter()` walks in logical order, so the result is in standard layout whatever `a`'s strides are.
+    let data: Vec<T> = a.iter().map(|&x| f(x)).collect();
+    let arr = ArrayD::from_shape_vec(IxDyn(a.shape()), data).map_err(|e| e.to_string())?;
+    Ok(Tensor::from_array(arr).map_err(|e| e.to_string())?.into())
+}
+
+/// Copies every output out of the session's memory, as f32. `Err((name, type))` for an unconvertible output.
+fn collect_outputs<'a>(
+    outs: impl Iterator<Item = (&'a str, DynValue)>,
+) -> std::result::Result<Outputs, (String, String)> {
+    let mut result = Vec::new();
+    for (name, value) in outs {
+        let arr =
+            output_to_f32(&value).ok_or_else(|| (name.to_string(), value.dtype().to_string()))?;
+        result.push((name.to_string(), arr));
+    }
+    Ok(result)
+}
+
+fn output_to_f32(v: &DynValue) -> Option<ArrayD<f32>> {
+    let ValueType::Tensor { ty, .. } = v.dtype() else {
+        return None;
+    };
+    Some(match ty {
+        TensorElementType::Float32 => v.try_extract_array::<f32>().ok()?.to_owned(),
+        TensorElementType::Float16 => v.try_extract_array::<f16>().ok()?.mapv(f16::to_f32),
+        TensorElementType::Bfloat16 => v.try_extract_array::<bf16>().ok()?.mapv(bf16::to_f32),
+        TensorElementType::Float64 => v.try_extract_array::<f64>().ok()?.mapv(|x| x as f32),
+        TensorElementType::Int32 => v.try_extract_array::<i32>().ok()?.mapv(|x| x as f32),
+        TensorElementType::Int64 => v.try_extract_array::<i64>().ok()?.mapv(|x| x as f32),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::library::tests::test_library;
+    use ndarray::{arr1, arr2, Array2, ShapeBuilder};
+    use std::time::{Duration, Instant};
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/runtime")
+            .join(name)
+    }
+
+    fn load(name: &str) -> Graph {
+        test_library();
+        let cfg = SessionConfig {
+            threads: Some(1),
+            ..Default::default()
+        };
+        Graph::load(&fixture(name), name, &cfg).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn out<'a>(outs: &'a [(String, ArrayD<f32>)], name: &str) -> &'a ArrayD<f32> {
+        &outs
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no output {name}"))
+            .1
+    }
+
+    #[test]
+    fn f32_add_zero_copy_and_strided() {
+        let mut g = load("add_f32.onnx");
+        assert_eq!(g.providers(), &[Provider::Cpu]);
+        assert_eq!(
+            g.inputs()[0],
+            IoInfo {
+                name: "x".into(),
+                dtype: ElemType::F32,
+                shape: vec![Dim::Fixed(2), Dim::Fixed(3)]
+            }
+        );
+        assert_eq!(g.outputs()[0].name, "sum");
+        let x = arr2(&[[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]]).into_dyn();
+        // A transposed (non-contiguous) view must be copied into standard layout, not misread.
+        let yt = arr2(&[[10.0f32, 40.0], [20.0, 50.0], [30.0, 60.0]]);
+        let y = yt.t().into_dyn();
+        let outs = g
+            .run(&[("x", TensorIn::F32(x.view())), ("y", TensorIn::F32(y))])
+            .unwrap();
+        assert_eq!(outs.len(), 1);
+        assert_eq!(
+            out(&outs, "sum"),
+            &arr2(&[[11.0f32, 22.0, 33.0], [44.0, 55.0, 66.0]]).into_dyn()
+        );
+        // Fortran-order owned array too.
+        let yf = Array2::from_shape_vec((2, 3).f(), vec![1.0f32, 4.0, 2.0, 5.0, 3.0, 6.0])
+            .unwrap()
+            .into_dyn();
+        let outs = g.run(&[("y", (&yf).into()), ("x", (&x).into())]).unwrap();
+        assert_eq!(
+            out(&outs, "sum"),
+            &arr2(&[[2.0f32, 4.0, 6.0], [8.0, 10.0, 12.0]]).into_dyn()
+        );
+    }
+
+    #[test]
+    fn f16_input_and_output_are_converted() {
+        let mut g = load("scale_f16.onnx");
+        assert_eq!(g.inputs()[0].dtype, ElemType::F16);
+        assert_eq!(
+            g.inputs()[0].shape,
+            vec![Dim::Symbolic("N".into()), Dim::Fixed(4)]
+        );
+        let x = arr2(&[
+            [0.5f32, 1.0, -2.0, 100.0],
+            [0.1, 0.2, 0.3, 0.4],
+            [1e-3, 2e4, 0.0, -0.0],
+        ])
+        .into_dyn();
+        let outs = g.run(&[("x", TensorIn::F32(x.view()))]).unwrap();
+        let y = out(&outs, "y");
+        assert_eq!(y.shape(), &[3, 4]);
+        for (a, b) in x.iter().zip(y.iter()) {
+            let want = f16::from_f32(f16::from_f32(*a).to_f32() * 2.0).to_f32();
+            assert_eq!(*b, want, "{a}");
+        }
+    }
+
+    #[test]
+    fn bf16_roundtrip() {
+        let mut g = load("inc_bf16.onnx");
+        assert_eq!(g.inputs()[0].dtype, ElemType::BF16);
+        let x = arr1(&[1.0f32, 2.5, -3.0, 1000.0]).into_dyn();
+        let outs = g.run(&[("x", TensorIn::F32(x.view()))]).unwrap();
+        assert_eq!(
+            out(&outs, "y"),
+            &arr1(&[2.0f32, 3.5, -2.0, 1000.0]).into_dyn()
+        );
+    }
+
+    #[test]
+    fn i64_ids_into_int32_graph() {
+        let mut g = load("ids_i32.onnx");
+        assert_eq!(
+            g.inputs()[0],
+            IoInfo {
+                name: "input_ids".into(),
+                dtype: ElemType::I32,
+                shape: vec![Dim::Symbolic("batch".into()), Dim::Symbolic("seq".into())]
+            }
+        );
+        assert_eq!(g.outputs()[1].dtype, ElemType::I32);
+        let ids = arr2(&[[49406i64, 320, 49407], [1, 2, 3]]).into_dyn();
+        let outs = g.run(&[("input_ids", TensorIn::I64(ids.view()))]).unwrap();
+        assert_eq!(outs[0].0, "embeddings");
+        assert_eq!(outs[1].0, "ids_echo");
+        assert_eq!(
+            out(&outs, "embeddings"),
+            &arr2(&[[24703.0f32, 160.0, 24703.5], [0.5, 1.0, 1.5]]).into_dyn()
+        );
+        assert_eq!(out(&outs, "ids_echo"), &ids.mapv(|v| v as f32));
+
+        let too_big = arr2(&[[1i64 << 40]]).into_dyn();
+        let err = g
+            .run(&[("input_ids", TensorIn::I64(too_big.view()))])
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Model);
+        assert!(err.message.contains("does not fit"), "{err}");
+    }
+
+    #[test]
+    fn i64_kept_for_int64_graph() {
+        let mut g = load("ids_i64.onnx");
+        let ids = arr1(&[5i64, 7, 9]).into_dyn();
+        let outs = g.run(&[("ids", TensorIn::I64(ids.view()))]).unwrap();
+        assert_eq!(out(&outs, "out"), &arr1(&[4.0f32, 6.0, 8.0]).into_dyn());
+        // f32 into an int input is refused with both types named.
+        let f = arr1(&[1.0f32]).into_dyn();
+        let err = g.run(&[("ids", TensorIn::F32(f.view()))]).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Model);
+        assert!(
+            err.message.contains("f32") && err.message.contains("i64"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn external_data_resolves_next_to_the_model() {
+        test_library();
+        // Copy the model and its data to another folder and load from there, away from the working directory.
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["add_const.onnx", "add_const.onnx.data"] {
+            std::fs::copy(fixture(&format!("external/{f}")), dir.path().join(f)).unwrap();
+        }
+        let mut g = Graph::load(
+            &dir.path().join("add_const.onnx"),
+            "ext",
+            &SessionConfig::default(),
+        )
+        .unwrap();
+        let x = arr1(&[1.0f32, 2.0, 3.0, 4.0]).into_dyn();
+        let outs = g.run(&[("x", TensorIn::F32(x.view()))]).unwrap();
+        assert_eq!(
+            out(&outs, "y"),
+            &arr1(&[11.0f32, 22.0, 33.0, 44.0]).into_dyn()
+        );
+
+        // Without its data file: a model error that says what is missing.
+        std::fs::remove_file(dir.path().join("add_const.onnx.data")).unwrap();
+        let err = Graph::load(
+            &dir.path().join("add_const.onnx"),
+            "ext",
+            &SessionConfig::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Model, "{err}");
+        assert!(err.message.contains("add_const.onnx"), "{err}");
+    }
+
+    #[test]
+    fn bad_files_are_model_errors_naming_the_file() {
+        test_library();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SessionConfig::default();
+
+        let missing = dir.path().join("missing.onnx");
+        let err = Graph::load(&missing, "vae", &cfg).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Model);
+        assert!(
+            err.message.contains("vae") && err.message.contains(&missing.display().to_string()),
+            "{err}"
+        );
+        assert!(
+            err.hint.as_deref().unwrap().contains("re-download"),
+            "{err}"
+        );
+
+        let empty = dir.path().join("empty.onnx");
+        std::fs::write(&empty, b"").unwrap();
+        let err = Graph::load(&empty, "clip", &cfg).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Model);
+        assert!(
+            err.message.contains(&empty.display().to_string()) && err.message.contains("empty"),
+            "{err}"
+        );
+
+        let garbage = dir.path().join("garbage.onnx");
+        std::fs::write(
+            &garbage,
+            b"\xff\xfe not a protobuf at all \x00\x01\x02 <html>404</html>",
+        )
+        .unwrap();
+        let err = Graph::load(&garbage, "t5", &cfg).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Model, "{err}");
+        assert!(
+            err.message.contains(&garbage.display().to_string()),
+            "{err}"
+        );
+        assert!(err.hint.as_deref().unwrap().contains("re-export"), "{err}");
+
+        let good = std::fs::read(fixture("ids_i32.onnx")).unwrap();
+        let truncated = dir.path().join("truncated.onnx");
+        std::fs::write(&truncated, &good[..good.len() / 2]).unwrap();
+        let err = Graph::load(&truncated, "transformer", &cfg).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Model, "{err}");
+        assert!(
+            err.message.contains(&truncated.display().to_string()),
+            "{err}"
+        );
+
+        let err = Graph::load(dir.path(), "transformer", &cfg).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Model, "{err}");
+    }
+
+    #[test]
+    fn input_errors_name_graph_input_and_shapes() {
+        let mut g = load("add_f32.onnx");
+        let x = Array2::<f32>::zeros((2, 3)).into_dyn();
+
+        let err = g
+            .run(&[
+                ("x", TensorIn::F32(x.view())),
+                ("z", TensorIn::F32(x.view())),
+            ])
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Model);
+        assert!(
+            err.message.contains("add_f32.onnx") && err.message.contains("\"z\""),
+            "{err}"
+        );
+        assert!(err.message.contains("x f32[2, 3]"), "{err}");
+
+        let err = g.run(&[("x", TensorIn::F32(x.view()))]).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Model);
+        assert!(err.message.contains("required input y"), "{err}");
+
+        let x1 = arr1(&[1.0f32, 2.0]).into_dyn();
+        let err = g
+            .run(&[
+                ("x", TensorIn::F32(x1.view())),
+                ("y", TensorIn::F32(x.view())),
+            ])
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Model);
+        assert!(
+            err.message.contains("expects rank 2") && err.message.contains("given rank 1 [2]"),
+            "{err}"
+        );
+
+        let x4 = Array2::<f32>::zeros((2, 4)).into_dyn();
+        let err = g
+            .run(&[
+                ("x", TensorIn::F32(x4.view())),
+                ("y", TensorIn::F32(x.view())),
+            ])
+            .unwrap_err();
+        assert!(
+            err.message.contains("expects shape [2, 3], given [2, 4]"),
+            "{err}"
+        );
+
+        let err = g
+            .run(&[
+                ("x", TensorIn::F32(x.view())),
+                ("x", TensorIn::F32(x.view())),
+            ])
+            .unwrap_err();
+        assert!(err.message.contains("given twice"), "{err}");
+    }
+
+    #[test]
+    fn cancel_before_run() {
+        let mut g = load("add_f32.onnx");
+        let x = Array2::<f32>::zeros((2, 3)).into_dyn();
+        let c = Canceller::new();
+        assert!(g
+            .run_with(&[("x", (&x).into()), ("y", (&x).into())], &c)
+            .is_ok());
+        c.clone().cancel();
+        let err = g
+            .run_with(&[("x", (&x).into()), ("y", (&x).into())], &c)
+            .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Cancelled);
+        // Other cancellers and plain runs are unaffected.
+        assert!(g
+            .run_with(&[("x", (&x).into()), ("y", (&x).into())], &Canceller::new())
+            .is_ok());
+        assert!(g.run(&[("x", (&x).into()), ("y", (&x).into())]).is_ok());
+    }
+
+    #[test]
+    fn cancel_from_another_thread() {
+        let mut g = load("slow_loop.onnx");
+        let x = ndarray::Array2::<f32>::ones((16, 16)).into_dyn();
+        // A short run finishes normally.
+        let trips = ndarray::arr0(10i64).into_dyn();
+        let outs = g
+            .run(&[("trips", (&trips).into()), ("x", (&x).into())])
+            .unwrap();
+        assert_eq!(out(&outs, "y").shape(), &[16, 16]);
+
+        // ~50 million iterations would take minutes; cancel after 200 ms.
+        let trips = ndarray::arr0(50_000_000i64).into_dyn();
+        let c = Canceller::new();
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            c2.cancel();
+        });
+        let start = Instant::now();
+        let err = g
+            .run_with(&[("trips", (&trips).into()), ("x", (&x).into())], &c)
+            .unwrap_err();
+        let took = start.elapsed();
+        t.join().unwrap();
+        assert_eq!(err.kind, ErrorKind::Cancelled, "{err}");
+        assert!(took < Duration::from_secs(10), "cancel took {took:?}");
+        assert!(
+            took >= Duration::from_millis(150),
+            "returned before the cancel: {took:?}"
+        );
+        // The graph is still usable.
+        let trips = ndarray::arr0(3i64).into_dyn();
+        assert!(g
+            .run(&[("trips", (&trips).into()), ("x", (&x).into())])
+            .is_ok());
+    }
+
+    #[test]
+    fn optimization_levels_parse() {
+        assert_eq!("ALL".parse::<Optimization>().unwrap(), Optimization::All);
+        assert_eq!(
+            "disable".parse::<Optimization>().unwrap(),
+            Optimization::Disable
+        );
+        assert_eq!(
+            "fast".parse::<Optimization>().unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
+        assert!(physical_cores() >= 1);
+    }
+}
