@@ -175,7 +175,27 @@ def to_fp16(model: onnx.ModelProto, graph: str) -> tuple[onnx.ModelProto, dict]:
         node_block_list=nodes,
         disable_shape_infer=False,
     )
+    _dedupe_nodes(converted)
     return converted, {"op_types": spec["op_types"], "nodes": len(nodes), "why": spec["why"]}
+
+
+def _dedupe_nodes(model: onnx.ModelProto) -> None:
+    """The fp16 converter inserts the same Cast once per consumer when a tensor feeds several blocked nodes:
+    drop exact repeats (same outputs) and give any remaining clashing names a suffix, so the graph is valid."""
+    seen_outputs, seen_names, keep = set(), set(), []
+    for n in model.graph.node:
+        outs = tuple(n.output)
+        if outs and outs in seen_outputs:
+            continue
+        seen_outputs.add(outs)
+        name, k = n.name, 1
+        while n.name in seen_names:
+            n.name = f"{name}_{k}"
+            k += 1
+        seen_names.add(n.name)
+        keep.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
 
 
 def _save(model: onnx.ModelProto, path: Path) -> str | None:

@@ -33,7 +33,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), hint: None }
+        Error {
+            kind,
+            message: message.into(),
+            hint: None,
+        }
     }
     /// Adds the sentence that tells the user how to fix the problem.
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {

@@ -42,15 +42,25 @@ pub fn validate_size(width: u32, height: u32, max_pixels: u64, vae_factor: usize
 /// One side: positive and a multiple of `m` (diffusers silently floors; we say so instead).
 fn check_side(name: &str, v: u32, m: u32) -> Result<()> {
     if v == 0 {
-        return Err(Error::input(format!("{name} 0 is too small; use {m} or more"))
-            .with_hint(format!("image sides must be positive multiples of {m}")));
+        return Err(
+            Error::input(format!("{name} 0 is too small; use {m} or more"))
+                .with_hint(format!("image sides must be positive multiples of {m}")),
+        );
     }
-    if v % m != 0 {
+    if !v.is_multiple_of(m) {
         let lower = v / m * m;
         let upper = lower + m;
-        let fix = if lower == 0 { format!("use {upper}") } else { format!("use {lower} or {upper}") };
-        return Err(Error::input(format!("{name} {v} is not a multiple of {m}; {fix}"))
-            .with_hint(format!("the VAE downsamples by {} and the transformer packs 2x2 latent patches", m / 2)));
+        let fix = if lower == 0 {
+            format!("use {upper}")
+        } else {
+            format!("use {lower} or {upper}")
+        };
+        return Err(
+            Error::input(format!("{name} {v} is not a multiple of {m}; {fix}")).with_hint(format!(
+                "the VAE downsamples by {} and the transformer packs 2x2 latent patches",
+                m / 2
+            )),
+        );
     }
     Ok(())
 }
@@ -82,7 +92,10 @@ pub fn image_seq_len(width: u32, height: u32, vae_factor: usize) -> usize {
 /// If `h` or `w` is odd.
 pub fn pack(latents: &ArrayView4<f32>) -> Array3<f32> {
     let (b, c, h, w) = latents.dim();
-    assert!(h % 2 == 0 && w % 2 == 0, "latent height and width must be even, got {h}x{w}");
+    assert!(
+        h.is_multiple_of(2) && w.is_multiple_of(2),
+        "latent height and width must be even, got {h}x{w}"
+    );
     let mut out = Vec::with_capacity(latents.len());
     for bi in 0..b {
         for i in 0..h / 2 {
@@ -108,7 +121,7 @@ pub fn pack(latents: &ArrayView4<f32>) -> Array3<f32> {
 pub fn unpack(packed: &ArrayView3<f32>, h: usize, w: usize, channels: usize) -> Array4<f32> {
     let (b, s, f) = packed.dim();
     assert!(
-        h % 2 == 0 && w % 2 == 0 && s == (h / 2) * (w / 2) && f == channels * 4,
+        h.is_multiple_of(2) && w.is_multiple_of(2) && s == (h / 2) * (w / 2) && f == channels * 4,
         "unpack: packed shape [{b}, {s}, {f}] does not fit latents {channels}x{h}x{w}"
     );
     let mut out = Array4::<f32>::zeros((b, channels, h, w));
@@ -157,7 +170,9 @@ mod tests {
     use ndarray::Array;
 
     fn arange4(b: usize, c: usize, h: usize, w: usize) -> Array4<f32> {
-        Array::range(0.0, (b * c * h * w) as f32, 1.0).into_shape_with_order((b, c, h, w)).unwrap()
+        Array::range(0.0, (b * c * h * w) as f32, 1.0)
+            .into_shape_with_order((b, c, h, w))
+            .unwrap()
     }
 
     #[test]
@@ -172,12 +187,19 @@ mod tests {
         let p = pack(&arange4(1, 2, 4, 4).view());
         assert_eq!(p.shape(), [1, 4, 8]);
         for (t, row) in want.iter().enumerate() {
-            assert_eq!(p.slice(ndarray::s![0, t, ..]).to_vec(), row.to_vec(), "token {t}");
+            assert_eq!(
+                p.slice(ndarray::s![0, t, ..]).to_vec(),
+                row.to_vec(),
+                "token {t}"
+            );
         }
         // Non-square: ..._pack_latents(torch.arange(48.).reshape(1,2,4,6), 1, 2, 4, 6)[0][3]
         let p = pack(&arange4(1, 2, 4, 6).view());
         assert_eq!(p.shape(), [1, 6, 8]);
-        assert_eq!(p.slice(ndarray::s![0, 3, ..]).to_vec(), [12., 13., 18., 19., 36., 37., 42., 43.]);
+        assert_eq!(
+            p.slice(ndarray::s![0, 3, ..]).to_vec(),
+            [12., 13., 18., 19., 36., 37., 42., 43.]
+        );
     }
 
     #[test]
@@ -188,7 +210,10 @@ mod tests {
         assert_eq!(unpack(&p.view(), 6, 10, 16), x);
         // A non-standard-layout input packs the same.
         let t = x.clone().permuted_axes([0, 1, 3, 2]);
-        let t = t.as_standard_layout().to_owned().permuted_axes([0, 1, 3, 2]);
+        let t = t
+            .as_standard_layout()
+            .to_owned()
+            .permuted_axes([0, 1, 3, 2]);
         assert_eq!(pack(&t.view()), p);
     }
 
@@ -203,7 +228,14 @@ mod tests {
     fn img_ids_non_square() {
         // FluxPipeline._prepare_latent_image_ids(1, 2, 3, "cpu", torch.float32).int().tolist()
         let ids = img_ids(4, 6);
-        let want = [[0., 0., 0.], [0., 0., 1.], [0., 0., 2.], [0., 1., 0.], [0., 1., 1.], [0., 1., 2.]];
+        let want = [
+            [0., 0., 0.],
+            [0., 0., 1.],
+            [0., 0., 2.],
+            [0., 1., 0.],
+            [0., 1., 1.],
+            [0., 1., 2.],
+        ];
         assert_eq!(ids.shape(), [6, 3]);
         for (r, row) in want.iter().enumerate() {
             assert_eq!(ids.row(r).to_vec(), row.to_vec());
@@ -225,7 +257,10 @@ mod tests {
         assert!(validate_size(1024, 768, 1 << 20, f).is_ok());
         let e = validate_size(100, 64, 1 << 20, f).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidInput);
-        assert_eq!(e.message, "width 100 is not a multiple of 16; use 96 or 112");
+        assert_eq!(
+            e.message,
+            "width 100 is not a multiple of 16; use 96 or 112"
+        );
         let e = validate_size(64, 8, 1 << 20, f).unwrap_err();
         assert_eq!(e.message, "height 8 is not a multiple of 16; use 16");
         let e = validate_size(0, 64, 1 << 20, f).unwrap_err();
@@ -237,7 +272,10 @@ mod tests {
         );
         assert!(e.hint.is_some());
         // Another VAE factor changes the multiple.
-        assert_eq!(validate_size(36, 32, 1 << 20, 4).unwrap_err().message, "width 36 is not a multiple of 8; use 32 or 40");
+        assert_eq!(
+            validate_size(36, 32, 1 << 20, 4).unwrap_err().message,
+            "width 36 is not a multiple of 8; use 32 or 40"
+        );
     }
 
     #[test]

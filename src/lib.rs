@@ -12,6 +12,6 @@ pub mod schedule;
 pub mod text;
 
 pub use error::{Error, ErrorKind, Result};
-pub mod runtime;
 pub mod model;
 pub mod pipeline;
+pub mod runtime;

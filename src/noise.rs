@@ -35,7 +35,10 @@ impl Mt19937 {
                 .wrapping_mul(prev ^ (prev >> 30))
                 .wrapping_add(i as u32);
         }
-        Mt19937 { state, index: Self::N }
+        Mt19937 {
+            state,
+            index: Self::N,
+        }
     }
 
     /// What `torch.Generator("cpu").manual_seed(seed)` does: torch seeds mt19937 with the low 32 bits,
@@ -142,7 +145,7 @@ fn fill_blocks(rng: &mut Mt19937, out: &mut [f32]) {
     for block in out.chunks_exact_mut(BLOCK) {
         box_muller_16(block.try_into().expect("chunk of 16"));
     }
-    if n % BLOCK != 0 {
+    if !n.is_multiple_of(BLOCK) {
         let tail: &mut [f32; BLOCK] = (&mut out[n - BLOCK..]).try_into().expect("tail of 16");
         fill_uniform(rng, tail);
         box_muller_16(tail);
@@ -187,6 +190,9 @@ fn fill_scalar(rng: &mut Mt19937, out: &mut [f32]) {
 mod tests {
     use super::*;
 
+    /// (seed, n, picked (index, value) pairs, f64 sum of the whole draw).
+    type Case<T> = (u64, usize, &'static [(usize, T)], f64);
+
     #[test]
     fn mt19937_known_outputs() {
         // Reference values of std::mt19937 (C++11 requires the 10000th output of seed 5489 to be 4123659995).
@@ -217,7 +223,7 @@ mod tests {
     //   t = torch.randn(n, generator=torch.Generator("cpu").manual_seed(seed)).numpy()
     //   picked indices -> float(t[i]); last field float(t.astype(np.float64).sum())
     #[rustfmt::skip]
-    const F32_CASES: &[(u64, usize, &[(usize, f32)], f64)] = &[
+    const F32_CASES: &[Case<f32>] = &[
         (0, 16, &[(0, -1.1258398), (1, -1.1523602), (7, -2.1152194), (8, 0.32227492), (14, 1.1167772), (15, -0.24727815)], -1.909114308655262),
         (0, 17, &[(0, -1.1258398), (1, -1.6959312), (7, 1.8530061), (8, 0.4680964), (15, -0.84367675), (16, 0.9318266)], 2.996606692671776),
         (0, 31, &[(0, -1.1258398), (1, -1.1523602), (7, -2.1152194), (8, 0.32227492), (14, 1.1167772), (15, -0.11160933), (29, 2.3022053), (30, -1.4688939)], -1.9136945717036724),
@@ -248,11 +254,18 @@ mod tests {
             for &(i, want) in picks {
                 let err = (x[i] - want).abs();
                 worst = worst.max(err);
-                assert!(err <= 1e-6, "seed {seed} n {n} [{i}]: {} vs torch {want}", x[i]);
+                assert!(
+                    err <= 1e-6,
+                    "seed {seed} n {n} [{i}]: {} vs torch {want}",
+                    x[i]
+                );
             }
             let got: f64 = x.iter().map(|&v| v as f64).sum();
             // A few ulps per element at most, summed.
-            assert!((got - sum).abs() <= 1e-6 * n as f64, "seed {seed} n {n}: sum {got} vs torch {sum}");
+            assert!(
+                (got - sum).abs() <= 1e-6 * n as f64,
+                "seed {seed} n {n}: sum {got} vs torch {sum}"
+            );
         }
         assert!(worst <= 1e-6, "worst {worst}");
     }
@@ -282,7 +295,12 @@ mod tests {
     #[test]
     fn randn_small_n_matches_torch_scalar_path_exactly() {
         for &(seed, want) in SMALL_CASES {
-            assert_eq!(randn(seed, want.len()), want, "seed {seed} n {}", want.len());
+            assert_eq!(
+                randn(seed, want.len()),
+                want,
+                "seed {seed} n {}",
+                want.len()
+            );
         }
         assert!(randn(1, 0).is_empty());
     }
@@ -291,7 +309,7 @@ mod tests {
     //   t = torch.randn(n, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.bfloat16)
     //   t.view(torch.int16) at picked indices; last field t.double().sum().item()
     #[rustfmt::skip]
-    const BF16_CASES: &[(u64, usize, &[(usize, u16)], f64)] = &[
+    const BF16_CASES: &[Case<u16>] = &[
         (0, 5, &[(0, 0x3fc5), (1, 0xbe96), (2, 0xc00b), (3, 0x3f12), (4, 0xbf8b)], -1.44140625),
         (0, 16, &[(0, 0xbf90), (1, 0xbf94), (8, 0x3ea5), (14, 0x3f8f), (15, 0xbe7d)], -1.91259765625),
         (0, 17, &[(0, 0xbf90), (1, 0xbfad), (8, 0x3fed), (15, 0x3f72), (16, 0xbf58)], 0.9921875),
@@ -315,12 +333,21 @@ mod tests {
             let x = randn_bf16(seed, n);
             assert_eq!(x.len(), n);
             for &(i, want) in picks {
-                assert_eq!(x[i].to_bits(), want, "seed {seed} n {n} [{i}]: {} vs torch {}", x[i], bf16::from_bits(want));
+                assert_eq!(
+                    x[i].to_bits(),
+                    want,
+                    "seed {seed} n {n} [{i}]: {} vs torch {}",
+                    x[i],
+                    bf16::from_bits(want)
+                );
             }
             // A 1-ulp f32 difference can flip a bf16 rounding, very rarely (torch's own sin/cos are not
             // libm's): allow a handful of bf16 ulps in the sum.
             let got: f64 = x.iter().map(|v| v.to_f64()).sum();
-            assert!((got - sum).abs() <= 0.05, "seed {seed} n {n}: sum {got} vs torch {sum}");
+            assert!(
+                (got - sum).abs() <= 0.05,
+                "seed {seed} n {n}: sum {got} vs torch {sum}"
+            );
         }
     }
 
@@ -329,23 +356,5 @@ mod tests {
         let f = randn(3, 64);
         let b = randn_bf16(3, 64);
         assert!(f.iter().zip(&b).all(|(&f, &b)| bf16::from_f32(f) == b));
-    }
-}
-#[cfg(test)]
-mod scratch_dump {
-    #[test]
-    #[ignore]
-    fn dump() {
-        let mut s = Vec::new();
-        for seed in [0u64, 42, 4294967303, 18446744073709551557] {
-            for n in [16usize, 17, 31, 1000, 262144, 262151] {
-                for v in super::randn(seed, n) { s.extend_from_slice(&v.to_le_bytes()); }
-                for v in super::randn_bf16(seed, n) { s.extend_from_slice(&v.to_bits().to_le_bytes()); }
-            }
-        }
-        std::fs::write("/tmp/fx/rust_noise.bin", s).unwrap();
-        let t = std::time::Instant::now();
-        let x = super::randn(1, 262144);
-        eprintln!("randn 262144: {:?} {}", t.elapsed(), x[0]);
     }
 }

@@ -14,7 +14,9 @@ use crate::image_out;
 use crate::latents;
 use crate::model::{contract, ModelSpec, Role, Variant};
 use crate::noise;
-use crate::runtime::{self, Canceller, Dim, Graph, IoInfo, Provider, ProviderPlan, SessionConfig, TensorIn};
+use crate::runtime::{
+    self, Canceller, Dim, Graph, IoInfo, Provider, ProviderPlan, SessionConfig, TensorIn,
+};
 use crate::schedule;
 use crate::text::{truncation_warning, PromptTokenizer, Tokenized};
 use crate::{Error, Result};
@@ -89,15 +91,20 @@ impl Request {
     pub fn validate(&self, vae_factor: usize) -> Result<()> {
         latents::validate_size(self.width, self.height, self.max_pixels, vae_factor)?;
         if self.steps == 0 || self.steps > MAX_STEPS {
-            return Err(Error::input(format!("steps must be between 1 and {MAX_STEPS}, got {}", self.steps))
-                .with_hint("schnell uses 4 steps, dev 28-50"));
+            return Err(Error::input(format!(
+                "steps must be between 1 and {MAX_STEPS}, got {}",
+                self.steps
+            ))
+            .with_hint("schnell uses 4 steps, dev 28-50"));
         }
         if self.num_images == 0 {
             return Err(Error::input("num-images must be at least 1"));
         }
         if let Some(g) = self.guidance {
             if !g.is_finite() || g < 0.0 {
-                return Err(Error::input(format!("guidance must be a finite number >= 0, got {g}")));
+                return Err(Error::input(format!(
+                    "guidance must be a finite number >= 0, got {g}"
+                )));
             }
         }
         Ok(())
@@ -188,7 +195,11 @@ impl Pipeline {
         let mut spec = ModelSpec::resolve(&opts.model)?;
         runtime::init(opts.ort_lib.as_deref())?;
         let plan: ProviderPlan = runtime::probe(&opts.providers, opts.no_fallback)?;
-        let session = SessionConfig { threads: opts.threads, providers: plan, ..Default::default() };
+        let session = SessionConfig {
+            threads: opts.threads,
+            providers: plan,
+            ..Default::default()
+        };
 
         let mut slots = BTreeMap::new();
         let mut problems = Vec::new();
@@ -197,12 +208,20 @@ impl Pipeline {
             let graph = Graph::load(&gspec.path, role.name(), &session)?;
             if role == Role::Transformer {
                 let has_guidance = graph.input(&gspec.actual_name("guidance")).is_some();
-                spec.set_variant(if has_guidance { Variant::Dev } else { Variant::Schnell });
+                spec.set_variant(if has_guidance {
+                    Variant::Dev
+                } else {
+                    Variant::Schnell
+                });
             }
             let guidance = spec.variant == Some(Variant::Dev);
-            problems.extend(contract::check(role, guidance, graph.inputs(), graph.outputs(), &|n| {
-                gspec.actual_name(n)
-            }));
+            problems.extend(contract::check(
+                role,
+                guidance,
+                graph.inputs(),
+                graph.outputs(),
+                &|n| gspec.actual_name(n),
+            ));
             let slot = Slot {
                 inputs: graph.inputs().to_vec(),
                 providers: graph.providers().to_vec(),
@@ -218,8 +237,14 @@ impl Pipeline {
             ))
             .with_hint("re-export the model with `python -m export`, or check that it is a FLUX.1 ONNX export"));
         }
-        let clip_tok = PromptTokenizer::from_file(&spec.clip_tokenizer.path, spec.clip_tokenizer.settings.clone())?;
-        let t5_tok = PromptTokenizer::from_file(&spec.t5_tokenizer.path, spec.t5_tokenizer.settings.clone())?;
+        let clip_tok = PromptTokenizer::from_file(
+            &spec.clip_tokenizer.path,
+            spec.clip_tokenizer.settings.clone(),
+        )?;
+        let t5_tok = PromptTokenizer::from_file(
+            &spec.t5_tokenizer.path,
+            spec.t5_tokenizer.settings.clone(),
+        )?;
         Ok(Pipeline {
             spec,
             clip_tok,
@@ -242,7 +267,12 @@ impl Pipeline {
     pub fn graph_providers(&self) -> BTreeMap<String, Vec<String>> {
         self.slots
             .iter()
-            .map(|(r, s)| (r.name().to_string(), s.providers.iter().map(|p| p.name().to_string()).collect()))
+            .map(|(r, s)| {
+                (
+                    r.name().to_string(),
+                    s.providers.iter().map(|p| p.name().to_string()).collect(),
+                )
+            })
             .collect()
     }
 
@@ -261,7 +291,10 @@ impl Pipeline {
         let start = Instant::now();
         let vae_factor = self.spec.vae.downsample_factor;
         req.validate(vae_factor)?;
-        let mut t = Timings { load: self.load_time, ..Default::default() };
+        let mut t = Timings {
+            load: self.load_time,
+            ..Default::default()
+        };
         let mut tr = trace.then(Trace::default);
         let mut warnings = Vec::new();
         let b = req.num_images;
@@ -270,7 +303,11 @@ impl Pipeline {
         let t0 = Instant::now();
         let clip = self.clip_tok.encode(&req.prompt)?;
         let t5 = self.t5_tok.encode(req.t5_prompt())?;
-        warnings.extend(truncation_warning("CLIP", &clip, self.clip_tok.max_length()));
+        warnings.extend(truncation_warning(
+            "CLIP",
+            &clip,
+            self.clip_tok.max_length(),
+        ));
         warnings.extend(truncation_warning("T5", &t5, self.t5_tok.max_length()));
         t.tokenize = t0.elapsed();
         if let Some(tr) = tr.as_mut() {
@@ -310,7 +347,16 @@ impl Pipeline {
         };
         for i in 0..req.steps {
             let t0 = Instant::now();
-            let v = self.velocity(&x, &txt, &pooled, timesteps[i], guidance, &img_ids, &txt_ids, cancel)?;
+            let v = self.velocity(
+                &x,
+                &txt,
+                &pooled,
+                timesteps[i],
+                guidance,
+                &img_ids,
+                &txt_ids,
+                cancel,
+            )?;
             let ort_time = t0.elapsed();
             ensure_finite("transformer output (velocity)", v.as_slice().unwrap_or(&[]))?;
             schedule::euler_step(
@@ -319,7 +365,10 @@ impl Pipeline {
                 sigmas[i],
                 sigmas[i + 1],
             );
-            ensure_finite(&format!("latents after step {}", i + 1), x.as_slice().unwrap_or(&[]))?;
+            ensure_finite(
+                &format!("latents after step {}", i + 1),
+                x.as_slice().unwrap_or(&[]),
+            )?;
             if let Some(tr) = tr.as_mut() {
                 tr.latents.push(x.clone());
             }
@@ -335,7 +384,11 @@ impl Pipeline {
         // 5. Decode: unpack, undo the VAE normalisation, run the decoder.
         let t0 = Instant::now();
         let mut z = latents::unpack(&x.view(), h, w, channels);
-        latents::vae_decode_input(z.as_slice_mut().expect("contiguous"), self.spec.vae.scaling_factor, self.spec.vae.shift_factor);
+        latents::vae_decode_input(
+            z.as_slice_mut().expect("contiguous"),
+            self.spec.vae.scaling_factor,
+            self.spec.vae.shift_factor,
+        );
         let images = self.decode(z, cancel)?;
         t.vae_decode = t0.elapsed();
         t.in_ort += t.vae_decode;
@@ -344,24 +397,47 @@ impl Pipeline {
         let t0 = Instant::now();
         let mut out = Vec::with_capacity(b);
         for (i, img) in images.axis_iter(Axis(0)).enumerate() {
-            out.push(Image { seed: req.seed + i as u64, rgb: image_out::to_rgb8(img)? });
+            out.push(Image {
+                seed: req.seed + i as u64,
+                rgb: image_out::to_rgb8(img)?,
+            });
         }
         if let Some(tr) = tr.as_mut() {
             tr.images = Some(images.mapv(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0)));
         }
         t.to_rgb = t0.elapsed();
         t.total = start.elapsed();
-        Ok(Output { images: out, timings: t, warnings, trace: tr })
+        Ok(Output {
+            images: out,
+            timings: t,
+            warnings,
+            trace: tr,
+        })
     }
 
     /// Runs a text encoder on one tokenized prompt repeated B times; returns its embedding and the run time.
-    fn encode(&mut self, role: Role, tok: &Tokenized, b: usize, cancel: &Canceller) -> Result<(ArrayD<f32>, Duration)> {
-        let ids = ndarray::Array2::from_shape_fn((b, tok.ids.len()), |(_, j)| tok.ids[j]).into_dyn();
+    fn encode(
+        &mut self,
+        role: Role,
+        tok: &Tokenized,
+        b: usize,
+        cancel: &Canceller,
+    ) -> Result<(ArrayD<f32>, Duration)> {
+        let ids =
+            ndarray::Array2::from_shape_fn((b, tok.ids.len()), |(_, j)| tok.ids[j]).into_dyn();
         let out_name = contract::outputs(role)[0].name;
         let t0 = Instant::now();
-        let emb = self.run_graph(role, &[("input_ids", TensorIn::I64(ids.view()))], out_name, cancel)?;
+        let emb = self.run_graph(
+            role,
+            &[("input_ids", TensorIn::I64(ids.view()))],
+            out_name,
+            cancel,
+        )?;
         let dt = t0.elapsed();
-        ensure_finite(&format!("{} embeddings", role.name()), emb.as_slice().unwrap_or(&[]))?;
+        ensure_finite(
+            &format!("{} embeddings", role.name()),
+            emb.as_slice().unwrap_or(&[]),
+        )?;
         Ok((emb, dt))
     }
 
@@ -394,21 +470,37 @@ impl Pipeline {
             inputs.push(("guidance", TensorIn::F32(g.view())));
         }
         let v = self.run_graph(Role::Transformer, &inputs, "latent", cancel)?;
-        v.into_dimensionality().map_err(|e| Error::model(format!("transformer output has the wrong rank: {e}")))
+        v.into_dimensionality()
+            .map_err(|e| Error::model(format!("transformer output has the wrong rank: {e}")))
     }
 
     fn decode(&mut self, z: Array4<f32>, cancel: &Canceller) -> Result<Array4<f32>> {
         let z = z.into_dyn();
-        let img = self.run_graph(Role::VaeDecoder, &[("latent", TensorIn::F32(z.view()))], "images", cancel)?;
+        let img = self.run_graph(
+            Role::VaeDecoder,
+            &[("latent", TensorIn::F32(z.view()))],
+            "images",
+            cancel,
+        )?;
         ensure_finite("VAE decode", img.as_slice().unwrap_or(&[]))?;
-        img.into_dimensionality().map_err(|e| Error::model(format!("VAE output has the wrong rank: {e}")))
+        img.into_dimensionality()
+            .map_err(|e| Error::model(format!("VAE output has the wrong rank: {e}")))
     }
 
     /// Runs one graph with contract names (mapped to the graph's own), batching only when the graph's
     /// batch dim is dynamic; returns the named output. In low-memory mode the graph lives for this call only.
-    fn run_graph(&mut self, role: Role, inputs: &[(&str, TensorIn)], output: &str, cancel: &Canceller) -> Result<ArrayD<f32>> {
+    fn run_graph(
+        &mut self,
+        role: Role,
+        inputs: &[(&str, TensorIn)],
+        output: &str,
+        cancel: &Canceller,
+    ) -> Result<ArrayD<f32>> {
         let gspec = self.spec.graph(role)?.clone();
-        let slot = self.slots.get_mut(&role).expect("every pipeline graph has a slot");
+        let slot = self
+            .slots
+            .get_mut(&role)
+            .expect("every pipeline graph has a slot");
         let mut transient = None;
         let graph = match slot.graph.as_mut() {
             Some(g) => g,
@@ -417,15 +509,26 @@ impl Pipeline {
         let names: Vec<String> = inputs.iter().map(|(n, _)| gspec.actual_name(n)).collect();
         let out_name = gspec.actual_name(output);
         let batch = inputs.first().map_or(1, |(_, t)| tensor_batch(t));
-        let batchable = slot.inputs.iter().all(|io| !matches!(io.shape.first(), Some(Dim::Fixed(1)))) || batch == 1;
+        let batchable = slot
+            .inputs
+            .iter()
+            .all(|io| !matches!(io.shape.first(), Some(Dim::Fixed(1))))
+            || batch == 1;
         let run_one = |graph: &mut Graph, feed: Vec<(&str, TensorIn)>| -> Result<ArrayD<f32>> {
             let outs = graph.run_with(&feed, cancel)?;
-            outs.into_iter().find(|(n, _)| *n == out_name).map(|(_, a)| a).ok_or_else(|| {
-                Error::model(format!("{role} graph produced no output `{out_name}`"))
-            })
+            outs.into_iter()
+                .find(|(n, _)| *n == out_name)
+                .map(|(_, a)| a)
+                .ok_or_else(|| {
+                    Error::model(format!("{role} graph produced no output `{out_name}`"))
+                })
         };
         if batchable {
-            let feed = names.iter().zip(inputs).map(|(n, (_, t))| (n.as_str(), t.clone())).collect();
+            let feed = names
+                .iter()
+                .zip(inputs)
+                .map(|(n, (_, t))| (n.as_str(), t.clone()))
+                .collect();
             return run_one(graph, feed);
         }
         // A graph exported with batch 1: one call per image, batched inputs sliced, shared ones passed whole.
@@ -439,7 +542,8 @@ impl Pipeline {
             parts.push(run_one(graph, feed)?);
         }
         let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
-        ndarray::concatenate(Axis(0), &views).map_err(|e| Error::runtime(format!("cannot join batch outputs: {e}")))
+        ndarray::concatenate(Axis(0), &views)
+            .map_err(|e| Error::runtime(format!("cannot join batch outputs: {e}")))
     }
 }
 
@@ -497,7 +601,11 @@ mod tests {
         assert!(ensure_finite("x", &[0.0, 1.0]).is_ok());
         let e = ensure_finite("latents after step 2", &[0.0, f32::NAN, f32::INFINITY]).unwrap_err();
         assert_eq!(e.kind, crate::ErrorKind::Numerics);
-        assert!(e.message.contains("latents after step 2 contains 2 NaN/Inf"), "{e}");
+        assert!(
+            e.message
+                .contains("latents after step 2 contains 2 NaN/Inf"),
+            "{e}"
+        );
         assert!(e.hint.unwrap().contains("fp32 islands"));
     }
 

@@ -38,7 +38,11 @@ impl SchedulerConfig {
 
     /// FLUX.1-dev: dynamic shift from 0.5 at 256 tokens to 1.15 at 4096 (`shift` 3.0 is stored but unused).
     pub fn dev() -> Self {
-        SchedulerConfig { shift: 3.0, use_dynamic_shifting: true, ..Self::schnell() }
+        SchedulerConfig {
+            shift: 3.0,
+            use_dynamic_shifting: true,
+            ..Self::schnell()
+        }
     }
 
     /// Rejects settings that would divide by zero or produce NaN sigmas.
@@ -49,13 +53,21 @@ impl SchedulerConfig {
                 return Err(Error::model(format!(
                     "scheduler config has an unusable dynamic shift: base_shift {} max_shift {} \
                      base_image_seq_len {} max_image_seq_len {}",
-                    self.base_shift, self.max_shift, self.base_image_seq_len, self.max_image_seq_len
+                    self.base_shift,
+                    self.max_shift,
+                    self.base_image_seq_len,
+                    self.max_image_seq_len
                 ))
-                .with_hint("base/max shift must be finite and the two sequence lengths must differ"));
+                .with_hint(
+                    "base/max shift must be finite and the two sequence lengths must differ",
+                ));
             }
         } else if !(self.shift.is_finite() && self.shift > 0.0) {
-            return Err(Error::model(format!("scheduler config has shift {}, which must be > 0", self.shift))
-                .with_hint("FLUX.1-schnell uses shift 1.0"));
+            return Err(Error::model(format!(
+                "scheduler config has shift {}, which must be > 0",
+                self.shift
+            ))
+            .with_hint("FLUX.1-schnell uses shift 1.0"));
         }
         Ok(())
     }
@@ -71,7 +83,8 @@ impl Default for SchedulerConfig {
 /// `mu` for an image of `image_seq_len` packed tokens: the line through (base_seq, base_shift) and
 /// (max_seq, max_shift), in f64 (diffusers' `calculate_shift`, BFL's `get_lin_function`).
 pub fn calculate_shift(image_seq_len: usize, cfg: &SchedulerConfig) -> f64 {
-    let m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len as f64 - cfg.base_image_seq_len as f64);
+    let m = (cfg.max_shift - cfg.base_shift)
+        / (cfg.max_image_seq_len as f64 - cfg.base_image_seq_len as f64);
     let b = cfg.base_shift - m * cfg.base_image_seq_len as f64;
     image_seq_len as f64 * m + b
 }
@@ -143,7 +156,11 @@ pub fn model_timestep(t: f32) -> f32 {
 /// # Panics
 /// If `latents` and `velocity` differ in length.
 pub fn euler_step(latents: &mut [f32], velocity: &[f32], sigma: f32, sigma_next: f32) {
-    assert_eq!(latents.len(), velocity.len(), "latents and velocity must have the same length");
+    assert_eq!(
+        latents.len(),
+        velocity.len(),
+        "latents and velocity must have the same length"
+    );
     let dt = sigma_next - sigma;
     for (x, &v) in latents.iter_mut().zip(velocity) {
         *x += dt * v;
@@ -155,12 +172,15 @@ pub fn euler_step(latents: &mut [f32], velocity: &[f32], sigma: f32, sigma_next:
 /// `sigmas[start]`, on the full N-step schedule.
 pub fn img2img_start(num_steps: usize, strength: f64) -> Result<usize> {
     if num_steps == 0 {
-        return Err(Error::input("steps must be at least 1, got 0")
-            .with_hint("img2img runs strength * steps of the schedule; use 4 (schnell) or 28 (dev)"));
+        return Err(Error::input("steps must be at least 1, got 0").with_hint(
+            "img2img runs strength * steps of the schedule; use 4 (schnell) or 28 (dev)",
+        ));
     }
     if !(strength > 0.0 && strength <= 1.0) {
-        return Err(Error::input(format!("strength must be in (0, 1], got {strength}"))
-            .with_hint("1.0 ignores the input image; 0.6-0.8 keeps its layout"));
+        return Err(
+            Error::input(format!("strength must be in (0, 1], got {strength}"))
+                .with_hint("1.0 ignores the input image; 0.6-0.8 keeps its layout"),
+        );
     }
     let n = num_steps as f64;
     let init = (n * strength).min(n);
@@ -169,7 +189,10 @@ pub fn img2img_start(num_steps: usize, strength: f64) -> Result<usize> {
         return Err(Error::input(format!(
             "strength {strength} with {num_steps} steps leaves no step to run"
         ))
-        .with_hint(format!("raise strength to at least {} or use more steps", 1.0 / n)));
+        .with_hint(format!(
+            "raise strength to at least {} or use more steps",
+            1.0 / n
+        )));
     }
     Ok(start)
 }
@@ -180,8 +203,15 @@ pub fn img2img_start(num_steps: usize, strength: f64) -> Result<usize> {
 /// # Panics
 /// If `x0` and `noise` differ in length.
 pub fn scale_noise(x0: &[f32], noise: &[f32], sigma: f32) -> Vec<f32> {
-    assert_eq!(x0.len(), noise.len(), "x0 and noise must have the same length");
-    x0.iter().zip(noise).map(|(&x, &n)| sigma * n + (1.0 - sigma) * x).collect()
+    assert_eq!(
+        x0.len(),
+        noise.len(),
+        "x0 and noise must have the same length"
+    );
+    x0.iter()
+        .zip(noise)
+        .map(|(&x, &n)| sigma * n + (1.0 - sigma) * x)
+        .collect()
 }
 
 #[cfg(test)]
@@ -206,14 +236,19 @@ mod tests {
     const DEV_28_48: [f32; 29] = [1.0, 0.97726005, 0.95389974, 0.92989355, 0.90521413, 0.87983286, 0.85371923, 0.82684124, 0.7991648, 0.7706537, 0.74126965, 0.7109721, 0.6797175, 0.6474599, 0.6141503, 0.5797363, 0.54416203, 0.5073679, 0.46928996, 0.4298599, 0.3890044, 0.34664473, 0.30269626, 0.25706786, 0.20966138, 0.16037078, 0.10908151, 0.05566943, 0.0];
     #[rustfmt::skip]
     const DEV_28_48_TIMESTEPS: [f32; 28] = [1000.0, 977.2601, 953.8997, 929.89355, 905.2141, 879.8329, 853.71924, 826.84125, 799.1648, 770.65375, 741.26965, 710.97205, 679.71747, 647.4599, 614.15027, 579.73627, 544.16205, 507.36792, 469.28995, 429.8599, 389.0044, 346.6447, 302.69626, 257.06787, 209.66138, 160.37079, 109.081505, 55.66943];
-    const DEV_6_64: [f32; 7] = [1.0, 0.88864136, 0.7614503, 0.61479187, 0.44382635, 0.24196474, 0.0];
+    const DEV_6_64: [f32; 7] = [
+        1.0, 0.88864136, 0.7614503, 0.61479187, 0.44382635, 0.24196474, 0.0,
+    ];
     #[rustfmt::skip]
     const STATIC3_10: [f32; 11] = [1.0, 0.9642857, 0.923077, 0.87499994, 0.8181818, 0.75, 0.6666667, 0.5625, 0.42857146, 0.25, 0.0];
     #[rustfmt::skip]
     const STATIC3_10_TIMESTEPS: [f32; 10] = [1000.0, 964.28564, 923.07697, 874.99994, 818.1818, 750.0, 666.6667, 562.5, 428.57147, 250.0];
 
     fn static3() -> SchedulerConfig {
-        SchedulerConfig { shift: 3.0, ..SchedulerConfig::schnell() }
+        SchedulerConfig {
+            shift: 3.0,
+            ..SchedulerConfig::schnell()
+        }
     }
 
     fn assert_close(got: &[f32], want: &[f32], what: &str) {
@@ -236,10 +271,21 @@ mod tests {
     #[test]
     fn schnell_is_linear() {
         let want = [1.0, 0.75, 0.5, 0.25, 0.0];
-        assert_close(&sigmas(4, 256, &SchedulerConfig::schnell()).unwrap(), &want, "schnell 4 @256");
-        assert_close(&sigmas(4, 64, &SchedulerConfig::schnell()).unwrap(), &want, "schnell 4 @64");
+        assert_close(
+            &sigmas(4, 256, &SchedulerConfig::schnell()).unwrap(),
+            &want,
+            "schnell 4 @256",
+        );
+        assert_close(
+            &sigmas(4, 64, &SchedulerConfig::schnell()).unwrap(),
+            &want,
+            "schnell 4 @64",
+        );
         assert_eq!(timesteps(&want), [1000.0, 750.0, 500.0, 250.0]);
-        assert_eq!(sigmas(1, 256, &SchedulerConfig::schnell()).unwrap(), [1.0, 0.0]);
+        assert_eq!(
+            sigmas(1, 256, &SchedulerConfig::schnell()).unwrap(),
+            [1.0, 0.0]
+        );
     }
 
     #[test]
@@ -266,9 +312,17 @@ mod tests {
     fn static_shift_matches_diffusers() {
         let s = sigmas(10, 256, &static3()).unwrap();
         assert_close(&s, &STATIC3_10, "static 3.0, 10 steps");
-        assert_close(&timesteps(&s), &STATIC3_10_TIMESTEPS, "static 3.0 timesteps");
+        assert_close(
+            &timesteps(&s),
+            &STATIC3_10_TIMESTEPS,
+            "static 3.0 timesteps",
+        );
         // Static shift ignores the sequence length.
-        assert_close(&sigmas(4, 4096, &static3()).unwrap(), &[1.0, 0.9, 0.75, 0.5, 0.0], "static 3.0, 4 steps");
+        assert_close(
+            &sigmas(4, 4096, &static3()).unwrap(),
+            &[1.0, 0.9, 0.75, 0.5, 0.0],
+            "static 3.0, 4 steps",
+        );
     }
 
     #[test]
@@ -280,9 +334,15 @@ mod tests {
 
     #[test]
     fn unusable_config_is_a_model_error() {
-        let bad = SchedulerConfig { max_image_seq_len: 256, ..SchedulerConfig::dev() };
+        let bad = SchedulerConfig {
+            max_image_seq_len: 256,
+            ..SchedulerConfig::dev()
+        };
         assert_eq!(sigmas(4, 256, &bad).unwrap_err().kind, ErrorKind::Model);
-        let bad = SchedulerConfig { shift: 0.0, ..SchedulerConfig::schnell() };
+        let bad = SchedulerConfig {
+            shift: 0.0,
+            ..SchedulerConfig::schnell()
+        };
         assert_eq!(sigmas(4, 256, &bad).unwrap_err().kind, ErrorKind::Model);
     }
 
@@ -290,7 +350,10 @@ mod tests {
     fn config_json_round_trip_and_defaults() {
         let dev = SchedulerConfig::dev();
         let json = serde_json::to_string(&dev).unwrap();
-        assert!(json.contains("\"use_dynamic_shifting\":true") && json.contains("\"base_image_seq_len\":256"));
+        assert!(
+            json.contains("\"use_dynamic_shifting\":true")
+                && json.contains("\"base_image_seq_len\":256")
+        );
         assert_eq!(serde_json::from_str::<SchedulerConfig>(&json).unwrap(), dev);
         // diffusers' scheduler_config.json has extra keys and may omit some.
         let c: SchedulerConfig =
@@ -316,14 +379,37 @@ mod tests {
     #[test]
     fn img2img_start_matches_get_timesteps() {
         // int(max(N - min(N * strength, N), 0))
-        for (n, strength, want) in [(4, 1.0, 0), (4, 0.6, 1), (28, 0.75, 7), (10, 0.35, 6), (3, 0.7, 0), (4, 0.25, 3), (1, 1.0, 0), (6, 0.5, 3)] {
-            assert_eq!(img2img_start(n, strength).unwrap(), want, "N {n} strength {strength}");
+        for (n, strength, want) in [
+            (4, 1.0, 0),
+            (4, 0.6, 1),
+            (28, 0.75, 7),
+            (10, 0.35, 6),
+            (3, 0.7, 0),
+            (4, 0.25, 3),
+            (1, 1.0, 0),
+            (6, 0.5, 3),
+        ] {
+            assert_eq!(
+                img2img_start(n, strength).unwrap(),
+                want,
+                "N {n} strength {strength}"
+            );
         }
         for bad in [0.0, -0.1, 1.5, f64::NAN] {
-            assert_eq!(img2img_start(4, bad).unwrap_err().kind, ErrorKind::InvalidInput, "strength {bad}");
+            assert_eq!(
+                img2img_start(4, bad).unwrap_err().kind,
+                ErrorKind::InvalidInput,
+                "strength {bad}"
+            );
         }
-        assert_eq!(img2img_start(0, 0.5).unwrap_err().kind, ErrorKind::InvalidInput);
-        assert_eq!(img2img_start(4, 1e-20).unwrap_err().kind, ErrorKind::InvalidInput);
+        assert_eq!(
+            img2img_start(0, 0.5).unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            img2img_start(4, 1e-20).unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
     }
 
     #[test]
@@ -331,7 +417,10 @@ mod tests {
         // sig = torch.tensor(0.7614503); (sig * v + (1.0 - sig) * x).tolist() with x, v as above
         let x = [0.1f32, -2.5, 3.3, 1e-3];
         let noise = [1.7f32, 0.2, -0.9, -4.1];
-        assert_eq!(scale_noise(&x, &noise, 0.7614503), [1.3183205, -0.44408423, 0.1019088, -3.1217074]);
+        assert_eq!(
+            scale_noise(&x, &noise, 0.7614503),
+            [1.3183205, -0.44408423, 0.1019088, -3.1217074]
+        );
         assert_eq!(scale_noise(&x, &noise, 1.0), noise);
     }
 }

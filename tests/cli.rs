@@ -17,7 +17,11 @@ fn gen_args<'a>(model: &'a str, out: &'a str) -> Vec<&'a str> {
 /// Runs `fluxrt generate` and expects success.
 fn generate_ok(args: &[&str]) -> std::process::Output {
     let o = run(args);
-    assert!(o.status.success(), "fluxrt {args:?} failed:\n{}", stderr(&o));
+    assert!(
+        o.status.success(),
+        "fluxrt {args:?} failed:\n{}",
+        stderr(&o)
+    );
     o
 }
 
@@ -26,10 +30,19 @@ fn fails_with(args: &[&str], needles: &[&str]) -> String {
     let o = run(args);
     let err = stderr(&o);
     assert!(!o.status.success(), "fluxrt {args:?} should fail");
-    assert!(!err.contains("panicked"), "fluxrt {args:?} panicked:\n{err}");
-    assert!(err.starts_with("error: "), "fluxrt {args:?}: no error line:\n{err}");
+    assert!(
+        !err.contains("panicked"),
+        "fluxrt {args:?} panicked:\n{err}"
+    );
+    assert!(
+        err.starts_with("error: "),
+        "fluxrt {args:?}: no error line:\n{err}"
+    );
     for n in needles {
-        assert!(err.contains(n), "fluxrt {args:?}: message lacks {n:?}:\n{err}");
+        assert!(
+            err.contains(n),
+            "fluxrt {args:?}: message lacks {n:?}:\n{err}"
+        );
     }
     err
 }
@@ -41,11 +54,28 @@ fn cli_png_matches_diffusers_within_one_level() {
         for case in cases(m) {
             let dir = tmp();
             let out = dir.path().join("img.png");
-            let (w, h, steps, seed) =
-                (case.width.to_string(), case.height.to_string(), case.steps.to_string(), case.seed.to_string());
+            let (w, h, steps, seed) = (
+                case.width.to_string(),
+                case.height.to_string(),
+                case.steps.to_string(),
+                case.seed.to_string(),
+            );
             let mut args = vec![
-                "generate", "--model", model_dir.to_str().unwrap(), "--prompt", &case.prompt, "--width", &w,
-                "--height", &h, "--steps", &steps, "--seed", &seed, "--output", out.to_str().unwrap(),
+                "generate",
+                "--model",
+                model_dir.to_str().unwrap(),
+                "--prompt",
+                &case.prompt,
+                "--width",
+                &w,
+                "--height",
+                &h,
+                "--steps",
+                &steps,
+                "--seed",
+                &seed,
+                "--output",
+                out.to_str().unwrap(),
             ];
             let g;
             if let Some(guidance) = case.guidance {
@@ -55,7 +85,10 @@ fn cli_png_matches_diffusers_within_one_level() {
             generate_ok(&args);
             let png = decode_png(&out);
             let (shape, want) = Golden::load(m, &case).f32("image");
-            assert_eq!((png.height() as usize, png.width() as usize), (shape[2], shape[3]));
+            assert_eq!(
+                (png.height() as usize, png.width() as usize),
+                (shape[2], shape[3])
+            );
             let (hh, ww) = (shape[2], shape[3]);
             let mut worst = 0.0f32;
             for c in 0..3 {
@@ -67,7 +100,11 @@ fn cli_png_matches_diffusers_within_one_level() {
                     }
                 }
             }
-            assert!(worst <= 1.0, "{m}/{}: PNG is {worst} levels off the diffusers image", case.name);
+            assert!(
+                worst <= 1.0,
+                "{m}/{}: PNG is {worst} levels off the diffusers image",
+                case.name
+            );
         }
     }
 }
@@ -77,14 +114,40 @@ fn same_seed_same_bytes_other_seed_other_image() {
     let dir = tmp();
     let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
     for (name, seed) in [("a.png", "5"), ("b.png", "5"), ("c.png", "6")] {
-        generate_ok(&["generate", "--prompt", "a red fox", "--width", "64", "--height", "64", "--seed", seed, "--output", &p(name)]);
+        generate_ok(&[
+            "generate",
+            "--prompt",
+            "a red fox",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--seed",
+            seed,
+            "--output",
+            &p(name),
+        ]);
     }
     let a = std::fs::read(p("a.png")).unwrap();
-    assert_eq!(a, std::fs::read(p("b.png")).unwrap(), "same seed must give identical PNG bytes");
-    assert_ne!(decode_png(Path::new(&p("a.png"))), decode_png(Path::new(&p("c.png"))), "another seed, another image");
+    assert_eq!(
+        a,
+        std::fs::read(p("b.png")).unwrap(),
+        "same seed must give identical PNG bytes"
+    );
+    assert_ne!(
+        decode_png(Path::new(&p("a.png"))),
+        decode_png(Path::new(&p("c.png"))),
+        "another seed, another image"
+    );
     let params = fluxrt::image_out::read_png_parameters(&a).expect("parameters chunk");
     assert!(params.starts_with("a red fox\n"), "{params}");
-    for key in ["Steps: 4", "Seed: 5", "Size: 64x64", "Model: tiny-flux-schnell", "Provider: cpu"] {
+    for key in [
+        "Steps: 4",
+        "Seed: 5",
+        "Size: 64x64",
+        "Model: tiny-flux-schnell",
+        "Provider: cpu",
+    ] {
         assert!(params.contains(key), "{key} missing in {params}");
     }
 }
@@ -93,9 +156,35 @@ fn same_seed_same_bytes_other_seed_other_image() {
 fn num_images_equals_single_runs_with_matching_seeds() {
     let dir = tmp();
     let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-    generate_ok(&["generate", "--prompt", "a boat", "--width", "64", "--height", "48", "--seed", "11", "--num-images", "2", "--output", &d("batch-{seed}.png")]);
+    generate_ok(&[
+        "generate",
+        "--prompt",
+        "a boat",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--seed",
+        "11",
+        "--num-images",
+        "2",
+        "--output",
+        &d("batch-{seed}.png"),
+    ]);
     for seed in ["11", "12"] {
-        generate_ok(&["generate", "--prompt", "a boat", "--width", "64", "--height", "48", "--seed", seed, "--output", &d(&format!("single-{seed}.png"))]);
+        generate_ok(&[
+            "generate",
+            "--prompt",
+            "a boat",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--seed",
+            seed,
+            "--output",
+            &d(&format!("single-{seed}.png")),
+        ]);
         assert_eq!(
             decode_png(Path::new(&d(&format!("batch-{seed}.png")))),
             decode_png(Path::new(&d(&format!("single-{seed}.png")))),
@@ -108,13 +197,35 @@ fn num_images_equals_single_runs_with_matching_seeds() {
 fn json_report_lists_files_seeds_timings_and_providers() {
     let dir = tmp();
     let out = dir.path().join("j.png");
-    let o = generate_ok(&["generate", "--prompt", "x", "--width", "32", "--height", "32", "--json", "--output", out.to_str().unwrap()]);
+    let o = generate_ok(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--json",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON on stdout");
     assert_eq!(v["files"][0], out.to_str().unwrap());
     assert!(v["seeds"][0].is_u64(), "a random seed is reported: {v}");
     assert_eq!(v["providers"][0], "cpu");
-    assert_eq!(v["timings_ms"]["denoise_steps"].as_array().unwrap().len(), 4);
-    for k in ["load", "tokenize", "clip", "t5", "vae_decode", "png_encode_write", "generate_total"] {
+    assert_eq!(
+        v["timings_ms"]["denoise_steps"].as_array().unwrap().len(),
+        4
+    );
+    for k in [
+        "load",
+        "tokenize",
+        "clip",
+        "t5",
+        "vae_decode",
+        "png_encode_write",
+        "generate_total",
+    ] {
         assert!(v["timings_ms"][k].is_number(), "timing {k} missing: {v}");
     }
 }
@@ -125,9 +236,25 @@ fn existing_output_is_kept_without_overwrite() {
     let out = dir.path().join("keep.png");
     std::fs::write(&out, b"precious").unwrap();
     let o = out.to_str().unwrap();
-    fails_with(&["generate", "--prompt", "x", "--width", "32", "--height", "32", "--output", o], &["exists", "--overwrite"]);
+    fails_with(
+        &[
+            "generate", "--prompt", "x", "--width", "32", "--height", "32", "--output", o,
+        ],
+        &["exists", "--overwrite"],
+    );
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
-    generate_ok(&["generate", "--prompt", "x", "--width", "32", "--height", "32", "--output", o, "--overwrite"]);
+    generate_ok(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--output",
+        o,
+        "--overwrite",
+    ]);
     assert_ne!(std::fs::read(&out).unwrap(), b"precious");
 }
 
@@ -137,7 +264,10 @@ fn bad_sizes_steps_and_providers_are_refused_before_work() {
     let out = dir.path().join("x.png");
     let o = out.to_str().unwrap();
     let base = |extra: &[&'static str]| {
-        let mut v: Vec<String> = ["generate", "--prompt", "x", "--output", o].iter().map(|s| s.to_string()).collect();
+        let mut v: Vec<String> = ["generate", "--prompt", "x", "--output", o]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
@@ -147,7 +277,10 @@ fn bad_sizes_steps_and_providers_are_refused_before_work() {
         fails_with(&refs, needles);
         assert!(!out.exists(), "no output file after a failed run");
     };
-    check(&["--width", "100", "--height", "100"], &["multiple of 16", "96", "112"]);
+    check(
+        &["--width", "100", "--height", "100"],
+        &["multiple of 16", "96", "112"],
+    );
     check(&["--width", "0", "--height", "0"], &["width"]);
     check(&["--width", "100000", "--height", "100000"], &["pixels"]);
     check(&["--steps", "0"], &["steps"]);
@@ -160,8 +293,24 @@ fn bad_sizes_steps_and_providers_are_refused_before_work() {
 fn unavailable_provider_falls_back_to_cpu_with_a_warning() {
     let dir = tmp();
     let out = dir.path().join("f.png");
-    let o = generate_ok(&["generate", "--prompt", "x", "--width", "32", "--height", "32", "--provider", "cuda,cpu", "--output", out.to_str().unwrap()]);
-    assert!(stderr(&o).contains("warning: provider cuda not used"), "{}", stderr(&o));
+    let o = generate_ok(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--provider",
+        "cuda,cpu",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&o).contains("warning: provider cuda not used"),
+        "{}",
+        stderr(&o)
+    );
     assert!(out.exists());
 }
 
@@ -170,11 +319,34 @@ fn prompts_long_and_empty() {
     let dir = tmp();
     let long = "a very long prompt about foxes ".repeat(400); // > 10,000 characters
     let out = dir.path().join("long.png");
-    let o = generate_ok(&["generate", "--prompt", &long, "--width", "32", "--height", "32", "--output", out.to_str().unwrap()]);
+    let o = generate_ok(&[
+        "generate",
+        "--prompt",
+        &long,
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     let err = stderr(&o);
-    assert!(err.contains("warning") && err.contains("CLIP") && err.contains("T5"), "truncation warnings: {err}");
+    assert!(
+        err.contains("warning") && err.contains("CLIP") && err.contains("T5"),
+        "truncation warnings: {err}"
+    );
     let out = dir.path().join("empty.png");
-    generate_ok(&["generate", "--prompt", "", "--width", "32", "--height", "32", "--output", out.to_str().unwrap()]);
+    generate_ok(&[
+        "generate",
+        "--prompt",
+        "",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(out.exists());
 }
 
@@ -184,9 +356,27 @@ fn unwritable_output_folder_is_refused() {
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, b"x").unwrap();
     let out = file.join("img.png");
-    fails_with(&["generate", "--prompt", "x", "--output", out.to_str().unwrap()], &["not-a-dir"]);
+    fails_with(
+        &[
+            "generate",
+            "--prompt",
+            "x",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &["not-a-dir"],
+    );
     let missing = dir.path().join("missing/img.png");
-    fails_with(&["generate", "--prompt", "x", "--output", missing.to_str().unwrap()], &["missing"]);
+    fails_with(
+        &[
+            "generate",
+            "--prompt",
+            "x",
+            "--output",
+            missing.to_str().unwrap(),
+        ],
+        &["missing"],
+    );
 }
 
 #[test]
@@ -194,10 +384,32 @@ fn ort_library_missing_or_unusable() {
     let dir = tmp();
     let out = dir.path().join("x.png");
     let o = out.to_str().unwrap();
-    fails_with(&["generate", "--prompt", "x", "--output", o, "--ort-lib", "/nonexistent/libonnxruntime.so"], &["pip install onnxruntime"]);
+    fails_with(
+        &[
+            "generate",
+            "--prompt",
+            "x",
+            "--output",
+            o,
+            "--ort-lib",
+            "/nonexistent/libonnxruntime.so",
+        ],
+        &["pip install onnxruntime"],
+    );
     let fake = dir.path().join("libonnxruntime.so.1.31.1");
     std::fs::write(&fake, b"not a library").unwrap();
-    fails_with(&["generate", "--prompt", "x", "--output", o, "--ort-lib", fake.to_str().unwrap()], &["libonnxruntime"]);
+    fails_with(
+        &[
+            "generate",
+            "--prompt",
+            "x",
+            "--output",
+            o,
+            "--ort-lib",
+            fake.to_str().unwrap(),
+        ],
+        &["libonnxruntime"],
+    );
     assert!(!out.exists());
 }
 
@@ -227,7 +439,14 @@ fn damaged_model_fails(damage: impl Fn(&Path), needles: &[&str]) {
     let m = copy_model("tiny-flux-schnell", dir.path());
     damage(&m);
     let out = dir.path().join("out.png");
-    fails_with(&gen_args(m.to_str().unwrap(), out.to_str().unwrap()).iter().copied().chain(["--prompt", "x"]).collect::<Vec<_>>(), needles);
+    fails_with(
+        &gen_args(m.to_str().unwrap(), out.to_str().unwrap())
+            .iter()
+            .copied()
+            .chain(["--prompt", "x"])
+            .collect::<Vec<_>>(),
+        needles,
+    );
     assert!(!out.exists(), "no partial output");
 }
 
@@ -235,13 +454,30 @@ fn damaged_model_fails(damage: impl Fn(&Path), needles: &[&str]) {
 fn missing_model_folder() {
     let dir = tmp();
     let out = dir.path().join("o.png");
-    fails_with(&["generate", "--prompt", "x", "--model", "/nonexistent/model", "--output", out.to_str().unwrap()], &["does not exist", "hint"]);
+    fails_with(
+        &[
+            "generate",
+            "--prompt",
+            "x",
+            "--model",
+            "/nonexistent/model",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        &["does not exist", "hint"],
+    );
 }
 
 #[test]
 fn missing_empty_truncated_or_corrupt_graphs() {
-    damaged_model_fails(|m| std::fs::remove_file(m.join("transformer.onnx")).unwrap(), &["transformer", "missing"]);
-    damaged_model_fails(|m| std::fs::write(m.join("vae_decoder.onnx"), b"").unwrap(), &["vae_decoder", "empty"]);
+    damaged_model_fails(
+        |m| std::fs::remove_file(m.join("transformer.onnx")).unwrap(),
+        &["transformer", "missing"],
+    );
+    damaged_model_fails(
+        |m| std::fs::write(m.join("vae_decoder.onnx"), b"").unwrap(),
+        &["vae_decoder", "empty"],
+    );
     damaged_model_fails(
         |m| {
             let p = m.join("t5.onnx");
@@ -250,12 +486,18 @@ fn missing_empty_truncated_or_corrupt_graphs() {
         },
         &["t5.onnx"],
     );
-    damaged_model_fails(|m| std::fs::write(m.join("clip.onnx"), b"this is not a protobuf at all").unwrap(), &["clip.onnx"]);
+    damaged_model_fails(
+        |m| std::fs::write(m.join("clip.onnx"), b"this is not a protobuf at all").unwrap(),
+        &["clip.onnx"],
+    );
 }
 
 #[test]
 fn missing_tokenizer() {
-    damaged_model_fails(|m| std::fs::remove_file(m.join("tokenizer_2/tokenizer.json")).unwrap(), &["T5 tokenizer", "tokenizer_2"]);
+    damaged_model_fails(
+        |m| std::fs::remove_file(m.join("tokenizer_2/tokenizer.json")).unwrap(),
+        &["T5 tokenizer", "tokenizer_2"],
+    );
 }
 
 /// Replaces every occurrence of `from` with `to` (same length) in a protobuf file: renames a graph input
@@ -274,7 +516,12 @@ fn rename_in_file(path: &Path, from: &[u8], to: &[u8]) {
             i += 1;
         }
     }
-    assert!(n > 0, "{} has no {:?}", path.display(), String::from_utf8_lossy(from));
+    assert!(
+        n > 0,
+        "{} has no {:?}",
+        path.display(),
+        String::from_utf8_lossy(from)
+    );
     std::fs::write(path, bytes).unwrap();
 }
 
@@ -283,7 +530,10 @@ fn set_input_elem_type(path: &Path, name: &str, elem: u8) {
     let mut bytes = std::fs::read(path).unwrap();
     let mut key = vec![0x0a, name.len() as u8];
     key.extend_from_slice(name.as_bytes());
-    let at = bytes.windows(key.len()).rposition(|w| w == key).expect("input name in the graph");
+    let at = bytes
+        .windows(key.len())
+        .rposition(|w| w == key)
+        .expect("input name in the graph");
     // name, then field 2 (type): 0x12 len, TypeProto field 1 (tensor_type): 0x0a len, field 1 (elem_type): 0x08 v
     let mut i = at + key.len();
     assert_eq!(bytes[i], 0x12);
@@ -298,10 +548,24 @@ fn set_input_elem_type(path: &Path, name: &str, elem: u8) {
 #[test]
 fn a_graph_with_a_renamed_input_or_wrong_dtype_is_reported_before_inference() {
     damaged_model_fails(
-        |m| rename_in_file(&m.join("transformer.onnx"), b"pooled_projections", b"pooled_projectionz"),
-        &["contract", "pooled_projections", "missing", "pooled_projectionz"],
+        |m| {
+            rename_in_file(
+                &m.join("transformer.onnx"),
+                b"pooled_projections",
+                b"pooled_projectionz",
+            )
+        },
+        &[
+            "contract",
+            "pooled_projections",
+            "missing",
+            "pooled_projectionz",
+        ],
     );
-    damaged_model_fails(|m| set_input_elem_type(&m.join("t5.onnx"), "input_ids", 1), &["contract", "input_ids", "f32"]);
+    damaged_model_fails(
+        |m| set_input_elem_type(&m.join("t5.onnx"), "input_ids", 1),
+        &["contract", "input_ids", "f32"],
+    );
 }
 
 #[test]
@@ -323,16 +587,31 @@ fn info_and_providers_describe_the_setup() {
     let o = run(&["info", model("tiny-flux-dev").to_str().unwrap()]);
     let out = stdout(&o);
     assert!(o.status.success(), "{}", stderr(&o));
-    for needle in ["variant   dev", "guidance f32[B]", "hidden_states f32[B, S, 64]", "images f32[B, 3, H, W]"] {
+    for needle in [
+        "variant   dev",
+        "guidance f32[B]",
+        "hidden_states f32[B, S, 64]",
+        "images f32[B, 3, H, W]",
+    ] {
         assert!(out.contains(needle), "{needle} missing:\n{out}");
     }
     assert!(!out.contains("PROBLEM"), "{out}");
     let o = run(&["providers", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let cpu = v["providers"].as_array().unwrap().iter().find(|p| p["name"] == "cpu").unwrap();
+    let cpu = v["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "cpu")
+        .unwrap();
     assert_eq!(cpu["usable"], true);
-    let cuda = v["providers"].as_array().unwrap().iter().find(|p| p["name"] == "cuda").unwrap();
+    let cuda = v["providers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "cuda")
+        .unwrap();
     assert_eq!(cuda["usable"], false);
     assert!(cuda["reason"].as_str().unwrap().len() > 5);
 }

@@ -12,7 +12,8 @@ const EXACT_TOL: f32 = 1e-6;
 const GRAPH_TOL: f32 = 1e-4;
 
 fn check_model(model_name: &str) {
-    let mut pipe = Pipeline::load(&LoadOptions::new(model(model_name))).expect("bundled model loads");
+    let mut pipe =
+        Pipeline::load(&LoadOptions::new(model(model_name))).expect("bundled model loads");
     for case in cases(model_name) {
         let g = Golden::load(model_name, &case);
         let what = |s: &str| format!("{model_name}/{}: {s}", case.name);
@@ -21,23 +22,50 @@ fn check_model(model_name: &str) {
         req.height = case.height;
         req.steps = case.steps;
         req.guidance = case.guidance;
-        let out = pipe.generate(&req, &mut Quiet, &Canceller::new(), true).expect("generate");
+        let out = pipe
+            .generate(&req, &mut Quiet, &Canceller::new(), true)
+            .expect("generate");
         let tr = out.trace.expect("trace requested");
 
-        assert_eq!(tr.clip_ids[0], g.i64("clip_input_ids").1, "{}", what("CLIP ids"));
+        assert_eq!(
+            tr.clip_ids[0],
+            g.i64("clip_input_ids").1,
+            "{}",
+            what("CLIP ids")
+        );
         assert_eq!(tr.t5_ids[0], g.i64("t5_input_ids").1, "{}", what("T5 ids"));
         assert_eq!(tr.t5_ids[0].len(), case.t5_max_length);
 
         let (_, noise) = g.f32("noise");
-        assert_close(&what("noise"), tr.noise.as_ref().unwrap().as_slice().unwrap(), &noise, EXACT_TOL);
+        assert_close(
+            &what("noise"),
+            tr.noise.as_ref().unwrap().as_slice().unwrap(),
+            &noise,
+            EXACT_TOL,
+        );
         assert_close(&what("sigmas"), &tr.sigmas, &g.f32("sigmas").1, EXACT_TOL);
         // timesteps are sigma * 1000 in f32: 1e-6 relative to their scale.
-        assert_close(&what("timesteps"), &tr.timesteps, &g.f32("timesteps").1, EXACT_TOL * 1000.0);
+        assert_close(
+            &what("timesteps"),
+            &tr.timesteps,
+            &g.f32("timesteps").1,
+            EXACT_TOL * 1000.0,
+        );
 
         let pooled = tr.pooled_embeds.as_ref().unwrap();
-        assert_close(&what("pooled embeds"), pooled.as_slice().unwrap(), &g.f32("pooled_prompt_embeds").1, GRAPH_TOL);
+        assert_close(
+            &what("pooled embeds"),
+            pooled.as_slice().unwrap(),
+            &g.f32("pooled_prompt_embeds").1,
+            GRAPH_TOL,
+        );
         let txt = tr.prompt_embeds.as_ref().unwrap();
-        assert_close(&what("T5 embeds"), txt.as_slice().unwrap(), &g.f32("prompt_embeds").1, GRAPH_TOL);
+        assert_close(
+            &what("T5 embeds"),
+            txt.as_slice().unwrap(),
+            &g.f32("prompt_embeds").1,
+            GRAPH_TOL,
+        );
 
         let (shape, steps) = g.f32("latents");
         assert_eq!(shape[0], case.steps);
@@ -45,7 +73,12 @@ fn check_model(model_name: &str) {
         let per = steps.len() / case.steps;
         for (i, x) in tr.latents.iter().enumerate() {
             let want = &steps[i * per..(i + 1) * per];
-            assert_close(&what(&format!("latents after step {}", i + 1)), x.as_slice().unwrap(), want, GRAPH_TOL);
+            assert_close(
+                &what(&format!("latents after step {}", i + 1)),
+                x.as_slice().unwrap(),
+                want,
+                GRAPH_TOL,
+            );
         }
         let img = tr.images.as_ref().unwrap();
         let (ishape, want) = g.f32("image");

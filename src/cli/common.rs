@@ -43,11 +43,22 @@ pub fn model_path(explicit: Option<PathBuf>) -> PathBuf {
             candidates.push(up.join("models").join(DEFAULT_MODEL));
         }
     }
-    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(DEFAULT_MODEL));
-    candidates.iter().find(|p| p.join("manifest.json").is_file()).cloned().unwrap_or_else(|| candidates[0].clone())
+    candidates.push(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(DEFAULT_MODEL),
+    );
+    candidates
+        .iter()
+        .find(|p| p.join("manifest.json").is_file())
+        .cloned()
+        .unwrap_or_else(|| candidates[0].clone())
 }
 
 /// Prints a JSON value to stdout.
 pub fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON values serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("JSON values serialize")
+    );
 }

@@ -78,7 +78,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.num_images == 0 {
         return Err(Error::input("--num-images must be at least 1"));
     }
-    let seeds: Vec<u64> = (0..a.num_images as u64).map(|i| seed.wrapping_add(i)).collect();
+    let seeds: Vec<u64> = (0..a.num_images as u64)
+        .map(|i| seed.wrapping_add(i))
+        .collect();
     // Refuse unwritable or existing outputs before any model is loaded.
     let paths = image_out::output_paths(&a.output, a.num_images, &seeds)?;
     image_out::check_writable(&paths, a.overwrite)?;
@@ -88,7 +90,9 @@ pub fn run(a: Args) -> Result<()> {
         fluxrt::latents::validate_size(w, h, a.max_pixels, 8)?;
     }
     if a.steps == Some(0) {
-        return Err(Error::input("--steps must be at least 1").with_hint("schnell uses 4 steps, dev 28-50"));
+        return Err(
+            Error::input("--steps must be at least 1").with_hint("schnell uses 4 steps, dev 28-50")
+        );
     }
 
     let mut opts = LoadOptions::new(model_path(a.model.clone()));
@@ -111,7 +115,10 @@ pub fn run(a: Args) -> Result<()> {
     req.max_pixels = a.max_pixels;
     if a.guidance.is_some() {
         if pipe.variant() == fluxrt::model::Variant::Schnell {
-            eprintln!("warning: --guidance is ignored: {} is a schnell model without guidance embedding", pipe.spec.name);
+            eprintln!(
+                "warning: --guidance is ignored: {} is a schnell model without guidance embedding",
+                pipe.spec.name
+            );
         } else {
             req.guidance = a.guidance;
         }
@@ -119,8 +126,10 @@ pub fn run(a: Args) -> Result<()> {
 
     let bar = ProgressBar::new(req.steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} denoising {bar:30} {pos}/{len} steps  {elapsed} (ETA {eta})")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} denoising {bar:30} {pos}/{len} steps  {elapsed} (ETA {eta})",
+        )
+        .expect("valid template"),
     );
     let out = pipe.generate(&req, &mut Bar(bar.clone()), &Canceller::new(), false);
     bar.finish_and_clear();
@@ -129,7 +138,13 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("warning: {w}");
     }
 
-    let provider = pipe.providers().active.iter().map(|p| p.name()).collect::<Vec<_>>().join(",");
+    let provider = pipe
+        .providers()
+        .active
+        .iter()
+        .map(|p| p.name())
+        .collect::<Vec<_>>()
+        .join(",");
     let t0 = Instant::now();
     for (img, path) in out.images.iter().zip(&paths) {
         let params = GenerationParams {
@@ -140,7 +155,11 @@ pub fn run(a: Args) -> Result<()> {
             seed: img.seed,
             width: req.width,
             height: req.height,
-            guidance: if pipe.variant() == fluxrt::model::Variant::Dev { req.guidance } else { None },
+            guidance: if pipe.variant() == fluxrt::model::Variant::Dev {
+                req.guidance
+            } else {
+                None
+            },
             model: pipe.spec.name.clone(),
             provider: provider.clone(),
             sampler: "Euler (flow match)".into(),
@@ -201,6 +220,8 @@ fn ms(d: std::time::Duration) -> f64 {
 
 fn random_seed() -> Result<u64> {
     let mut b = [0u8; 4];
-    getrandom::fill(&mut b).map_err(|e| Error::io(format!("cannot draw a random seed: {e}")).with_hint("pass --seed"))?;
+    getrandom::fill(&mut b).map_err(|e| {
+        Error::io(format!("cannot draw a random seed: {e}")).with_hint("pass --seed")
+    })?;
     Ok(u32::from_le_bytes(b) as u64)
 }

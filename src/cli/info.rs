@@ -24,7 +24,10 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let mut spec = ModelSpec::resolve(&model_path(a.model))?;
     runtime::init(a.ort_lib.as_deref())?;
-    let cfg = SessionConfig { threads: Some(1), ..Default::default() };
+    let cfg = SessionConfig {
+        threads: Some(1),
+        ..Default::default()
+    };
     let mut graphs = Vec::new();
     for (role, g) in spec.graphs.clone() {
         let graph = Graph::load(&g.path, role.name(), &cfg)?;
@@ -75,10 +78,17 @@ pub fn run(a: Args) -> Result<()> {
     );
     println!(
         "scheduler shift {}, dynamic shifting {} (base {} / max {}, seq {}..{})",
-        sched.shift, sched.use_dynamic_shifting, sched.base_shift, sched.max_shift, sched.base_image_seq_len,
+        sched.shift,
+        sched.use_dynamic_shifting,
+        sched.base_shift,
+        sched.max_shift,
+        sched.base_image_seq_len,
         sched.max_image_seq_len
     );
-    println!("vae       scale {}, shift {}, downsample {}", spec.vae.scaling_factor, spec.vae.shift_factor, spec.vae.downsample_factor);
+    println!(
+        "vae       scale {}, shift {}, downsample {}",
+        spec.vae.scaling_factor, spec.vae.shift_factor, spec.vae.downsample_factor
+    );
     for (role, g, graph) in &graphs {
         println!("\n{} ({})", role.name(), g.path.display());
         for i in graph.inputs() {
@@ -87,7 +97,9 @@ pub fn run(a: Args) -> Result<()> {
         for o in graph.outputs() {
             println!("  out  {o}");
         }
-        for p in contract::check(*role, dev, graph.inputs(), graph.outputs(), &|n| g.actual_name(n)) {
+        for p in contract::check(*role, dev, graph.inputs(), graph.outputs(), &|n| {
+            g.actual_name(n)
+        }) {
             println!("  PROBLEM {p}");
         }
     }

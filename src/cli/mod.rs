@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use fluxrt::{Error, ErrorKind};
 
 #[derive(Parser)]
-#[command(name = "fluxrt", version, about = "FLUX.1 text-to-image on ONNX Runtime, on any vendor's GPU or CPU")]
+#[command(
+    name = "fluxrt",
+    version,
+    about = "FLUX.1 text-to-image on ONNX Runtime, on any vendor's GPU or CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

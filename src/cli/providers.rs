@@ -36,8 +36,17 @@ pub fn run(a: Args) -> Result<()> {
     let rows: Vec<_> = ALL
         .iter()
         .map(|p| {
-            let why = plan.rejected.iter().find(|(r, _)| r == p).map(|(_, w)| w.clone());
-            (p, runtime::compiled_in(*p), in_library.iter().any(|n| n == p.ort_name()), why)
+            let why = plan
+                .rejected
+                .iter()
+                .find(|(r, _)| r == p)
+                .map(|(_, w)| w.clone());
+            (
+                p,
+                runtime::compiled_in(*p),
+                in_library.iter().any(|n| n == p.ort_name()),
+                why,
+            )
         })
         .collect();
     if a.json {
@@ -56,14 +65,24 @@ pub fn run(a: Args) -> Result<()> {
         }));
         return Ok(());
     }
-    println!("ONNX Runtime {} at {} (found via {})", lib.version(), lib.path().display(), lib.source());
+    println!(
+        "ONNX Runtime {} at {} (found via {})",
+        lib.version(),
+        lib.path().display(),
+        lib.source()
+    );
     println!("library offers: {}", in_library.join(", "));
     for (p, compiled, inlib, why) in rows {
         let status = match &why {
             None => "usable".to_string(),
             Some(w) => format!("not usable: {w}"),
         };
-        println!("  {:10} fluxrt build: {:3}  library: {:3}  {status}", p.name(), yes(compiled), yes(inlib));
+        println!(
+            "  {:10} fluxrt build: {:3}  library: {:3}  {status}",
+            p.name(),
+            yes(compiled),
+            yes(inlib)
+        );
     }
     Ok(())
 }

@@ -27,7 +27,10 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let spec = ModelSpec::resolve(&model_path(a.model))?;
-    let clip = PromptTokenizer::from_file(&spec.clip_tokenizer.path, spec.clip_tokenizer.settings.clone())?;
+    let clip = PromptTokenizer::from_file(
+        &spec.clip_tokenizer.path,
+        spec.clip_tokenizer.settings.clone(),
+    )?;
     let mut t5_settings = spec.t5_tokenizer.settings.clone();
     if let Some(n) = a.t5_max_length {
         t5_settings.max_length = n;

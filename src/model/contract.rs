@@ -15,7 +15,13 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [Role::Clip, Role::T5, Role::Transformer, Role::VaeDecoder, Role::VaeEncoder];
+    pub const ALL: [Role; 5] = [
+        Role::Clip,
+        Role::T5,
+        Role::Transformer,
+        Role::VaeDecoder,
+        Role::VaeEncoder,
+    ];
 
     /// The name used in manifests and messages.
     pub fn name(self) -> &'static str {
@@ -98,7 +104,10 @@ pub fn outputs(role: Role) -> Vec<Port> {
 /// Graph-side names for a layout whose names differ from the contract (optimum-onnx), contract name first.
 pub fn optimum_names(role: Role) -> &'static [(&'static str, &'static str)] {
     match role {
-        Role::Clip => &[("pooled_embeddings", "pooler_output"), ("text_embeddings", "last_hidden_state")],
+        Role::Clip => &[
+            ("pooled_embeddings", "pooler_output"),
+            ("text_embeddings", "last_hidden_state"),
+        ],
         Role::T5 => &[("text_embeddings", "last_hidden_state")],
         Role::Transformer => &[("latent", "out_hidden_states")],
         Role::VaeDecoder => &[("latent", "latent_sample"), ("images", "sample")],
@@ -160,7 +169,10 @@ pub fn check(
     side("input", inputs(role, guidance), graph_inputs);
     side("output", outputs(role), graph_outputs);
     // An input the pipeline does not know would be left unfed: refuse it before the first run.
-    let known: Vec<String> = inputs(role, true).iter().map(|p| actual_name(p.name)).collect();
+    let known: Vec<String> = inputs(role, true)
+        .iter()
+        .map(|p| actual_name(p.name))
+        .collect();
     for io in graph_inputs {
         if !known.contains(&io.name) {
             problems.push(format!("{role}: unexpected input `{}` ({io})", io.name));
@@ -175,7 +187,11 @@ mod tests {
     use crate::runtime::Dim;
 
     fn io(name: &str, dtype: ElemType, rank: usize) -> IoInfo {
-        IoInfo { name: name.into(), dtype, shape: vec![Dim::Symbolic("d".into()); rank] }
+        IoInfo {
+            name: name.into(),
+            dtype,
+            shape: vec![Dim::Symbolic("d".into()); rank],
+        }
     }
 
     fn same(n: &str) -> String {
@@ -186,7 +202,17 @@ mod tests {
     fn a_conforming_transformer_has_no_problems() {
         let ins: Vec<IoInfo> = inputs(Role::Transformer, true)
             .iter()
-            .map(|p| io(p.name, if p.kind == Kind::Float { ElemType::F16 } else { ElemType::I32 }, p.rank))
+            .map(|p| {
+                io(
+                    p.name,
+                    if p.kind == Kind::Float {
+                        ElemType::F16
+                    } else {
+                        ElemType::I32
+                    },
+                    p.rank,
+                )
+            })
             .collect();
         let outs = vec![io("latent", ElemType::F16, 3)];
         assert!(check(Role::Transformer, true, &ins, &outs, &same).is_empty());
@@ -197,15 +223,27 @@ mod tests {
         let ins = vec![io("input_idz", ElemType::I32, 2)];
         let outs = vec![io("text_embeddings", ElemType::I64, 2)];
         let p = check(Role::T5, false, &ins, &outs, &same);
-        assert!(p.iter().any(|m| m.contains("input `input_ids` is missing")), "{p:?}");
-        assert!(p.iter().any(|m| m.contains("unexpected input `input_idz`")), "{p:?}");
+        assert!(
+            p.iter().any(|m| m.contains("input `input_ids` is missing")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|m| m.contains("unexpected input `input_idz`")),
+            "{p:?}"
+        );
         assert!(p.iter().any(|m| m.contains("has type i64")), "{p:?}");
-        assert!(p.iter().any(|m| m.contains("has rank 2, expected 3")), "{p:?}");
+        assert!(
+            p.iter().any(|m| m.contains("has rank 2, expected 3")),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn guidance_is_required_only_for_dev() {
-        let ins: Vec<IoInfo> = inputs(Role::Transformer, false).iter().map(|p| io(p.name, ElemType::F32, p.rank)).collect();
+        let ins: Vec<IoInfo> = inputs(Role::Transformer, false)
+            .iter()
+            .map(|p| io(p.name, ElemType::F32, p.rank))
+            .collect();
         let outs = vec![io("latent", ElemType::F32, 3)];
         assert!(check(Role::Transformer, false, &ins, &outs, &same).is_empty());
         let p = check(Role::Transformer, true, &ins, &outs, &same);
@@ -216,7 +254,10 @@ mod tests {
     #[test]
     fn optimum_names_are_mapped() {
         let map = |n: &str| {
-            optimum_names(Role::VaeDecoder).iter().find(|(c, _)| *c == n).map_or(n.to_string(), |(_, a)| a.to_string())
+            optimum_names(Role::VaeDecoder)
+                .iter()
+                .find(|(c, _)| *c == n)
+                .map_or(n.to_string(), |(_, a)| a.to_string())
         };
         let ins = vec![io("latent_sample", ElemType::F32, 4)];
         let outs = vec![io("sample", ElemType::F32, 4)];

@@ -37,7 +37,11 @@ pub struct VaeConfig {
 impl Default for VaeConfig {
     /// The FLUX.1 VAE.
     fn default() -> Self {
-        VaeConfig { scaling_factor: 0.3611, shift_factor: 0.1159, downsample_factor: 8 }
+        VaeConfig {
+            scaling_factor: 0.3611,
+            shift_factor: 0.1159,
+            downsample_factor: 8,
+        }
     }
 }
 
@@ -54,12 +58,20 @@ impl Defaults {
     /// BFL's sampling defaults for each variant (used when a model comes without a manifest).
     pub fn for_variant(v: Variant) -> Self {
         match v {
-            Variant::Schnell => {
-                Defaults { steps: 4, guidance: None, t5_max_length: 256, width: 1024, height: 1024 }
-            }
-            Variant::Dev => {
-                Defaults { steps: 28, guidance: Some(3.5), t5_max_length: 512, width: 1024, height: 1024 }
-            }
+            Variant::Schnell => Defaults {
+                steps: 4,
+                guidance: None,
+                t5_max_length: 256,
+                width: 1024,
+                height: 1024,
+            },
+            Variant::Dev => Defaults {
+                steps: 28,
+                guidance: Some(3.5),
+                t5_max_length: 512,
+                width: 1024,
+                height: 1024,
+            },
         }
     }
 }
@@ -129,8 +141,15 @@ impl Manifest {
     pub fn read(path: &Path) -> Result<Manifest> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io_at("read", path, e))?;
         Self::parse(&text).map_err(|e| {
-            Error::model(format!("{} is not a valid fluxrt manifest: {}", path.display(), e.message))
-                .with_hint(e.hint.unwrap_or_else(|| "re-run the export step (python -m export)".into()))
+            Error::model(format!(
+                "{} is not a valid fluxrt manifest: {}",
+                path.display(),
+                e.message
+            ))
+            .with_hint(
+                e.hint
+                    .unwrap_or_else(|| "re-run the export step (python -m export)".into()),
+            )
         })
     }
 
@@ -143,7 +162,9 @@ impl Manifest {
                 "schema_version is {}, this fluxrt reads version {SCHEMA_VERSION}",
                 version.map_or("missing".to_string(), |v| v.to_string())
             ))
-            .with_hint("re-export the model with this fluxrt's export step, or use a matching fluxrt"));
+            .with_hint(
+                "re-export the model with this fluxrt's export step, or use a matching fluxrt",
+            ));
         }
         serde_json::from_value(value).map_err(|e| Error::model(format!("{e}")))
     }
@@ -154,7 +175,10 @@ mod tests {
     use super::*;
 
     fn bundled(name: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(name).join(FILE_NAME)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(name)
+            .join(FILE_NAME)
     }
 
     #[test]
@@ -169,7 +193,10 @@ mod tests {
         assert_eq!(d.variant, Variant::Dev);
         assert_eq!(d.defaults.guidance, Some(3.5));
         assert!(d.scheduler.use_dynamic_shifting);
-        assert!(d.graphs["transformer"].inputs.iter().any(|i| i.name == "guidance"));
+        assert!(d.graphs["transformer"]
+            .inputs
+            .iter()
+            .any(|i| i.name == "guidance"));
     }
 
     #[test]

@@ -137,23 +137,33 @@ impl ModelSpec {
     }
 
     pub fn defaults(&self) -> Defaults {
-        self.defaults.clone().unwrap_or_else(|| Defaults::for_variant(self.variant.unwrap_or(Variant::Schnell)))
+        self.defaults
+            .clone()
+            .unwrap_or_else(|| Defaults::for_variant(self.variant.unwrap_or(Variant::Schnell)))
     }
 
     pub fn scheduler(&self) -> SchedulerConfig {
-        self.scheduler.clone().unwrap_or_else(|| match self.variant {
-            Some(Variant::Dev) => SchedulerConfig::dev(),
-            _ => SchedulerConfig::schnell(),
-        })
+        self.scheduler
+            .clone()
+            .unwrap_or_else(|| match self.variant {
+                Some(Variant::Dev) => SchedulerConfig::dev(),
+                _ => SchedulerConfig::schnell(),
+            })
     }
 }
 
 fn require_file(path: &Path, what: &str) -> Result<()> {
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(Error::model(format!("{what} {} is not a file", path.display()))),
-        Err(_) => Err(Error::model(format!("{what} is missing: {} not found", path.display()))
-            .with_hint("re-export the model or copy the missing file from the original download")),
+        Ok(_) => Err(Error::model(format!(
+            "{what} {} is not a file",
+            path.display()
+        ))),
+        Err(_) => Err(
+            Error::model(format!("{what} is missing: {} not found", path.display())).with_hint(
+                "re-export the model or copy the missing file from the original download",
+            ),
+        ),
     }
 }
 
@@ -165,7 +175,14 @@ fn from_manifest(root: &Path) -> Result<ModelSpec> {
             Error::model(format!("manifest lists an unknown graph `{name}`"))
                 .with_hint("known graphs: clip, t5, transformer, vae_decoder, vae_encoder")
         })?;
-        graphs.insert(role, GraphSpec { role, path: root.join(&g.file), renames: Vec::new() });
+        graphs.insert(
+            role,
+            GraphSpec {
+                role,
+                path: root.join(&g.file),
+                renames: Vec::new(),
+            },
+        );
     }
     let tok = |e: &manifest::TokenizerEntry, base: TokenizerSettings| TokenizerSpec {
         path: root.join(&e.file),
@@ -177,8 +194,14 @@ fn from_manifest(root: &Path) -> Result<ModelSpec> {
             ..base
         },
     };
-    let clip = tok(&m.tokenizers.clip, TokenizerSettings::clip(m.tokenizers.clip.max_length));
-    let mut t5 = tok(&m.tokenizers.t5, TokenizerSettings::t5(m.defaults.t5_max_length));
+    let clip = tok(
+        &m.tokenizers.clip,
+        TokenizerSettings::clip(m.tokenizers.clip.max_length),
+    );
+    let mut t5 = tok(
+        &m.tokenizers.t5,
+        TokenizerSettings::t5(m.defaults.t5_max_length),
+    );
     // The T5 graph runs at the model's sequence length, which may be shorter than the tokenizer's limit.
     t5.settings.max_length = m.defaults.t5_max_length;
     Ok(ModelSpec {
@@ -198,9 +221,15 @@ fn from_manifest(root: &Path) -> Result<ModelSpec> {
 
 fn default_tokenizers(root: &Path) -> (TokenizerSpec, TokenizerSpec) {
     (
-        TokenizerSpec { path: root.join("tokenizer").join("tokenizer.json"), settings: TokenizerSettings::clip(77) },
+        TokenizerSpec {
+            path: root.join("tokenizer").join("tokenizer.json"),
+            settings: TokenizerSettings::clip(77),
+        },
         // Length fixed by set_variant once the variant is known.
-        TokenizerSpec { path: root.join("tokenizer_2").join("tokenizer.json"), settings: TokenizerSettings::t5(256) },
+        TokenizerSpec {
+            path: root.join("tokenizer_2").join("tokenizer.json"),
+            settings: TokenizerSettings::t5(256),
+        },
     )
 }
 
@@ -217,15 +246,27 @@ pub const BFL_TRANSFORMER_PRECISIONS: [&str; 5] = ["fp32", "fp16", "bf16", "fp8"
 fn from_bfl(root: &Path) -> Result<ModelSpec> {
     let mut graphs = BTreeMap::new();
     let mut add = |role: Role, rel: PathBuf| {
-        graphs.insert(role, GraphSpec { role, path: root.join(rel), renames: Vec::new() });
+        graphs.insert(
+            role,
+            GraphSpec {
+                role,
+                path: root.join(rel),
+                renames: Vec::new(),
+            },
+        );
     };
     add(Role::Clip, Path::new("clip.opt").join("model.onnx"));
     add(Role::T5, Path::new("t5.opt").join("model.onnx"));
     add(Role::VaeDecoder, Path::new("vae.opt").join("model.onnx"));
     let tdir = root.join("transformer.opt");
-    let precision = BFL_TRANSFORMER_PRECISIONS.iter().find(|p| tdir.join(p).join("model.onnx").is_file());
+    let precision = BFL_TRANSFORMER_PRECISIONS
+        .iter()
+        .find(|p| tdir.join(p).join("model.onnx").is_file());
     match precision {
-        Some(p) => add(Role::Transformer, Path::new("transformer.opt").join(p).join("model.onnx")),
+        Some(p) => add(
+            Role::Transformer,
+            Path::new("transformer.opt").join(p).join("model.onnx"),
+        ),
         None => {
             return Err(Error::model(format!(
                 "{} has no transformer.opt/<precision>/model.onnx (looked for {})",
@@ -236,7 +277,10 @@ fn from_bfl(root: &Path) -> Result<ModelSpec> {
         }
     }
     if root.join("vae_encoder.opt").join("model.onnx").is_file() {
-        add(Role::VaeEncoder, Path::new("vae_encoder.opt").join("model.onnx"));
+        add(
+            Role::VaeEncoder,
+            Path::new("vae_encoder.opt").join("model.onnx"),
+        );
     }
     let (clip, t5) = default_tokenizers(root);
     Ok(bare_spec(root, Layout::Bfl, graphs, clip, t5))
@@ -255,7 +299,14 @@ fn from_optimum(root: &Path) -> Result<ModelSpec> {
         if role == Role::VaeEncoder && !path.is_file() {
             continue; // optional: only img2img needs it
         }
-        graphs.insert(role, GraphSpec { role, path, renames: contract::optimum_names(role).to_vec() });
+        graphs.insert(
+            role,
+            GraphSpec {
+                role,
+                path,
+                renames: contract::optimum_names(role).to_vec(),
+            },
+        );
     }
     let (clip, t5) = default_tokenizers(root);
     Ok(bare_spec(root, Layout::Optimum, graphs, clip, t5))
@@ -288,7 +339,9 @@ mod tests {
     use super::*;
 
     fn bundled(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(name)
     }
 
     #[test]

@@ -44,7 +44,9 @@ pub struct Golden {
 impl Golden {
     pub fn load(model: &str, case: &Case) -> Golden {
         let path = root().join("tests/goldens").join(model).join(&case.file);
-        Golden { bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())) }
+        Golden {
+            bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        }
     }
 
     fn view(&self) -> SafeTensors<'_> {
@@ -54,25 +56,46 @@ impl Golden {
     /// (shape, values) of an f32 tensor.
     pub fn f32(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
         let st = self.view();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("golden has no {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("golden has no {name}"));
         assert_eq!(t.dtype(), Dtype::F32, "{name}");
-        let v = t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         (t.shape().to_vec(), v)
     }
 
     pub fn i64(&self, name: &str) -> (Vec<usize>, Vec<i64>) {
         let st = self.view();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("golden has no {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("golden has no {name}"));
         assert_eq!(t.dtype(), Dtype::I64, "{name}");
-        let v = t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        let v = t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         (t.shape().to_vec(), v)
     }
 }
 
 /// Largest |a - b|; panics on a length mismatch.
 pub fn max_abs_diff(what: &str, a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "{what}: {} values vs {}", a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "{what}: {} values vs {}",
+        a.len(),
+        b.len()
+    );
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
@@ -97,5 +120,7 @@ pub fn stdout(o: &Output) -> String {
 }
 
 pub fn decode_png(path: &Path) -> image::RgbImage {
-    image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8()
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8()
 }
