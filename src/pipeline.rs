@@ -18,7 +18,7 @@ use crate::runtime::{
     self, Canceller, Dim, Graph, IoInfo, Provider, ProviderPlan, SessionConfig, TensorIn,
 };
 use crate::schedule;
-use crate::text::{truncation_warning, PromptTokenizer, Tokenized};
+use crate::text::{truncation_warning, PromptTokenizer};
 use crate::{Error, Result};
 
 /// Largest image fluxrt accepts by default (pixels): 4096x4096. Checked before anything is allocated.
@@ -108,6 +108,14 @@ impl Request {
             }
         }
         Ok(())
+    }
+
+    /// Whether two requests can share one batch (one schedule, one image size, one guidance).
+    pub fn batches_with(&self, other: &Request) -> bool {
+        self.width == other.width
+            && self.height == other.height
+            && self.steps == other.steps
+            && self.guidance == other.guidance
     }
 
     pub fn t5_prompt(&self) -> &str {
@@ -280,7 +288,7 @@ impl Pipeline {
         (&self.clip_tok, &self.t5_tok)
     }
 
-    /// Runs a request; `trace` keeps every intermediate.
+    /// Runs one request; `trace` keeps every intermediate.
     pub fn generate(
         &mut self,
         req: &Request,
@@ -288,64 +296,97 @@ impl Pipeline {
         cancel: &Canceller,
         trace: bool,
     ) -> Result<Output> {
+        let mut outs = self.generate_batch(std::slice::from_ref(req), progress, cancel, trace)?;
+        Ok(outs.remove(0))
+    }
+
+    /// Runs several compatible requests (same size, steps and guidance; any prompts and seeds) as one batch:
+    /// every graph call covers all their images. Returns one output per request, in order.
+    pub fn generate_batch(
+        &mut self,
+        reqs: &[Request],
+        progress: &mut dyn Progress,
+        cancel: &Canceller,
+        trace: bool,
+    ) -> Result<Vec<Output>> {
         let start = Instant::now();
         let vae_factor = self.spec.vae.downsample_factor;
-        req.validate(vae_factor)?;
+        let first = reqs
+            .first()
+            .ok_or_else(|| Error::input("no request to run"))?;
+        for r in reqs {
+            r.validate(vae_factor)?;
+            if !first.batches_with(r) {
+                return Err(Error::input(
+                    "requests in one batch must share width, height, steps and guidance",
+                ));
+            }
+        }
         let mut t = Timings {
             load: self.load_time,
             ..Default::default()
         };
-        let mut tr = trace.then(Trace::default);
-        let mut warnings = Vec::new();
-        let b = req.num_images;
+        let mut warnings: Vec<Vec<String>> = vec![Vec::new(); reqs.len()];
 
-        // 1. Tokenize (the same prompt for every image of the request).
+        // 1. Tokenize each request's prompts; every image of a request shares them.
         let t0 = Instant::now();
-        let clip = self.clip_tok.encode(&req.prompt)?;
-        let t5 = self.t5_tok.encode(req.t5_prompt())?;
-        warnings.extend(truncation_warning(
-            "CLIP",
-            &clip,
-            self.clip_tok.max_length(),
-        ));
-        warnings.extend(truncation_warning("T5", &t5, self.t5_tok.max_length()));
-        t.tokenize = t0.elapsed();
-        if let Some(tr) = tr.as_mut() {
-            tr.clip_ids = vec![clip.ids.clone(); b];
-            tr.t5_ids = vec![t5.ids.clone(); b];
+        let (mut clip_ids, mut t5_ids, mut seeds) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, warn) in reqs.iter().zip(warnings.iter_mut()) {
+            let clip = self.clip_tok.encode(&r.prompt)?;
+            let t5 = self.t5_tok.encode(r.t5_prompt())?;
+            warn.extend(truncation_warning(
+                "CLIP",
+                &clip,
+                self.clip_tok.max_length(),
+            ));
+            warn.extend(truncation_warning("T5", &t5, self.t5_tok.max_length()));
+            for i in 0..r.num_images {
+                clip_ids.push(clip.ids.clone());
+                t5_ids.push(t5.ids.clone());
+                seeds.push(r.seed.wrapping_add(i as u64));
+            }
         }
+        t.tokenize = t0.elapsed();
 
-        // 2. Encode the prompt: pooled CLIP vector and T5 sequence, each batched to B.
-        let (pooled, dt) = self.encode(Role::Clip, &clip, b, cancel)?;
+        // 2. Encode the prompts: pooled CLIP vectors and T5 sequences, [B, ...].
+        let (pooled, dt) = self.encode(Role::Clip, &clip_ids, cancel)?;
         t.clip = dt;
-        let (txt, dt) = self.encode(Role::T5, &t5, b, cancel)?;
+        let (txt, dt) = self.encode(Role::T5, &t5_ids, cancel)?;
         t.t5 = dt;
         t.in_ort += t.clip + t.t5;
-        if let Some(tr) = tr.as_mut() {
-            tr.pooled_embeds = Some(pooled.clone());
-            tr.prompt_embeds = Some(txt.clone());
-        }
+        let mut tr = trace.then(|| Trace {
+            clip_ids: clip_ids.clone(),
+            t5_ids: t5_ids.clone(),
+            pooled_embeds: Some(pooled.clone()),
+            prompt_embeds: Some(txt.clone()),
+            ..Default::default()
+        });
 
-        // 3. Noise: image i from seed + i, exactly as torch.randn with a CPU generator.
+        // 3. Noise: each image from its own seed, exactly as torch.randn with a CPU generator.
         let channels = self.spec.latent_channels;
-        let (h, w) = latents::latent_hw(req.width, req.height, vae_factor);
-        let noise = draw_noise(req.seed, b, channels, h, w);
+        let (h, w) = latents::latent_hw(first.width, first.height, vae_factor);
+        let noise = draw_noise(&seeds, channels, h, w);
         let mut x = latents::pack(&noise.view());
         if let Some(tr) = tr.as_mut() {
             tr.noise = Some(noise);
         }
 
         // 4. Denoise: Euler steps along the rectified-flow schedule.
-        let seq_len = x.shape()[1];
-        let sigmas = schedule::sigmas(req.steps, seq_len, &self.spec.scheduler())?;
+        let steps = first.steps;
+        let sigmas = schedule::sigmas(steps, x.shape()[1], &self.spec.scheduler())?;
         let timesteps = schedule::timesteps(&sigmas);
         let img_ids = latents::img_ids(h, w).into_dyn();
         let txt_ids = latents::txt_ids(txt.shape()[1]).into_dyn();
-        let guidance = match (self.variant(), req.guidance) {
-            (Variant::Dev, g) => Some(g.or(self.spec.defaults().guidance).unwrap_or(3.5)),
-            (Variant::Schnell, _) => None,
+        let guidance = match self.variant() {
+            Variant::Dev => Some(
+                first
+                    .guidance
+                    .or(self.spec.defaults().guidance)
+                    .unwrap_or(3.5),
+            ),
+            Variant::Schnell => None,
         };
-        for i in 0..req.steps {
+        for i in 0..steps {
             let t0 = Instant::now();
             let v = self.velocity(
                 &x,
@@ -357,7 +398,7 @@ impl Pipeline {
                 &txt_ids,
                 cancel,
             )?;
-            let ort_time = t0.elapsed();
+            t.in_ort += t0.elapsed();
             ensure_finite("transformer output (velocity)", v.as_slice().unwrap_or(&[]))?;
             schedule::euler_step(
                 x.as_slice_mut().expect("packed latents are contiguous"),
@@ -372,9 +413,8 @@ impl Pipeline {
             if let Some(tr) = tr.as_mut() {
                 tr.latents.push(x.clone());
             }
-            t.in_ort += ort_time;
             t.denoise.push(t0.elapsed());
-            progress.step(i + 1, req.steps);
+            progress.step(i + 1, steps);
         }
         if let Some(tr) = tr.as_mut() {
             tr.sigmas = sigmas.clone();
@@ -395,10 +435,10 @@ impl Pipeline {
 
         // 6. To 8-bit RGB, as diffusers' image processor does.
         let t0 = Instant::now();
-        let mut out = Vec::with_capacity(b);
-        for (i, img) in images.axis_iter(Axis(0)).enumerate() {
-            out.push(Image {
-                seed: req.seed + i as u64,
+        let mut rgb = Vec::with_capacity(seeds.len());
+        for (img, &seed) in images.axis_iter(Axis(0)).zip(&seeds) {
+            rgb.push(Image {
+                seed,
                 rgb: image_out::to_rgb8(img)?,
             });
         }
@@ -407,24 +447,30 @@ impl Pipeline {
         }
         t.to_rgb = t0.elapsed();
         t.total = start.elapsed();
-        Ok(Output {
-            images: out,
-            timings: t,
-            warnings,
-            trace: tr,
-        })
+
+        // Hand each request its images.
+        let mut rgb = rgb.into_iter();
+        Ok(reqs
+            .iter()
+            .zip(warnings)
+            .map(|(r, warnings)| Output {
+                images: rgb.by_ref().take(r.num_images).collect(),
+                timings: t.clone(),
+                warnings,
+                trace: tr.clone(),
+            })
+            .collect())
     }
 
-    /// Runs a text encoder on one tokenized prompt repeated B times; returns its embedding and the run time.
+    /// Runs a text encoder on [B, L] token ids; returns its embedding and the run time.
     fn encode(
         &mut self,
         role: Role,
-        tok: &Tokenized,
-        b: usize,
+        ids: &[Vec<i64>],
         cancel: &Canceller,
     ) -> Result<(ArrayD<f32>, Duration)> {
-        let ids =
-            ndarray::Array2::from_shape_fn((b, tok.ids.len()), |(_, j)| tok.ids[j]).into_dyn();
+        let len = ids.first().map_or(0, Vec::len);
+        let ids = ndarray::Array2::from_shape_fn((ids.len(), len), |(i, j)| ids[i][j]).into_dyn();
         let out_name = contract::outputs(role)[0].name;
         let t0 = Instant::now();
         let emb = self.run_graph(
@@ -570,14 +616,15 @@ fn slice_batch<'a>(t: &TensorIn<'a>, i: usize, batch: usize) -> TensorIn<'a> {
     }
 }
 
-/// Initial noise [B,C,h,w]: image i is `torch.randn` of one image with seed + i.
-pub fn draw_noise(seed: u64, batch: usize, channels: usize, h: usize, w: usize) -> Array4<f32> {
+/// Initial noise [B,C,h,w]: image i is `torch.randn` of one image with `seeds[i]`.
+pub fn draw_noise(seeds: &[u64], channels: usize, h: usize, w: usize) -> Array4<f32> {
     let per = channels * h * w;
-    let mut all = Vec::with_capacity(batch * per);
-    for i in 0..batch {
-        all.extend(noise::randn(seed.wrapping_add(i as u64), per));
+    let mut all = Vec::with_capacity(seeds.len() * per);
+    for &seed in seeds {
+        all.extend(noise::randn(seed, per));
     }
-    Array4::from_shape_vec((batch, channels, h, w), all).expect("noise length matches its shape")
+    Array4::from_shape_vec((seeds.len(), channels, h, w), all)
+        .expect("noise length matches its shape")
 }
 
 /// Stops the run when a stage produced NaN or Inf, naming the stage.
@@ -611,8 +658,8 @@ mod tests {
 
     #[test]
     fn noise_of_image_i_uses_seed_plus_i() {
-        let both = draw_noise(7, 2, 16, 4, 4);
-        let second = draw_noise(8, 1, 16, 4, 4);
+        let both = draw_noise(&[7, 8], 16, 4, 4);
+        let second = draw_noise(&[8], 16, 4, 4);
         assert_eq!(both.index_axis(Axis(0), 1), second.index_axis(Axis(0), 0));
         assert_ne!(both.index_axis(Axis(0), 0), both.index_axis(Axis(0), 1));
     }
