@@ -1,0 +1,62 @@
+//! The official BFL ONNX layout and optimum-onnx's layout (no manifest, other names) give the same image as
+//! the manifest model. The layouts are generated here by the export step (`python -m export layout`), never
+//! committed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use fluxrt::model::{Layout, ModelSpec};
+use fluxrt::pipeline::{LoadOptions, Pipeline, Quiet, Request};
+use fluxrt::runtime::Canceller;
+
+/// The export stack's Python: FLUXRT_PYTHON, else the venv .ci/run makes.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("FLUXRT_PYTHON") {
+        return p.into();
+    }
+    let venv = std::env::var_os("FLUXRT_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/fluxrt/venv"));
+    let p = venv.join("bin/python");
+    assert!(p.is_file(), "no export-stack Python at {} (set FLUXRT_PYTHON or run .ci/run)", p.display());
+    p
+}
+
+fn resave(model_name: &str, layout: &str, out: &Path) {
+    let o = Command::new(python())
+        .args(["-m", "export", "layout", layout])
+        .arg(model(model_name))
+        .arg(out)
+        .current_dir(root())
+        .output()
+        .expect("python runs");
+    assert!(o.status.success(), "export layout failed:\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn image(model_dir: &Path, seed: u64) -> image::RgbImage {
+    let mut pipe = Pipeline::load(&LoadOptions::new(model_dir)).unwrap_or_else(|e| panic!("{}: {e}", model_dir.display()));
+    let mut req = Request::new(&pipe, "a lighthouse at dusk", seed);
+    req.width = 64;
+    req.height = 48;
+    req.steps = 3;
+    pipe.generate(&req, &mut Quiet, &Canceller::new(), false).unwrap().images.remove(0).rgb
+}
+
+#[test]
+fn bfl_and_optimum_layouts_match_the_manifest_model() {
+    for m in MODELS {
+        let reference = image(&model(m), 8);
+        for (layout, kind) in [("bfl", Layout::Bfl), ("optimum", Layout::Optimum)] {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join(format!("{m}-{layout}"));
+            resave(m, layout, &out);
+            assert!(!out.join("manifest.json").exists(), "{layout} layout must not carry our manifest");
+            let spec = ModelSpec::resolve(&out).unwrap();
+            assert_eq!(spec.layout, kind);
+            assert_eq!(image(&out, 8), reference, "{m} in the {layout} layout gives another image");
+        }
+    }
+}
