@@ -5,15 +5,31 @@
 //! - T5 v1.1 (`tokenizer_2/`): `content… [eos]`, padded with `<pad>` (0) to 256 or 512.
 //!
 //! When a prompt is too long the *content* is cut and the special tokens are kept, so the last id before
-//! the padding is always `eos`. The tokenizer.json files are written by the export step from the
-//! transformers-5 backend tokenizer (padding and truncation off), so this module only tokenizes the content
-//! with the `tokenizers` crate and does the special tokens, truncation and padding itself, where they can be
-//! tested and reported ([`Tokenized::lost`], [`truncation_warning`]).
+//! the padding is always `eos`. This module only tokenizes the content with the `tokenizers` crate and does
+//! the special tokens, truncation and padding itself, where they can be tested and reported
+//! ([`Tokenized::lost`], [`truncation_warning`]).
+//!
+//! A tokenizer folder comes in two forms ([`TokenizerSource`]):
+//! - the export step's: a tokenizer.json written from the transformers-5 backend tokenizer;
+//! - the Hugging Face hub's, as FLUX.1's base repositories ship them next to BFL's ONNX download: CLIP's
+//!   `tokenizer/` holds only vocab.json + merges.txt, which are built into a tokenizer here exactly as
+//!   transformers 5's `CLIPTokenizer` builds them; T5's `tokenizer_2/` holds the hub's tokenizer.json, whose
+//!   pipeline predates transformers 5. transformers 5 keeps only the vocabulary and the precompiled charsmap
+//!   of a T5 tokenizer.json and rebuilds the rest (pre-tokenizer `WhitespaceSplit` + `Metaspace`); without
+//!   that, a prompt ending in whitespace gets an extra `▁` (id 3). [`PromptTokenizer::from_json`] does the
+//!   same rebuild for every T5 (Unigram) tokenizer.json, so both forms give diffusers' ids.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use tokenizers::Tokenizer;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::replace::ReplacePattern;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormalizerSequence, NFC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::{AddedToken, DecoderWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::{Error, Result};
 
@@ -113,7 +129,150 @@ impl Tokenized {
     }
 }
 
-/// A CLIP or T5 tokenizer loaded from a tokenizer.json, padding and truncating like diffusers.
+/// Where a tokenizer is read from; see [`TokenizerSource::locate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerSource {
+    /// A tokenizer.json (the export step's, or a Hugging Face hub one).
+    Json(PathBuf),
+    /// A CLIP folder as the Hugging Face hub ships openai/clip-vit-large-patch14 and FLUX.1's `tokenizer/`:
+    /// vocab.json + merges.txt (+ tokenizer_config.json), no tokenizer.json.
+    VocabMerges(PathBuf),
+}
+
+/// File names inside a tokenizer folder.
+pub const TOKENIZER_JSON: &str = "tokenizer.json";
+pub const VOCAB_JSON: &str = "vocab.json";
+pub const MERGES_TXT: &str = "merges.txt";
+pub const TOKENIZER_CONFIG_JSON: &str = "tokenizer_config.json";
+
+/// transformers 5's `CLIPTokenizer` pre-tokenizer pattern (split with behavior "removed", inverted).
+const CLIP_SPLIT_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
+const FIX_HINT: &str = "re-run the export step (`python -m export`) or copy the checkpoint's tokenizer folder \
+                        (`tokenizer/` for CLIP, `tokenizer_2/` for T5, with its tokenizer.json) into the model folder";
+
+const FOLDER_HINT: &str = "copy the tokenizer folders of the FLUX.1 base repository (black-forest-labs/FLUX.1-schnell \
+                           or -dev) next to the ONNX files: `tokenizer/` (CLIP: tokenizer.json, or vocab.json + \
+                           merges.txt) and `tokenizer_2/` (T5: tokenizer.json), or re-run the export step \
+                           (`python -m export`)";
+
+impl TokenizerSource {
+    /// Finds the tokenizer at `path`: a tokenizer.json file, or a tokenizer folder holding a tokenizer.json
+    /// or (CLIP only) vocab.json + merges.txt. A tokenizer.json path that does not exist falls back to
+    /// vocab.json + merges.txt in the same folder for CLIP. Anything else is an [`Error::model`] naming the
+    /// file or folder.
+    pub fn locate(path: &Path, style: TokenizerStyle) -> Result<TokenizerSource> {
+        let which = style.name();
+        if path.is_dir() {
+            let json = path.join(TOKENIZER_JSON);
+            if json.is_file() {
+                return Ok(TokenizerSource::Json(json));
+            }
+            if style == TokenizerStyle::Clip && has_vocab_and_merges(path) {
+                return Ok(TokenizerSource::VocabMerges(path.to_path_buf()));
+            }
+            let found = match style {
+                TokenizerStyle::Clip => {
+                    "neither tokenizer.json nor vocab.json + merges.txt".to_string()
+                }
+                TokenizerStyle::T5 if path.join("spiece.model").is_file() => {
+                    "no tokenizer.json (only spiece.model, which fluxrt does not read)".to_string()
+                }
+                TokenizerStyle::T5 => "no tokenizer.json".to_string(),
+            };
+            return Err(Error::model(format!(
+                "the {which} tokenizer folder {} has {found}",
+                path.display()
+            ))
+            .with_hint(FOLDER_HINT));
+        }
+        if path.is_file() {
+            return Ok(TokenizerSource::Json(path.to_path_buf()));
+        }
+        if style == TokenizerStyle::Clip && path.file_name().is_some_and(|n| n == TOKENIZER_JSON) {
+            if let Some(dir) = path.parent().filter(|d| has_vocab_and_merges(d)) {
+                return Ok(TokenizerSource::VocabMerges(dir.to_path_buf()));
+            }
+        }
+        let what = if path.extension().is_some_and(|e| e == "json") {
+            "file"
+        } else {
+            "folder"
+        };
+        Err(Error::model(format!(
+            "the {which} tokenizer {what} {} is missing",
+            path.display()
+        ))
+        .with_hint(FIX_HINT))
+    }
+
+    /// The tokenizer.json, or the folder holding vocab.json + merges.txt.
+    pub fn path(&self) -> &Path {
+        match self {
+            TokenizerSource::Json(p) | TokenizerSource::VocabMerges(p) => p,
+        }
+    }
+}
+
+fn has_vocab_and_merges(dir: &Path) -> bool {
+    dir.join(VOCAB_JSON).is_file() && dir.join(MERGES_TXT).is_file()
+}
+
+/// A special token as tokenizer_config.json names it: a string, or an object with `content`.
+fn config_token(config: &serde_json::Value, key: &str) -> Option<String> {
+    match &config[key] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// Rebuilds a T5 (Unigram) tokenizer.json's pipeline the way transformers 5's `T5Tokenizer` does when it loads
+/// one: it keeps the vocabulary and the normalizer's precompiled charsmap and sets the normalizer to that
+/// charsmap alone, the pre-tokenizer to `WhitespaceSplit` + `Metaspace("▁", prepend_scheme="always",
+/// split=True)` and the decoder to the same `Metaspace`, without byte fallback. The hub's T5 tokenizer.json
+/// (`Precompiled` + `Replace(" {2,}")`, a lone `Metaspace`) would otherwise emit an extra `▁` (id 3) before
+/// `</s>` for a prompt ending in whitespace. The export step's files already have this pipeline.
+fn t5_transformers5_pipeline(json: &mut serde_json::Value) {
+    use serde_json::{json, Value};
+    let Some(obj) = json.as_object_mut() else {
+        return;
+    };
+    if obj
+        .get("model")
+        .and_then(|m| m.get("type"))
+        .and_then(Value::as_str)
+        != Some("Unigram")
+    {
+        return;
+    }
+    let is_precompiled = |n: &Value| {
+        n.get("type").and_then(Value::as_str) == Some("Precompiled")
+            && n.get("precompiled_charsmap").is_some()
+    };
+    let normalizer = match obj.get("normalizer") {
+        Some(n) if is_precompiled(n) => Some(n.clone()),
+        Some(n) => n
+            .get("normalizers")
+            .and_then(Value::as_array)
+            .and_then(|list| list.iter().find(|n| is_precompiled(n)).cloned()),
+        None => None,
+    };
+    let metaspace = json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "always", "split": true});
+    obj.insert("normalizer".into(), normalizer.unwrap_or(Value::Null));
+    obj.insert(
+        "pre_tokenizer".into(),
+        json!({"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, metaspace.clone()]}),
+    );
+    obj.insert("decoder".into(), metaspace);
+    if let Some(model) = obj.get_mut("model").and_then(Value::as_object_mut) {
+        model.insert("byte_fallback".into(), Value::Bool(false));
+    }
+}
+
+/// A CLIP or T5 tokenizer loaded from a tokenizer folder or a tokenizer.json, padding and truncating like
+/// diffusers.
 #[derive(Debug, Clone)]
 pub struct PromptTokenizer {
     tokenizer: Tokenizer,
@@ -125,16 +284,20 @@ pub struct PromptTokenizer {
     path: PathBuf,
 }
 
-const FIX_HINT: &str = "re-run the export step (`python -m export`) or copy the checkpoint's tokenizer folder \
-                        (`tokenizer/` for CLIP, `tokenizer_2/` for T5, with its tokenizer.json) into the model folder";
-
 impl PromptTokenizer {
-    /// Loads `path` (a tokenizer.json). A missing, unreadable or corrupt file, or one whose special tokens do
-    /// not fit `settings`, is an [`Error::model`] naming the file and the fix.
+    /// Loads `path`: a tokenizer.json, or a tokenizer folder (see [`TokenizerSource::locate`]). A missing,
+    /// unreadable or corrupt file, or one whose special tokens do not fit `settings`, is an [`Error::model`]
+    /// naming the file and the fix.
     pub fn from_file(path: impl AsRef<Path>, settings: TokenizerSettings) -> Result<Self> {
         let path = path.as_ref();
         let which = settings.style.name();
-        let json = std::fs::read_to_string(path).map_err(|e| {
+        let path = match TokenizerSource::locate(path, settings.style)? {
+            TokenizerSource::Json(p) => p,
+            TokenizerSource::VocabMerges(dir) => {
+                return Self::from_vocab_and_merges(&dir, settings)
+            }
+        };
+        let json = std::fs::read_to_string(&path).map_err(|e| {
             let what = if e.kind() == std::io::ErrorKind::NotFound {
                 "is missing"
             } else {
@@ -149,7 +312,152 @@ impl PromptTokenizer {
         Self::from_json(&json, settings, path)
     }
 
+    /// Loads the tokenizer folder `dir` (FLUX.1's `tokenizer/` or `tokenizer_2/`): its tokenizer.json when it
+    /// has one, else (CLIP) its vocab.json + merges.txt. A folder with neither is an [`Error::model`] naming it.
+    pub fn from_folder(dir: impl AsRef<Path>, settings: TokenizerSettings) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            let what = if dir.exists() {
+                "is not a folder"
+            } else {
+                "is missing"
+            };
+            return Err(Error::model(format!(
+                "the {} tokenizer folder {} {what}",
+                settings.style.name(),
+                dir.display()
+            ))
+            .with_hint(FOLDER_HINT));
+        }
+        Self::from_file(dir, settings)
+    }
+
+    /// Builds CLIP's tokenizer from the hub's vocab.json + merges.txt in `dir` exactly as transformers 5's
+    /// `CLIPTokenizer` does: BPE with `</w>` word ends and unk `<|endoftext|>`; normalizer NFC, whitespace runs
+    /// to one space, lowercase; pre-tokenizer CLIP's regex split then byte-level; byte-level decoder; the
+    /// `[bos] … [eos]` post-processor. Special tokens and their flags come from tokenizer_config.json when the
+    /// folder has one.
+    pub fn from_vocab_and_merges(dir: &Path, settings: TokenizerSettings) -> Result<Self> {
+        let which = settings.style.name();
+        let bad = |msg: String| Error::model(msg).with_hint(FOLDER_HINT);
+        if settings.style != TokenizerStyle::Clip {
+            return Err(bad(format!(
+                "the {which} tokenizer folder {} has vocab.json + merges.txt, a CLIP (BPE) tokenizer",
+                dir.display()
+            )));
+        }
+        let config_path = dir.join(TOKENIZER_CONFIG_JSON);
+        let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                bad(format!(
+                    "the {which} tokenizer config {} is not valid JSON: {e}",
+                    config_path.display()
+                ))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
+            Err(e) => {
+                return Err(bad(format!(
+                    "the {which} tokenizer config {} cannot be read: {e}",
+                    config_path.display()
+                )))
+            }
+        };
+        let token = |key: &str, default: &str| {
+            config_token(&config, key).unwrap_or_else(|| default.to_string())
+        };
+        let unk = token("unk_token", "<|endoftext|>");
+        let bos = token("bos_token", "<|startoftext|>");
+        let eos = token("eos_token", "<|endoftext|>");
+        let pad = token("pad_token", "<|endoftext|>");
+
+        let (vocab, merges) = (dir.join(VOCAB_JSON), dir.join(MERGES_TXT));
+        let files = format!("{} + {}", vocab.display(), merges.display());
+        let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix("</w>".into())
+            .fuse_unk(false)
+            .unk_token(unk.clone())
+            .build()
+            .map_err(|e| {
+                bad(format!(
+                    "the {which} tokenizer files {files} are not a BPE vocabulary: {e}"
+                ))
+            })?;
+        let build_error =
+            |e: tokenizers::Error| bad(format!("the {which} tokenizer from {files}: {e}"));
+        let mut tokenizer = Tokenizer::new(bpe);
+        tokenizer
+            .with_normalizer(Some(NormalizerSequence::new(vec![
+                NFC.into(),
+                Replace::new(ReplacePattern::Regex(r"\s+".into()), " ")
+                    .map_err(build_error)?
+                    .into(),
+                Lowercase.into(),
+            ])))
+            .map_err(build_error)?;
+        tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+            Split::new(
+                SplitPattern::Regex(CLIP_SPLIT_PATTERN.into()),
+                SplitDelimiterBehavior::Removed,
+                true,
+            )
+            .map_err(build_error)?
+            .into(),
+            ByteLevel::new(false, true, true).into(),
+        ])));
+        tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
+
+        // transformers adds the tokens of `added_tokens_decoder` (by id), then the named special tokens.
+        let mut added: Vec<AddedToken> = Vec::new();
+        if let Some(decoder) = config["added_tokens_decoder"].as_object() {
+            let mut entries: Vec<(u64, &serde_json::Value)> = decoder
+                .iter()
+                .filter_map(|(id, t)| Some((id.parse().ok()?, t)))
+                .collect();
+            entries.sort_by_key(|(id, _)| *id);
+            for (_, t) in entries {
+                let Some(content) = t["content"].as_str() else {
+                    continue;
+                };
+                let flag = |k: &str, default: bool| t[k].as_bool().unwrap_or(default);
+                let special = flag("special", true);
+                added.push(
+                    AddedToken::from(content, special)
+                        .normalized(flag("normalized", !special))
+                        .lstrip(flag("lstrip", false))
+                        .rstrip(flag("rstrip", false))
+                        .single_word(flag("single_word", false)),
+                );
+            }
+        }
+        for name in [&bos, &eos, &unk, &pad] {
+            if !added.iter().any(|t| &t.content == name) {
+                added.push(AddedToken::from(name.as_str(), true));
+            }
+        }
+        let (special, plain): (Vec<AddedToken>, Vec<AddedToken>) =
+            added.into_iter().partition(|t| t.special);
+        tokenizer.add_special_tokens(special).map_err(build_error)?;
+        tokenizer.add_tokens(plain).map_err(build_error)?;
+
+        let id = |name: &str| {
+            tokenizer.token_to_id(name).ok_or_else(|| {
+                bad(format!(
+                    "the {which} tokenizer files {files} have no token {name}"
+                ))
+            })
+        };
+        let (bos_id, eos_id) = (id(&bos)?, id(&eos)?);
+        tokenizer.with_post_processor(Some(
+            RobertaProcessing::new((eos, eos_id), (bos, bos_id))
+                .trim_offsets(false)
+                .add_prefix_space(false),
+        ));
+        Self::from_tokenizer(tokenizer, settings, dir.to_path_buf())
+    }
+
     /// Like [`PromptTokenizer::from_file`] for tokenizer.json text already in memory; `origin` names it in errors.
+    /// A T5 (Unigram) tokenizer gets transformers 5's pipeline, as transformers rebuilds it at load time.
     pub fn from_json(
         json: &str,
         settings: TokenizerSettings,
@@ -158,12 +466,32 @@ impl PromptTokenizer {
         let path = origin.into();
         let which = settings.style.name();
         let bad = |msg: String| Error::model(msg).with_hint(FIX_HINT);
-        let mut tokenizer = Tokenizer::from_str(json).map_err(|e| {
+        let invalid = |e: &dyn std::fmt::Display| {
             bad(format!(
                 "the {which} tokenizer file {} is not a valid tokenizer.json: {e}",
                 path.display()
             ))
-        })?;
+        };
+        let tokenizer = match settings.style {
+            TokenizerStyle::Clip => Tokenizer::from_str(json).map_err(|e| invalid(&e))?,
+            TokenizerStyle::T5 => {
+                let mut value: serde_json::Value =
+                    serde_json::from_str(json).map_err(|e| invalid(&e))?;
+                t5_transformers5_pipeline(&mut value);
+                serde_json::from_value(value).map_err(|e| invalid(&e))?
+            }
+        };
+        Self::from_tokenizer(tokenizer, settings, path)
+    }
+
+    /// Checks a built tokenizer against `settings` and wraps it; `path` names it in errors.
+    fn from_tokenizer(
+        mut tokenizer: Tokenizer,
+        settings: TokenizerSettings,
+        path: PathBuf,
+    ) -> Result<Self> {
+        let which = settings.style.name();
+        let bad = |msg: String| Error::model(msg).with_hint(FIX_HINT);
         // The runtime pads and truncates itself; settings baked into the file must not interfere.
         tokenizer.with_truncation(None).map_err(|e| {
             bad(format!(
@@ -283,7 +611,7 @@ impl PromptTokenizer {
         self.eos_id
     }
 
-    /// The tokenizer.json this was loaded from.
+    /// The tokenizer.json this was loaded from, or the folder of its vocab.json + merges.txt.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -557,6 +885,142 @@ mod tests {
         s.pad_id = 0;
         let err = PromptTokenizer::from_json(&json, s, "x.json").unwrap_err();
         assert!(err.message.contains("<|startoftext|>"), "{}", err.message);
+    }
+
+    /// A tiny Unigram tokenizer.json with the Hugging Face hub's old T5 pipeline (no WhitespaceSplit).
+    fn tiny_hub_t5_json() -> String {
+        r#"{"version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [
+              {"id": 0, "content": "<pad>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+              {"id": 1, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+              {"id": 2, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": {"type": "Sequence", "normalizers": [{"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]},
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": true},
+            "post_processor": {"type": "TemplateProcessing",
+              "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+              "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+              "special_tokens": {"</s>": {"id": "</s>", "ids": [1], "tokens": ["</s>"]}}},
+            "decoder": {"type": "Metaspace", "replacement": "\u2581", "add_prefix_space": true},
+            "model": {"type": "Unigram", "unk_id": 2, "vocab": [["<pad>", 0.0], ["</s>", 0.0], ["<unk>", 0.0],
+              ["\u2581", -2.0], ["\u2581cat", -1.0], ["\u2581dog", -1.0], ["c", -5.0], ["a", -5.0], ["t", -5.0],
+              ["d", -5.0], ["o", -5.0], ["g", -5.0]]}}"#
+            .to_string()
+    }
+
+    #[test]
+    fn t5_hub_pipeline_is_rebuilt_like_transformers_5() {
+        let json = tiny_hub_t5_json();
+        // What raw `tokenizers` does with the hub's file: an extra `▁` (3) for trailing whitespace.
+        let raw = Tokenizer::from_str(&json).unwrap();
+        assert_eq!(raw.encode("cat dog ", false).unwrap().get_ids(), &[4, 5, 3]);
+        let tok = PromptTokenizer::from_json(&json, TokenizerSettings::t5(6), "hub.json").unwrap();
+        for prompt in ["cat dog", "cat dog ", "  cat \t dog\n", " cat  dog  "] {
+            assert_eq!(
+                tok.encode(prompt).unwrap().ids,
+                vec![4, 5, 1, 0, 0, 0],
+                "{prompt:?}"
+            );
+        }
+        for prompt in ["", " ", " \t\n "] {
+            assert_eq!(
+                tok.encode(prompt).unwrap().ids,
+                vec![1, 0, 0, 0, 0, 0],
+                "{prompt:?}"
+            );
+        }
+        assert_eq!(tok.decode(&[4, 5, 1]).unwrap(), "cat dog");
+        // The rebuild leaves a CLIP (BPE) file and a non-Unigram T5-style file alone.
+        let wordlevel = PromptTokenizer::from_json(
+            &tiny_tokenizer_json(false),
+            settings(TokenizerStyle::T5, 4),
+            "tiny",
+        )
+        .unwrap();
+        assert_eq!(wordlevel.encode("cat dog").unwrap().ids, vec![4, 5, 2, 0]);
+    }
+
+    /// A tiny CLIP folder in the hub's form: vocab.json + merges.txt (+ tokenizer_config.json).
+    fn tiny_clip_folder(dir: &Path, with_config: bool) {
+        let vocab = r#"{"a": 0, "c": 1, "t": 2, "d": 3, "o": 4, "g": 5, "!": 6, "a</w>": 7, "t</w>": 8,
+            "g</w>": 9, "!</w>": 10, "ca": 11, "cat</w>": 12, "do": 13, "dog</w>": 14,
+            "<|startoftext|>": 15, "<|endoftext|>": 16}"#;
+        std::fs::write(dir.join(VOCAB_JSON), vocab).unwrap();
+        std::fs::write(
+            dir.join(MERGES_TXT),
+            "#version: 0.2\nc a\nca t</w>\nd o\ndo g</w>\n",
+        )
+        .unwrap();
+        if with_config {
+            let config = r#"{"added_tokens_decoder": {
+                "15": {"content": "<|startoftext|>", "lstrip": false, "normalized": true, "rstrip": false, "single_word": false, "special": true},
+                "16": {"content": "<|endoftext|>", "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": true}},
+              "bos_token": "<|startoftext|>", "eos_token": {"content": "<|endoftext|>"}, "pad_token": "<|endoftext|>",
+              "unk_token": "<|endoftext|>", "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}"#;
+            std::fs::write(dir.join(TOKENIZER_CONFIG_JSON), config).unwrap();
+        }
+    }
+
+    #[test]
+    fn clip_from_vocab_and_merges() {
+        for with_config in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            tiny_clip_folder(dir.path(), with_config);
+            let mut s = TokenizerSettings::clip(8);
+            s.pad_id = 16;
+            let tok = PromptTokenizer::from_folder(dir.path(), s).unwrap();
+            assert_eq!((tok.bos_id(), tok.eos_id()), (Some(15), 16));
+            assert_eq!(tok.path(), dir.path());
+            // Lowercase, whitespace runs, punctuation split off, `</w>` word ends, unknown bytes -> unk.
+            assert_eq!(
+                tok.encode(" Cat\t\tDOG! cat ").unwrap().ids,
+                vec![15, 12, 14, 10, 12, 16, 16, 16]
+            );
+            assert_eq!(tok.content_ids("cax").unwrap(), vec![11, 16]);
+            assert_eq!(
+                tok.content_ids("dog<|endoftext|>cat").unwrap(),
+                vec![14, 16, 12]
+            );
+        }
+    }
+
+    #[test]
+    fn locate_picks_the_form_a_folder_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let clip = dir.path().join("tokenizer");
+        std::fs::create_dir(&clip).unwrap();
+        let err = TokenizerSource::locate(&clip, TokenizerStyle::Clip).unwrap_err();
+        assert_eq!(err.kind, crate::ErrorKind::Model);
+        assert!(
+            err.message.contains(&clip.display().to_string()),
+            "{}",
+            err.message
+        );
+        tiny_clip_folder(&clip, false);
+        let vm = TokenizerSource::VocabMerges(clip.clone());
+        assert_eq!(
+            TokenizerSource::locate(&clip, TokenizerStyle::Clip).unwrap(),
+            vm
+        );
+        // The manifest's tokenizer.json path falls back to the folder's vocab.json + merges.txt (CLIP only).
+        let json = clip.join(TOKENIZER_JSON);
+        assert_eq!(
+            TokenizerSource::locate(&json, TokenizerStyle::Clip).unwrap(),
+            vm
+        );
+        assert!(TokenizerSource::locate(&json, TokenizerStyle::T5).is_err());
+        assert!(TokenizerSource::locate(&clip, TokenizerStyle::T5).is_err());
+        // tokenizer.json wins when both are there.
+        std::fs::write(&json, tiny_tokenizer_json(true)).unwrap();
+        assert_eq!(
+            TokenizerSource::locate(&clip, TokenizerStyle::Clip).unwrap(),
+            TokenizerSource::Json(json.clone())
+        );
+        assert_eq!(
+            TokenizerSource::locate(&json, TokenizerStyle::Clip)
+                .unwrap()
+                .path(),
+            json
+        );
     }
 
     // ---- goldens: the real CLIP-L and T5 v1.1 tokenizers against transformers' ids ----

@@ -16,7 +16,7 @@ pub use contract::Role;
 pub use manifest::{Defaults, Manifest, VaeConfig, Variant};
 
 use crate::schedule::SchedulerConfig;
-use crate::text::TokenizerSettings;
+use crate::text::{TokenizerSettings, TokenizerSource};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,8 +55,12 @@ impl GraphSpec {
     }
 }
 
+/// Where one tokenizer is and how it frames prompts.
 #[derive(Debug, Clone)]
 pub struct TokenizerSpec {
+    /// A tokenizer.json (manifest models), or a tokenizer folder (BFL and optimum layouts: `tokenizer/`,
+    /// `tokenizer_2/`) in which [`PromptTokenizer::from_file`](crate::text::PromptTokenizer::from_file) picks
+    /// tokenizer.json, or for CLIP vocab.json + merges.txt as the Hugging Face hub ships them.
     pub path: PathBuf,
     pub settings: TokenizerSettings,
 }
@@ -105,8 +109,9 @@ impl ModelSpec {
         for g in spec.graphs.values() {
             require_file(&g.path, &format!("the {} graph", g.role))?;
         }
-        require_file(&spec.clip_tokenizer.path, "the CLIP tokenizer")?;
-        require_file(&spec.t5_tokenizer.path, "the T5 tokenizer")?;
+        for tok in [&spec.clip_tokenizer, &spec.t5_tokenizer] {
+            TokenizerSource::locate(&tok.path, tok.settings.style)?;
+        }
         Ok(spec)
     }
 
@@ -219,15 +224,17 @@ fn from_manifest(root: &Path) -> Result<ModelSpec> {
     })
 }
 
+/// The diffusers tokenizer folders, in whichever form they come (the export step's tokenizer.json, or the
+/// Hugging Face hub's files: CLIP as vocab.json + merges.txt, T5 as the hub's tokenizer.json).
 fn default_tokenizers(root: &Path) -> (TokenizerSpec, TokenizerSpec) {
     (
         TokenizerSpec {
-            path: root.join("tokenizer").join("tokenizer.json"),
+            path: root.join("tokenizer"),
             settings: TokenizerSettings::clip(77),
         },
         // Length fixed by set_variant once the variant is known.
         TokenizerSpec {
-            path: root.join("tokenizer_2").join("tokenizer.json"),
+            path: root.join("tokenizer_2"),
             settings: TokenizerSettings::t5(256),
         },
     )
