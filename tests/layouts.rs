@@ -19,9 +19,15 @@ fn python() -> PathBuf {
     }
     let venv = std::env::var_os("FLUXRT_VENV")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/fluxrt/venv"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/fluxrt/venv")
+        });
     let p = venv.join("bin/python");
-    assert!(p.is_file(), "no export-stack Python at {} (set FLUXRT_PYTHON or run .ci/run)", p.display());
+    assert!(
+        p.is_file(),
+        "no export-stack Python at {} (set FLUXRT_PYTHON or run .ci/run)",
+        p.display()
+    );
     p
 }
 
@@ -33,16 +39,25 @@ fn resave(model_name: &str, layout: &str, out: &Path) {
         .current_dir(root())
         .output()
         .expect("python runs");
-    assert!(o.status.success(), "export layout failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "export layout failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn image(model_dir: &Path, seed: u64) -> image::RgbImage {
-    let mut pipe = Pipeline::load(&LoadOptions::new(model_dir)).unwrap_or_else(|e| panic!("{}: {e}", model_dir.display()));
+    let mut pipe = Pipeline::load(&LoadOptions::new(model_dir))
+        .unwrap_or_else(|e| panic!("{}: {e}", model_dir.display()));
     let mut req = Request::new(&pipe, "a lighthouse at dusk", seed);
     req.width = 64;
     req.height = 48;
     req.steps = 3;
-    pipe.generate(&req, &mut Quiet, &Canceller::new(), false).unwrap().images.remove(0).rgb
+    pipe.generate(&req, &mut Quiet, &Canceller::new(), false)
+        .unwrap()
+        .images
+        .remove(0)
+        .rgb
 }
 
 #[test]
@@ -53,10 +68,17 @@ fn bfl_and_optimum_layouts_match_the_manifest_model() {
             let dir = tempfile::tempdir().unwrap();
             let out = dir.path().join(format!("{m}-{layout}"));
             resave(m, layout, &out);
-            assert!(!out.join("manifest.json").exists(), "{layout} layout must not carry our manifest");
+            assert!(
+                !out.join("manifest.json").exists(),
+                "{layout} layout must not carry our manifest"
+            );
             let spec = ModelSpec::resolve(&out).unwrap();
             assert_eq!(spec.layout, kind);
-            assert_eq!(image(&out, 8), reference, "{m} in the {layout} layout gives another image");
+            assert_eq!(
+                image(&out, 8),
+                reference,
+                "{m} in the {layout} layout gives another image"
+            );
         }
     }
 }
