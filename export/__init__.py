@@ -8,7 +8,8 @@ Run `python -m export --help`. Modules, one concern each:
   tokenizers  tokenizer.json files for the Rust side, real tokenizers from offline sources
   manifest    the manifest.json schema
   validate    onnxruntime vs PyTorch at two shapes
-  goldens     reference outputs from diffusers' FluxPipeline
+  goldens     reference outputs from diffusers' FluxPipeline (text-to-image), FluxImg2ImgPipeline and true CFG
+  lora        fuse Flux LoRA safetensors (diffusers or kohya naming) into the weights before export
   layouts     re-save a model in the official BFL or optimum-onnx layout
 """
 

@@ -9,8 +9,9 @@ from pathlib import Path
 from . import onnx_export as ox
 from .checkpoint import ExportError
 
-SUBCOMMANDS = ("tiny", "preset", "layout", "goldens")
+SUBCOMMANDS = ("tiny", "preset", "layout", "goldens", "quantize")
 WORK_DIR = Path("build/export")
+GOLDEN_KINDS = ("txt2img", "img2img", "true_cfg")  # goldens.KINDS
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,11 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", action="store_true", help="check every graph against PyTorch at two shapes")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--name", default=None, help="model name in the manifest (default: the folder name)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="also quantize the transformer's MatMul weights (CPU; see python -m export quantize)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE:SCALE",
+                   help="fuse a Flux LoRA .safetensors (diffusers or kohya key naming) into the weights before "
+                   "export, scaled by SCALE (default 1); repeat for several, applied in order")
     return p
 
 
@@ -55,6 +61,17 @@ def sub_parser() -> argparse.ArgumentParser:
     g.add_argument("checkpoint", type=Path)
     g.add_argument("out_dir", type=Path)
     g.add_argument("--t5-max-length", type=int, default=None)
+    g.add_argument("--kinds", nargs="+", choices=GOLDEN_KINDS, default=list(GOLDEN_KINDS),
+                   help="txt2img into OUT_DIR, img2img and true_cfg into OUT_DIR/img2img, OUT_DIR/true_cfg "
+                   "(init images in OUT_DIR/../inputs); files whose values are unchanged are left alone")
+    q = sub.add_parser("quantize", help="copy an exported model with its transformer's MatMul weights quantized "
+                       "(int8: quantize_dynamic; int4/int8-nbits: MatMulNBits)")
+    q.add_argument("model_dir", type=Path)
+    q.add_argument("out_dir", type=Path)
+    q.add_argument("--to", dest="method", choices=("int8", "int4", "int8-nbits"), required=True)
+    q.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size along K (int4, int8-nbits)")
+    q.add_argument("--accuracy-level", type=int, default=4, help="MatMulNBits compute type: 4 = int8, 0/1 = fp32")
+    q.add_argument("--force", action="store_true")
     return p
 
 
@@ -82,7 +99,12 @@ def run_sub(args) -> None:
 
         variant = load(args.checkpoint, ["vae_decoder"]).variant
         t5_len = args.t5_max_length or {"schnell": 256, "dev": 512}[variant]
-        goldens.write_goldens(args.checkpoint, args.out_dir, variant, t5_len)
+        goldens.write_all(args.checkpoint, args.out_dir, variant, t5_len, kinds=args.kinds)
+    elif args.command == "quantize":
+        from .quantize import quantize_model
+
+        quantize_model(args.model_dir, args.out_dir, args.method, force=args.force, block_size=args.block_size,
+                       accuracy_level=args.accuracy_level)
 
 
 def main(argv: list[str]) -> int:
@@ -92,9 +114,15 @@ def main(argv: list[str]) -> int:
             return 0
         from .run import export_model
 
+        from .lora import parse_spec
+
         a = export_parser().parse_args(argv)
         export_model(a.checkpoint, a.out_dir, precision=a.precision, opset=a.opset, components=a.components,
-                     validate=a.validate, force=a.force, name=a.name)
+                     validate=a.validate, force=a.force, name=a.name, loras=[parse_spec(x) for x in a.lora])
+        if a.quantize:
+            from .quantize import quantize_model
+
+            quantize_model(a.out_dir, a.out_dir, a.quantize)
         return 0
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)

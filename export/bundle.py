@@ -38,8 +38,9 @@ def build_tiny(models_dir: Path, goldens_dir: Path | None, work_dir: Path, force
         manifest = export_model(ck, out, validate=True, force=force, log=log)
         exported.append(out)
         if goldens_dir is not None:
-            goldens.write_goldens(ck, Path(goldens_dir) / p.name, p.variant,
-                                  manifest["defaults"]["t5_max_length"], log=log)
+            # txt2img, img2img/ and true_cfg/ goldens; files whose values did not change are not rewritten
+            goldens.write_all(ck, Path(goldens_dir) / p.name, p.variant, manifest["defaults"]["t5_max_length"],
+                              log=log)
     shared = share_identical_files(exported[0], exported[1])
     log(f"{exported[1].name} shares {len(shared)} files with {exported[0].name}: {', '.join(shared)}")
 

@@ -51,6 +51,7 @@ def export_model(
     force: bool = False,
     name: str | None = None,
     log=print,
+    loras: list | None = None,
 ) -> dict:
     components = components or list(ox.GRAPHS)
     unknown = [c for c in components if c not in ox.GRAPHS]
@@ -60,6 +61,10 @@ def export_model(
         raise ExportError(f"unknown precision {precision!r}; choose from {ox.PRECISIONS}")
     checkpoint_dir = Path(checkpoint_dir)
     ckpt.check_folder(checkpoint_dir, components)
+    if loras:
+        from .lora import precheck
+
+        precheck(loras, components)  # unreadable or malformed LoRA files fail before anything is loaded
     out_dir = Path(out_dir)
     staging = prepare_out_dir(out_dir, force)
     try:
@@ -67,6 +72,11 @@ def export_model(
         t0 = time.time()
         parts = ckpt.load(checkpoint_dir, components)
         log(f"loaded {checkpoint_dir} ({parts.variant}) in {time.time() - t0:.1f}s")
+        applied = []
+        if loras:  # LoraSpec list (export.lora): fused into the weights before any graph is exported
+            from .lora import fuse_loras
+
+            applied = fuse_loras(parts, loras, log=log)
         graphs = {}
         for g in components:
             t = time.time()
@@ -82,6 +92,8 @@ def export_model(
         if "t5" in components:
             tokenizers["t5"] = _tokenizer(parts.part_dir("tokenizer_2"), staging / "tokenizer_2", "t5")
         manifest = build_manifest(parts, checkpoint_dir, graphs, tokenizers, name or out_dir.name)
+        if applied:
+            manifest["source"]["loras"] = applied
         mf.write(staging, manifest)
         if validate:
             from .validate import validate_model

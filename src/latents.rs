@@ -49,11 +49,11 @@ fn check_side(name: &str, v: u32, m: u32) -> Result<()> {
     }
     if !v.is_multiple_of(m) {
         let lower = v / m * m;
-        let upper = lower + m;
-        let fix = if lower == 0 {
-            format!("use {upper}")
-        } else {
-            format!("use {lower} or {upper}")
+        // checked: a side near u32::MAX has no multiple of m above it
+        let fix = match (lower, lower.checked_add(m)) {
+            (0, Some(upper)) => format!("use {upper}"),
+            (_, Some(upper)) => format!("use {lower} or {upper}"),
+            (_, None) => format!("use {lower}"),
         };
         return Err(
             Error::input(format!("{name} {v} is not a multiple of {m}; {fix}")).with_hint(format!(
@@ -241,6 +241,12 @@ mod tests {
             assert_eq!(ids.row(r).to_vec(), row.to_vec());
         }
         assert_eq!(txt_ids(5), Array2::<f32>::zeros((5, 3)));
+    }
+
+    #[test]
+    fn a_side_near_u32_max_is_refused_without_overflow() {
+        let e = validate_size(u32::MAX, 64, u64::MAX, 8).unwrap_err();
+        assert!(e.message.contains("not a multiple of 16"), "{e}");
     }
 
     #[test]

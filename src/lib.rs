@@ -4,6 +4,7 @@
 //! [`runtime`] is the only module that touches `ort`; [`model`] resolves a model folder into graphs and
 //! settings; [`pipeline`] wires the stages together.
 
+pub mod bench;
 pub mod error;
 pub mod image_out;
 pub mod latents;
@@ -15,3 +16,4 @@ pub use error::{Error, ErrorKind, Result};
 pub mod model;
 pub mod pipeline;
 pub mod runtime;
+pub mod serve;

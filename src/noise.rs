@@ -99,19 +99,66 @@ impl Mt19937 {
 const BLOCK: usize = 16;
 const HALF: usize = BLOCK / 2;
 
-/// `torch.randn(n, generator=torch.Generator("cpu").manual_seed(seed))` in float32.
+/// `torch.randn(n, generator=torch.Generator("cpu").manual_seed(seed))` in float32: the first draw of a
+/// fresh [`TorchGenerator`].
 pub fn randn(seed: u64, n: usize) -> Vec<f32> {
-    let mut rng = Mt19937::manual_seed(seed);
-    let mut out = vec![0f32; n];
-    if n < BLOCK {
-        fill_scalar(&mut rng, &mut out);
-    } else {
-        // The f32 kernel first draws a uniform for every element, including the ragged ones it will
-        // overwrite later.
-        fill_uniform(&mut rng, &mut out);
-        fill_blocks(&mut rng, &mut out);
+    TorchGenerator::new(seed).randn(n)
+}
+
+/// A `torch.Generator("cpu").manual_seed(seed)` that keeps its state between draws, so consecutive
+/// [`randn`](TorchGenerator::randn) calls continue one stream exactly as consecutive `torch.randn(...,
+/// generator=g)` calls do. diffusers' `FluxImg2ImgPipeline` draws twice from one generator (the VAE posterior
+/// sample, then the initial noise), so its noise is the second draw, not the text-to-image noise of that seed.
+///
+/// What one draw of `n` float32 values consumes: `n >= 16`: `n` mt19937 words when `n % 16 == 0`, `n + 16`
+/// otherwise (the ragged tail redraws 16 uniforms); `n < 16`: two words per pair of values, the odd value out
+/// cached in the generator (torch's `next_double_normal_sample`) and returned first by the next scalar draw.
+#[derive(Clone)]
+pub struct TorchGenerator {
+    seed: u64,
+    mt: Mt19937,
+    /// The sine half of the scalar path's last Box-Muller pair, not yet returned.
+    next_double_normal: Option<f64>,
+}
+
+impl TorchGenerator {
+    /// `torch.Generator("cpu").manual_seed(seed)`.
+    pub fn new(seed: u64) -> Self {
+        TorchGenerator {
+            seed,
+            mt: Mt19937::manual_seed(seed),
+            next_double_normal: None,
+        }
     }
-    out
+
+    /// The seed it was created with.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The next `torch.randn(n, generator=self)` in float32 (the shape does not matter, only `n`).
+    pub fn randn(&mut self, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n];
+        if n < BLOCK {
+            fill_scalar(&mut self.mt, &mut self.next_double_normal, &mut out);
+        } else {
+            // The f32 kernel first draws a uniform for every element, including the ragged ones it will
+            // overwrite later.
+            fill_uniform(&mut self.mt, &mut out);
+            fill_blocks(&mut self.mt, &mut out);
+        }
+        out
+    }
+}
+
+/// mt19937 words one `torch.randn` of `n >= 16` float32 values consumes: `n` for whole blocks of 16, `n + 16`
+/// with a ragged tail.
+pub fn words_per_draw(n: usize) -> usize {
+    if n < BLOCK || n.is_multiple_of(BLOCK) {
+        n
+    } else {
+        n + BLOCK
+    }
 }
 
 /// `torch.randn(n, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.bfloat16)`, as BFL's
@@ -123,7 +170,7 @@ pub fn randn_bf16(seed: u64, n: usize) -> Vec<bf16> {
     let mut rng = Mt19937::manual_seed(seed);
     let mut out = vec![0f32; n];
     if n < BLOCK {
-        fill_scalar(&mut rng, &mut out);
+        fill_scalar(&mut rng, &mut None, &mut out);
     } else {
         let whole = n - n % BLOCK;
         fill_uniform(&mut rng, &mut out[..whole]);
@@ -167,9 +214,8 @@ fn box_muller_16(d: &mut [f32; BLOCK]) {
 }
 
 /// torch's scalar `normal_distribution<double>`: each pair of 53-bit uniforms yields `r cos(theta)`
-/// now and caches `r sin(theta)` for the next element.
-fn fill_scalar(rng: &mut Mt19937, out: &mut [f32]) {
-    let mut cached: Option<f64> = None;
+/// now and caches `r sin(theta)` (in the generator, so across draws) for the next element.
+fn fill_scalar(rng: &mut Mt19937, cached: &mut Option<f64>, out: &mut [f32]) {
     for x in out.iter_mut() {
         let z = match cached.take() {
             Some(z) => z,
@@ -349,6 +395,41 @@ mod tests {
                 "seed {seed} n {n}: sum {got} vs torch {sum}"
             );
         }
+    }
+
+    #[test]
+    fn generator_continues_the_stream_like_torch() {
+        // Whole blocks: the second draw of n is elements [n, 2n) of one draw of 2n (FluxImg2ImgPipeline's noise).
+        for seed in [0u64, 42, 2000] {
+            let mut g = TorchGenerator::new(seed);
+            let first = g.randn(1024);
+            let second = g.randn(1024);
+            let both = randn(seed, 2048);
+            assert_eq!(first, both[..1024]);
+            assert_eq!(second, both[1024..]);
+            assert_eq!(g.seed(), seed);
+        }
+        // A ragged draw consumes n + 16 words: the next draw starts 16 words later than n would suggest.
+        let mut g = TorchGenerator::new(7);
+        assert_eq!(g.randn(17), randn(7, 17));
+        let next = g.randn(32);
+        let mut mt = Mt19937::manual_seed(7);
+        for _ in 0..words_per_draw(17) {
+            mt.next_u32();
+        }
+        let mut want = vec![0f32; 32];
+        fill_uniform(&mut mt, &mut want);
+        fill_blocks(&mut mt, &mut want);
+        assert_eq!(next, want);
+        assert_eq!(
+            (words_per_draw(16), words_per_draw(17), words_per_draw(3072)),
+            (16, 33, 3072)
+        );
+        // The scalar path keeps its cached sine half in the generator, as torch's CPU generator does.
+        let mut g = TorchGenerator::new(42);
+        let mut got = g.randn(3);
+        got.extend(g.randn(1));
+        assert_eq!(got, randn(42, 4));
     }
 
     #[test]

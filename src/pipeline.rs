@@ -4,8 +4,9 @@
 //! modules ([`crate::schedule`], [`crate::latents`], [`crate::noise`]) and every ONNX call goes through
 //! [`crate::runtime::Graph`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ndarray::{Array3, Array4, ArrayD, Axis};
@@ -15,7 +16,8 @@ use crate::latents;
 use crate::model::{contract, ModelSpec, Role, Variant};
 use crate::noise;
 use crate::runtime::{
-    self, Canceller, Dim, Graph, IoInfo, Provider, ProviderPlan, SessionConfig, TensorIn,
+    self, CacheUse, Canceller, Dim, ElemType, Graph, IoInfo, Optimization, Provider, ProviderPlan,
+    SessionConfig, TensorIn,
 };
 use crate::schedule;
 use crate::text::{truncation_warning, PromptTokenizer};
@@ -38,6 +40,23 @@ pub struct LoadOptions {
     pub low_memory: bool,
     /// An explicit ONNX Runtime library (file or folder).
     pub ort_lib: Option<PathBuf>,
+    /// Graph optimization level (default: all).
+    pub optimization: Optimization,
+    /// ONNX Runtime's memory pattern planning (default on).
+    pub memory_pattern: bool,
+    /// The CPU provider's arena allocator (default on).
+    pub cpu_arena: bool,
+    /// The optimized-graph cache folder for CPU sessions; `None` turns it off. Default:
+    /// [`runtime::optimized_cache_dir`] (`FLUXRT_OPTIMIZED_CACHE=off` turns it off).
+    pub optimized_cache: Option<PathBuf>,
+    /// Run the denoising loop through an I/O binding (inputs bound once, latents updated in place). Falls back
+    /// to plain runs where the transformer's inputs are not f32. Default on.
+    pub io_binding: bool,
+    /// GPU provider settings: TensorRT profiles and caches, CUDA, DirectML, CoreML (docs/providers.md).
+    pub ep: runtime::EpSettings,
+    /// The BFL transformer folder to use (`fp32`, `fp16`, `bf16`, `fp8`, `fp4`); `None` picks one for the
+    /// provider. fp8 and fp4 need TensorRT.
+    pub transformer_precision: Option<String>,
 }
 
 impl LoadOptions {
@@ -49,6 +68,13 @@ impl LoadOptions {
             threads: None,
             low_memory: false,
             ort_lib: None,
+            optimization: Optimization::default(),
+            memory_pattern: true,
+            cpu_arena: true,
+            optimized_cache: runtime::optimized_cache_dir(),
+            io_binding: true,
+            ep: runtime::EpSettings::default(),
+            transformer_precision: None,
         }
     }
 }
@@ -68,6 +94,38 @@ pub struct Request {
     pub seed: u64,
     pub num_images: usize,
     pub max_pixels: u64,
+    /// img2img (crate::img2img): start from this image instead of pure noise.
+    pub init_image: Option<crate::img2img::InitImage>,
+    /// img2img strength in (0, 1]: the share of the schedule that runs (default 0.6, diffusers').
+    pub strength: f64,
+    /// True CFG (crate::guidance): the negative prompt, used when `true_cfg > 1`.
+    pub negative_prompt: Option<String>,
+    /// True CFG scale; above 1 with a negative prompt it runs two evaluations per step (default 1.0: off).
+    pub true_cfg: f32,
+    /// Tiled VAE decode/encode (crate::vae_tiling), default automatic above 2 MP.
+    pub vae_tiling: crate::vae_tiling::VaeTiling,
+}
+
+impl Default for Request {
+    /// An empty prompt with FLUX.1-schnell's settings at 1024x1024, seed 0 (for struct-update syntax).
+    fn default() -> Self {
+        Request {
+            prompt: String::new(),
+            prompt_2: None,
+            width: 1024,
+            height: 1024,
+            steps: 4,
+            guidance: None,
+            seed: 0,
+            num_images: 1,
+            max_pixels: DEFAULT_MAX_PIXELS,
+            init_image: None,
+            strength: crate::img2img::DEFAULT_STRENGTH,
+            negative_prompt: None,
+            true_cfg: crate::guidance::DEFAULT_TRUE_CFG,
+            vae_tiling: crate::vae_tiling::VaeTiling::default(),
+        }
+    }
 }
 
 impl Request {
@@ -84,6 +142,7 @@ impl Request {
             seed,
             num_images: 1,
             max_pixels: DEFAULT_MAX_PIXELS,
+            ..Request::default()
         }
     }
 
@@ -107,6 +166,9 @@ impl Request {
                 )));
             }
         }
+        crate::img2img::validate(self)?;
+        crate::guidance::validate(self)?;
+        self.vae_tiling.validate(vae_factor)?;
         Ok(())
     }
 
@@ -116,6 +178,9 @@ impl Request {
             && self.height == other.height
             && self.steps == other.steps
             && self.guidance == other.guidance
+            && crate::img2img::batches_with(self, other)
+            && crate::guidance::batches_with(self, other)
+            && self.vae_tiling == other.vae_tiling
     }
 
     pub fn t5_prompt(&self) -> &str {
@@ -131,6 +196,8 @@ pub struct Timings {
     pub clip: Duration,
     pub t5: Duration,
     pub denoise: Vec<Duration>,
+    /// img2img: VAE encode of the init images (with the posterior and noise draws).
+    pub vae_encode: Duration,
     pub vae_decode: Duration,
     pub to_rgb: Duration,
     /// Time inside ONNX Runtime calls, for the share of time spent outside them.
@@ -153,6 +220,14 @@ pub struct Trace {
     pub latents: Vec<Array3<f32>>,
     /// Decoded images as floats in [0,1], [B,3,H,W].
     pub images: Option<Array4<f32>>,
+    /// img2img: the init images' normalised latents `x0` [B,C,h,w] and the starting latents `x_t` [B,S,64].
+    pub init_latents: Option<Array4<f32>>,
+    pub start_latents: Option<Array3<f32>>,
+    /// True CFG: the negative prompt's ids and embeddings (one row per image).
+    pub negative_clip_ids: Vec<Vec<i64>>,
+    pub negative_t5_ids: Vec<Vec<i64>>,
+    pub negative_prompt_embeds: Option<ArrayD<f32>>,
+    pub negative_pooled_embeds: Option<ArrayD<f32>>,
 }
 
 /// One generated image.
@@ -183,7 +258,10 @@ impl Progress for Quiet {}
 struct Slot {
     graph: Option<Graph>,
     inputs: Vec<IoInfo>,
+    outputs: Vec<IoInfo>,
     providers: Vec<Provider>,
+    load_time: Duration,
+    cache: CacheUse,
 }
 
 pub struct Pipeline {
@@ -193,6 +271,13 @@ pub struct Pipeline {
     session: SessionConfig,
     slots: BTreeMap<Role, Slot>,
     load_time: Duration,
+    io_binding: bool,
+    /// Whether the last generation's denoising loop ran through the I/O binding.
+    last_bound: bool,
+    /// Time inside ONNX Runtime's run calls, summed over every graph and run.
+    ort_busy: Duration,
+    /// Prompt embeddings kept between runs (see [`Pipeline::set_embedding_cache`]).
+    embed_cache: Option<Arc<EmbeddingCache>>,
 }
 
 impl Pipeline {
@@ -203,10 +288,17 @@ impl Pipeline {
         let mut spec = ModelSpec::resolve(&opts.model)?;
         runtime::init(opts.ort_lib.as_deref())?;
         let plan: ProviderPlan = runtime::probe(&opts.providers, opts.no_fallback)?;
+        // fp8/fp4 transformer graphs only with TensorRT; a clear provider error otherwise.
+        let tensorrt = plan.active.contains(&Provider::TensorRt);
+        spec.select_transformer_precision(tensorrt, opts.transformer_precision.as_deref())?;
         let session = SessionConfig {
+            ep: opts.ep.for_model(&spec)?,
             threads: opts.threads,
             providers: plan,
-            ..Default::default()
+            optimization: opts.optimization,
+            memory_pattern: opts.memory_pattern,
+            cpu_arena: opts.cpu_arena,
+            optimized_cache: opts.optimized_cache.clone(),
         };
 
         let mut slots = BTreeMap::new();
@@ -232,7 +324,10 @@ impl Pipeline {
             ));
             let slot = Slot {
                 inputs: graph.inputs().to_vec(),
+                outputs: graph.outputs().to_vec(),
                 providers: graph.providers().to_vec(),
+                load_time: graph.load_time(),
+                cache: graph.cache_use(),
                 graph: if opts.low_memory { None } else { Some(graph) },
             };
             slots.insert(role, slot);
@@ -260,7 +355,54 @@ impl Pipeline {
             session,
             slots,
             load_time: start.elapsed(),
+            io_binding: opts.io_binding,
+            last_bound: false,
+            ort_busy: Duration::ZERO,
+            embed_cache: None,
         })
+    }
+
+    /// Keeps prompt embeddings in `cache` so a repeated prompt skips CLIP and T5 (`None` turns it off).
+    /// One cache may be shared by several pipelines: entries are keyed by model as well as by prompt.
+    /// Cached runs give the same pixels: the same rows are fed to the transformer.
+    pub fn set_embedding_cache(&mut self, cache: Option<Arc<EmbeddingCache>>) {
+        self.embed_cache = cache;
+    }
+
+    pub fn embedding_cache(&self) -> Option<&Arc<EmbeddingCache>> {
+        self.embed_cache.as_ref()
+    }
+
+    /// Time [`Pipeline::load`] took, all graphs and tokenizers included.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// Session creation time of each graph (the first load in low-memory mode).
+    pub fn graph_load_times(&self) -> BTreeMap<String, Duration> {
+        self.slots
+            .iter()
+            .map(|(r, s)| (r.name().to_string(), s.load_time))
+            .collect()
+    }
+
+    /// Whether each graph's session came from the optimized-graph cache.
+    pub fn graph_cache_use(&self) -> BTreeMap<String, CacheUse> {
+        self.slots
+            .iter()
+            .map(|(r, s)| (r.name().to_string(), s.cache))
+            .collect()
+    }
+
+    /// Turns the I/O-binding denoising loop on or off (see [`LoadOptions::io_binding`]).
+    pub fn set_io_binding(&mut self, on: bool) {
+        self.io_binding = on;
+    }
+
+    /// Whether the last generation's denoising loop ran through the I/O binding (it falls back to plain runs
+    /// when turned off or when the transformer's latents are not f32).
+    pub fn io_binding_used(&self) -> bool {
+        self.last_bound
     }
 
     pub fn variant(&self) -> Variant {
@@ -322,15 +464,26 @@ impl Pipeline {
                 ));
             }
         }
+        // Outside the built TensorRT profile: refuse, instead of a silent engine rebuild.
+        let images: usize = reqs.iter().map(|r| r.num_images).sum();
+        let active = &self.session.providers.active;
+        self.session
+            .ep
+            .check_request(active, first.width, first.height, images)?;
         let mut t = Timings {
             load: self.load_time,
             ..Default::default()
         };
+        let ort_start = self.ort_busy;
         let mut warnings: Vec<Vec<String>> = vec![Vec::new(); reqs.len()];
+        for (r, w) in reqs.iter().zip(warnings.iter_mut()) {
+            w.extend(crate::guidance::warnings(r, self.variant(), &self.spec.name));
+        }
 
         // 1. Tokenize each request's prompts; every image of a request shares them.
         let t0 = Instant::now();
         let (mut clip_ids, mut t5_ids, mut seeds) = (Vec::new(), Vec::new(), Vec::new());
+        let mut per_request_ids = Vec::with_capacity(reqs.len());
         for (r, warn) in reqs.iter().zip(warnings.iter_mut()) {
             let clip = self.clip_tok.encode(&r.prompt)?;
             let t5 = self.t5_tok.encode(r.t5_prompt())?;
@@ -345,15 +498,21 @@ impl Pipeline {
                 t5_ids.push(t5.ids.clone());
                 seeds.push(r.seed.wrapping_add(i as u64));
             }
+            per_request_ids.push((clip.ids, t5.ids));
         }
         t.tokenize = t0.elapsed();
 
         // 2. Encode the prompts: pooled CLIP vectors and T5 sequences, [B, ...].
-        let (pooled, dt) = self.encode(Role::Clip, &clip_ids, cancel)?;
-        t.clip = dt;
-        let (txt, dt) = self.encode(Role::T5, &t5_ids, cancel)?;
-        t.t5 = dt;
-        t.in_ort += t.clip + t.t5;
+        let (pooled, txt) = match self.embed_cache.clone() {
+            Some(cache) => self.encode_cached(&cache, reqs, &per_request_ids, cancel, &mut t)?,
+            None => {
+                let (pooled, dt) = self.encode(Role::Clip, &clip_ids, cancel)?;
+                t.clip = dt;
+                let (txt, dt) = self.encode(Role::T5, &t5_ids, cancel)?;
+                t.t5 = dt;
+                (pooled, txt)
+            }
+        };
         let mut tr = trace.then(|| Trace {
             clip_ids: clip_ids.clone(),
             t5_ids: t5_ids.clone(),
@@ -361,11 +520,24 @@ impl Pipeline {
             prompt_embeds: Some(txt.clone()),
             ..Default::default()
         });
+        // 2b. True CFG (crate::guidance): the negative prompts' embeddings beside the prompts'.
+        let cfg =
+            crate::guidance::prepare(self, reqs, &txt, &pooled, cancel, &mut t, &mut warnings)?;
+        if let (Some(tr), Some(c)) = (tr.as_mut(), cfg.as_ref()) {
+            c.trace(tr);
+        }
 
         // 3. Noise: each image from its own seed, exactly as torch.randn with a CPU generator.
         let channels = self.spec.latent_channels;
         let (h, w) = latents::latent_hw(first.width, first.height, vae_factor);
-        let noise = draw_noise(&seeds, channels, h, w);
+        // img2img (crate::img2img): the init latents; the noise is each generator's draw after the posterior's.
+        let t0 = Instant::now();
+        let init = crate::img2img::prepare(self, reqs, &seeds, (channels, h, w), cancel)?;
+        t.vae_encode = t0.elapsed();
+        let noise = match init.as_ref() {
+            Some(i) => i.noise.clone(),
+            None => draw_noise(&seeds, channels, h, w),
+        };
         let mut x = latents::pack(&noise.view());
         if let Some(tr) = tr.as_mut() {
             tr.noise = Some(noise);
@@ -375,6 +547,16 @@ impl Pipeline {
         let steps = first.steps;
         let sigmas = schedule::sigmas(steps, x.shape()[1], &self.spec.scheduler())?;
         let timesteps = schedule::timesteps(&sigmas);
+        // img2img: from x_t at the sigma the strength picks, over the rest of the schedule.
+        let (sigmas, timesteps) = match init.as_ref() {
+            Some(i) => i.start(&mut x, &sigmas, &timesteps)?,
+            None => (sigmas, timesteps),
+        };
+        let steps = timesteps.len();
+        if let (Some(tr), Some(i)) = (tr.as_mut(), init.as_ref()) {
+            tr.init_latents = Some(i.image_latents.clone());
+            tr.start_latents = Some(x.clone());
+        }
         let img_ids = latents::img_ids(h, w).into_dyn();
         let txt_ids = latents::txt_ids(txt.shape()[1]).into_dyn();
         let guidance = match self.variant() {
@@ -386,19 +568,37 @@ impl Pipeline {
             ),
             Variant::Schnell => None,
         };
-        for i in 0..steps {
-            let t0 = Instant::now();
-            let v = self.velocity(
-                &x,
+        let bound = self.io_binding
+            && cfg.is_none()
+            && self.denoise_bound(
+                &mut x,
                 &txt,
                 &pooled,
-                timesteps[i],
+                (&sigmas, &timesteps),
                 guidance,
-                &img_ids,
-                &txt_ids,
+                (&img_ids, &txt_ids),
                 cancel,
+                progress,
+                (&mut t, &mut tr),
             )?;
-            t.in_ort += t0.elapsed();
+        self.last_bound = bound;
+        for i in (0..steps).filter(|_| !bound) {
+            let t0 = Instant::now();
+            let v = match cfg.as_ref() {
+                Some(c) => {
+                    c.velocity(self, &x, timesteps[i], guidance, &img_ids, &txt_ids, cancel)?
+                }
+                None => self.velocity(
+                    &x,
+                    &txt,
+                    &pooled,
+                    timesteps[i],
+                    guidance,
+                    &img_ids,
+                    &txt_ids,
+                    cancel,
+                )?,
+            };
             ensure_finite("transformer output (velocity)", v.as_slice().unwrap_or(&[]))?;
             schedule::euler_step(
                 x.as_slice_mut().expect("packed latents are contiguous"),
@@ -429,9 +629,8 @@ impl Pipeline {
             self.spec.vae.scaling_factor,
             self.spec.vae.shift_factor,
         );
-        let images = self.decode(z, cancel)?;
+        let images = crate::vae_tiling::decode(self, z, &first.vae_tiling, cancel)?;
         t.vae_decode = t0.elapsed();
-        t.in_ort += t.vae_decode;
 
         // 6. To 8-bit RGB, as diffusers' image processor does.
         let t0 = Instant::now();
@@ -446,6 +645,7 @@ impl Pipeline {
             tr.images = Some(images.mapv(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0)));
         }
         t.to_rgb = t0.elapsed();
+        t.in_ort = self.ort_busy - ort_start;
         t.total = start.elapsed();
 
         // Hand each request its images.
@@ -462,8 +662,189 @@ impl Pipeline {
             .collect())
     }
 
+    /// Step 2 through the embedding cache: looks up each distinct (prompt, prompt_2) of the batch, encodes
+    /// only the missing ones (one row each, CLIP and T5 in one call per encoder), stores them, and returns
+    /// the rows repeated per image. `t.clip` and `t.t5` stay zero when every prompt was cached.
+    pub(crate) fn encode_cached(
+        &mut self,
+        cache: &EmbeddingCache,
+        reqs: &[Request],
+        ids: &[(Vec<i64>, Vec<i64>)],
+        cancel: &Canceller,
+        t: &mut Timings,
+    ) -> Result<(ArrayD<f32>, ArrayD<f32>)> {
+        let model = self.spec.root.display().to_string();
+        let keys: Vec<EmbeddingKey> = reqs
+            .iter()
+            .map(|r| EmbeddingKey {
+                model: model.clone(),
+                prompt: r.prompt.clone(),
+                prompt_2: r.t5_prompt().to_string(),
+            })
+            .collect();
+        let mut found: HashMap<&EmbeddingKey, Arc<PromptEmbedding>> = HashMap::new();
+        let mut missing: Vec<usize> = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            if found.contains_key(k) || missing.iter().any(|&j| keys[j] == *k) {
+                continue;
+            }
+            match cache.get(k) {
+                Some(e) => {
+                    found.insert(k, e);
+                }
+                None => missing.push(i),
+            }
+        }
+        if !missing.is_empty() {
+            let clip_rows: Vec<Vec<i64>> = missing.iter().map(|&i| ids[i].0.clone()).collect();
+            let t5_rows: Vec<Vec<i64>> = missing.iter().map(|&i| ids[i].1.clone()).collect();
+            let (pooled, dt) = self.encode(Role::Clip, &clip_rows, cancel)?;
+            t.clip = dt;
+            let (txt, dt) = self.encode(Role::T5, &t5_rows, cancel)?;
+            t.t5 = dt;
+            for (row, &i) in missing.iter().enumerate() {
+                let emb = Arc::new(PromptEmbedding {
+                    pooled: pooled.slice_axis(Axis(0), (row..row + 1).into()).to_owned(),
+                    txt: txt.slice_axis(Axis(0), (row..row + 1).into()).to_owned(),
+                });
+                cache.insert(keys[i].clone(), emb.clone());
+                found.insert(&keys[i], emb);
+            }
+        }
+        let (mut p_rows, mut t_rows) = (Vec::new(), Vec::new());
+        for (r, k) in reqs.iter().zip(&keys) {
+            let e = &found[k];
+            for _ in 0..r.num_images {
+                p_rows.push(e.pooled.view());
+                t_rows.push(e.txt.view());
+            }
+        }
+        let join = |rows: &[ndarray::ArrayViewD<f32>]| {
+            ndarray::concatenate(Axis(0), rows)
+                .map_err(|e| Error::runtime(format!("cannot join cached embeddings: {e}")))
+        };
+        Ok((join(&p_rows)?, join(&t_rows)?))
+    }
+
+    /// The denoising loop through an I/O binding: text embeddings, pooled vector, ids and guidance bound once,
+    /// the latents and timestep updated in place, the velocity written into one preallocated buffer; nothing is
+    /// allocated per step (except with a trace). Returns `Ok(false)`, having done nothing, when the transformer
+    /// cannot be driven this way (latents, timestep or velocity not f32, or a batch-1 graph given a batch), so the
+    /// caller runs the plain loop. On the same graph it gives bit-identical latents to the plain loop.
+    #[allow(clippy::too_many_arguments)]
+    fn denoise_bound(
+        &mut self,
+        x: &mut Array3<f32>,
+        txt: &ArrayD<f32>,
+        pooled: &ArrayD<f32>,
+        (sigmas, timesteps): (&[f32], &[f32]),
+        guidance: Option<f32>,
+        (img_ids, txt_ids): (&ArrayD<f32>, &ArrayD<f32>),
+        cancel: &Canceller,
+        progress: &mut dyn Progress,
+        (t, tr): (&mut Timings, &mut Option<Trace>),
+    ) -> Result<bool> {
+        let gspec = self.spec.graph(Role::Transformer)?.clone();
+        let n = |c: &str| gspec.actual_name(c);
+        let (n_x, n_t, n_v) = (n("hidden_states"), n("timestep"), n("latent"));
+        let slot = self
+            .slots
+            .get_mut(&Role::Transformer)
+            .expect("every pipeline graph has a slot");
+        let b = x.shape()[0];
+        let f32_in = |name: &str| {
+            slot.inputs
+                .iter()
+                .any(|i| i.name == name && i.dtype == ElemType::F32)
+        };
+        let f32_out = slot
+            .outputs
+            .iter()
+            .any(|o| o.name == n_v && o.dtype == ElemType::F32);
+        let batchable = b == 1
+            || slot
+                .inputs
+                .iter()
+                .all(|io| !matches!(io.shape.first(), Some(Dim::Fixed(1))));
+        if !(f32_in(&n_x) && f32_in(&n_t) && f32_out && batchable) {
+            return Ok(false);
+        }
+        let mut transient = None;
+        let graph = match slot.graph.as_mut() {
+            Some(g) => g,
+            None => transient.insert(Graph::load(
+                &gspec.path,
+                Role::Transformer.name(),
+                &self.session,
+            )?),
+        };
+        let ort_before = graph.ort_time();
+        let shape = x.shape().to_vec();
+        let timestep = ndarray::Array1::from_elem(b, 0.0f32).into_dyn();
+        let mut bind = graph.binding()?;
+        graph.bind_input(&mut bind, &n_x, TensorIn::F32(x.view().into_dyn()))?;
+        graph.bind_input(
+            &mut bind,
+            &n("encoder_hidden_states"),
+            TensorIn::F32(txt.view()),
+        )?;
+        graph.bind_input(
+            &mut bind,
+            &n("pooled_projections"),
+            TensorIn::F32(pooled.view()),
+        )?;
+        graph.bind_input(&mut bind, &n_t, TensorIn::F32(timestep.view()))?;
+        graph.bind_input(&mut bind, &n("img_ids"), TensorIn::F32(img_ids.view()))?;
+        graph.bind_input(&mut bind, &n("txt_ids"), TensorIn::F32(txt_ids.view()))?;
+        if let Some(g) = guidance {
+            let g = ndarray::Array1::from_elem(b, g).into_dyn();
+            graph.bind_input(&mut bind, &n("guidance"), TensorIn::F32(g.view()))?;
+        }
+        graph.bind_output(&mut bind, &n_v, &shape)?;
+        let steps = timesteps.len();
+        let mut run = || -> Result<()> {
+            for i in 0..steps {
+                let t0 = Instant::now();
+                bind.input_mut(&n_t)
+                    .expect("timestep is a bound f32 input")
+                    .fill(schedule::model_timestep(timesteps[i]));
+                graph.run_binding(&mut bind, cancel)?;
+                let (xs, v) = bind
+                    .input_mut_and_output(&n_x, &n_v)
+                    .expect("latents and velocity are bound f32 buffers");
+                if v.len() != xs.len() {
+                    return Err(Error::model(format!(
+                        "transformer output has {} values for {} latents",
+                        v.len(),
+                        xs.len()
+                    )));
+                }
+                ensure_finite("transformer output (velocity)", v)?;
+                schedule::euler_step(xs, v, sigmas[i], sigmas[i + 1]);
+                ensure_finite(&format!("latents after step {}", i + 1), xs)?;
+                if let Some(tr) = tr.as_mut() {
+                    tr.latents.push(
+                        Array3::from_shape_vec((shape[0], shape[1], shape[2]), xs.to_vec())
+                            .expect("latents keep their shape"),
+                    );
+                }
+                t.denoise.push(t0.elapsed());
+                progress.step(i + 1, steps);
+            }
+            Ok(())
+        };
+        let result = run();
+        self.ort_busy += graph.ort_time() - ort_before;
+        result?;
+        // The latents come back to the host array once, at the end.
+        x.as_slice_mut()
+            .expect("packed latents are contiguous")
+            .copy_from_slice(bind.input_mut(&n_x).expect("latents are bound"));
+        Ok(true)
+    }
+
     /// Runs a text encoder on [B, L] token ids; returns its embedding and the run time.
-    fn encode(
+    pub(crate) fn encode(
         &mut self,
         role: Role,
         ids: &[Vec<i64>],
@@ -489,7 +870,7 @@ impl Pipeline {
 
     /// One transformer evaluation: the velocity v(x, t) for the packed latents.
     #[allow(clippy::too_many_arguments)]
-    fn velocity(
+    pub(crate) fn velocity(
         &mut self,
         x: &Array3<f32>,
         txt: &ArrayD<f32>,
@@ -520,7 +901,7 @@ impl Pipeline {
             .map_err(|e| Error::model(format!("transformer output has the wrong rank: {e}")))
     }
 
-    fn decode(&mut self, z: Array4<f32>, cancel: &Canceller) -> Result<Array4<f32>> {
+    pub(crate) fn decode(&mut self, z: Array4<f32>, cancel: &Canceller) -> Result<Array4<f32>> {
         let z = z.into_dyn();
         let img = self.run_graph(
             Role::VaeDecoder,
@@ -552,6 +933,7 @@ impl Pipeline {
             Some(g) => g,
             None => transient.insert(Graph::load(&gspec.path, role.name(), &self.session)?),
         };
+        let ort_before = graph.ort_time();
         let names: Vec<String> = inputs.iter().map(|(n, _)| gspec.actual_name(n)).collect();
         let out_name = gspec.actual_name(output);
         let batch = inputs.first().map_or(1, |(_, t)| tensor_batch(t));
@@ -575,7 +957,9 @@ impl Pipeline {
                 .zip(inputs)
                 .map(|(n, (_, t))| (n.as_str(), t.clone()))
                 .collect();
-            return run_one(graph, feed);
+            let out = run_one(graph, feed);
+            self.ort_busy += graph.ort_time() - ort_before;
+            return out;
         }
         // A graph exported with batch 1: one call per image, batched inputs sliced, shared ones passed whole.
         let mut parts = Vec::with_capacity(batch);
@@ -585,8 +969,13 @@ impl Pipeline {
                 .zip(inputs)
                 .map(|(n, (_, t))| (n.as_str(), slice_batch(t, i, batch)))
                 .collect();
-            parts.push(run_one(graph, feed)?);
+            let part = run_one(graph, feed);
+            if part.is_err() {
+                self.ort_busy += graph.ort_time() - ort_before;
+            }
+            parts.push(part?);
         }
+        self.ort_busy += graph.ort_time() - ort_before;
         let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
         ndarray::concatenate(Axis(0), &views)
             .map_err(|e| Error::runtime(format!("cannot join batch outputs: {e}")))
@@ -613,6 +1002,128 @@ fn slice_batch<'a>(t: &TensorIn<'a>, i: usize, batch: usize) -> TensorIn<'a> {
             TensorIn::I64(a.clone().slice_axis_move(Axis(0), (i..i + 1).into()))
         }
         other => other.clone(),
+    }
+}
+
+/// What identifies a prompt's embeddings: the model folder, the CLIP prompt and the T5 prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EmbeddingKey {
+    pub model: String,
+    pub prompt: String,
+    pub prompt_2: String,
+}
+
+/// One prompt's encoder outputs: the pooled CLIP row [1, D] and the T5 sequence [1, L, D].
+#[derive(Debug, Clone)]
+pub struct PromptEmbedding {
+    pub pooled: ArrayD<f32>,
+    pub txt: ArrayD<f32>,
+}
+
+impl PromptEmbedding {
+    fn bytes(&self) -> usize {
+        (self.pooled.len() + self.txt.len()) * std::mem::size_of::<f32>()
+    }
+}
+
+/// Counters of an [`EmbeddingCache`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EmbeddingCacheStats {
+    pub entries: usize,
+    pub bytes: usize,
+    pub budget: usize,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+/// A least-recently-used cache of prompt embeddings, bounded in bytes (tensors plus key text). Thread-safe,
+/// so several pipelines (one per worker thread) can share one. An entry larger than the whole budget is
+/// not kept.
+#[derive(Debug)]
+pub struct EmbeddingCache {
+    budget: usize,
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    map: HashMap<EmbeddingKey, (Arc<PromptEmbedding>, u64, usize)>,
+    /// Use tick -> key, oldest first.
+    order: BTreeMap<u64, EmbeddingKey>,
+    tick: u64,
+    stats: EmbeddingCacheStats,
+}
+
+impl EmbeddingCache {
+    pub fn new(budget_bytes: usize) -> EmbeddingCache {
+        EmbeddingCache {
+            budget: budget_bytes,
+            inner: Mutex::new(CacheInner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The embedding of `key`, marking it most recently used; counts a hit or a miss.
+    pub fn get(&self, key: &EmbeddingKey) -> Option<Arc<PromptEmbedding>> {
+        let mut guard = self.lock();
+        let c = &mut *guard;
+        c.tick += 1;
+        let Some(entry) = c.map.get_mut(key) else {
+            c.stats.misses += 1;
+            return None;
+        };
+        let old = std::mem::replace(&mut entry.1, c.tick);
+        c.order.remove(&old);
+        c.order.insert(c.tick, key.clone());
+        c.stats.hits += 1;
+        Some(entry.0.clone())
+    }
+
+    /// Stores `emb` under `key`, evicting the least recently used entries until it fits the budget.
+    pub fn insert(&self, key: EmbeddingKey, emb: Arc<PromptEmbedding>) {
+        let size = emb.bytes() + key.model.len() + key.prompt.len() + key.prompt_2.len();
+        if size > self.budget {
+            return;
+        }
+        let mut c = self.lock();
+        if let Some((_, old, old_size)) = c.map.remove(&key) {
+            c.order.remove(&old);
+            c.stats.bytes -= old_size;
+        }
+        while c.stats.bytes + size > self.budget {
+            let Some((_, victim)) = c.order.pop_first() else {
+                break;
+            };
+            if let Some((_, _, vsize)) = c.map.remove(&victim) {
+                c.stats.bytes -= vsize;
+                c.stats.evictions += 1;
+            }
+        }
+        c.tick += 1;
+        let tick = c.tick;
+        c.order.insert(tick, key.clone());
+        c.map.insert(key, (emb, tick, size));
+        c.stats.bytes += size;
+    }
+
+    pub fn stats(&self) -> EmbeddingCacheStats {
+        let c = self.lock();
+        EmbeddingCacheStats {
+            entries: c.map.len(),
+            budget: self.budget,
+            ..c.stats
+        }
+    }
+
+    pub fn clear(&self) {
+        let mut c = self.lock();
+        c.map.clear();
+        c.order.clear();
+        c.stats.bytes = 0;
     }
 }
 
@@ -662,6 +1173,48 @@ mod tests {
         let second = draw_noise(&[8], 16, 4, 4);
         assert_eq!(both.index_axis(Axis(0), 1), second.index_axis(Axis(0), 0));
         assert_ne!(both.index_axis(Axis(0), 0), both.index_axis(Axis(0), 1));
+    }
+
+    fn emb(n: usize) -> Arc<PromptEmbedding> {
+        Arc::new(PromptEmbedding {
+            pooled: ArrayD::zeros(ndarray::IxDyn(&[1, n])),
+            txt: ArrayD::zeros(ndarray::IxDyn(&[1, 1, n])),
+        })
+    }
+
+    fn key(p: &str) -> EmbeddingKey {
+        EmbeddingKey {
+            model: "m".into(),
+            prompt: p.into(),
+            prompt_2: p.into(),
+        }
+    }
+
+    #[test]
+    fn embedding_cache_evicts_least_recently_used_within_its_budget() {
+        // Each entry: 2 * 10 floats = 80 bytes + 3 bytes of key text.
+        let cache = EmbeddingCache::new(200);
+        cache.insert(key("a"), emb(10));
+        cache.insert(key("b"), emb(10));
+        assert_eq!(cache.stats().bytes, 166);
+        assert!(cache.get(&key("a")).is_some()); // a is now the most recent
+        cache.insert(key("c"), emb(10)); // evicts b
+        assert!(cache.get(&key("b")).is_none());
+        assert!(cache.get(&key("a")).is_some());
+        assert!(cache.get(&key("c")).is_some());
+        let s = cache.stats();
+        assert_eq!((s.entries, s.bytes, s.evictions), (2, 166, 1));
+        assert_eq!((s.hits, s.misses), (3, 1));
+        // Too large for the whole budget: not kept, nothing evicted.
+        cache.insert(key("big"), emb(1000));
+        assert!(cache.get(&key("big")).is_none());
+        assert_eq!(cache.stats().entries, 2);
+        // Re-inserting a key replaces it without double counting.
+        cache.insert(key("a"), emb(10));
+        assert_eq!(cache.stats().bytes, 166);
+        cache.clear();
+        assert_eq!(cache.stats().entries, 0);
+        assert_eq!(cache.stats().bytes, 0);
     }
 
     #[test]

@@ -3,8 +3,12 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use fluxrt::pipeline::LoadOptions;
+use fluxrt::runtime::ep_config::{self, ProviderConfig, ProvidersLayer};
 use fluxrt::runtime::{self, Provider};
 use fluxrt::Result;
+
+use super::provider_flags::ProviderFlags;
 
 /// The bundled default model, looked up where a checkout or an install keeps it.
 pub const DEFAULT_MODEL: &str = "tiny-flux-schnell";
@@ -16,19 +20,50 @@ pub struct RuntimeArgs {
     #[arg(long, value_name = "PATH", global = true)]
     pub ort_lib: Option<PathBuf>,
     /// Execution providers in priority order, e.g. `tensorrt,cuda,cpu`. CPU is appended as a fallback.
-    #[arg(long, default_value = "cpu", value_name = "LIST")]
-    pub provider: String,
+    /// Default: `order` in the config file's [providers], else cpu.
+    #[arg(long, value_name = "LIST")]
+    pub provider: Option<String>,
     /// Fail instead of falling back to CPU when a requested provider cannot be used.
     #[arg(long)]
     pub no_fallback: bool,
     /// Threads per graph (default: physical cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// A TOML file whose [providers] section holds the execution provider settings (docs/providers.md);
+    /// flags given here override it.
+    #[arg(long, value_name = "FILE", env = "FLUXRT_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub ep: ProviderFlags,
 }
 
 impl RuntimeArgs {
+    /// `--provider`, else the config file's `order`, else CPU.
     pub fn providers(&self) -> Result<Vec<Provider>> {
-        runtime::parse_list(&self.provider)
+        match &self.provider {
+            Some(list) => runtime::parse_list(list),
+            None => Ok(self
+                .provider_config()?
+                .order
+                .unwrap_or_else(|| vec![Provider::Cpu])),
+        }
+    }
+
+    /// The provider settings: defaults, then the config file, then the flags.
+    pub fn provider_config(&self) -> Result<ProviderConfig> {
+        let file = match &self.config {
+            Some(path) => ep_config::load_config(path)?,
+            None => ProvidersLayer::default(),
+        };
+        ProvidersLayer::resolve(&[&file, &self.ep.layer()])
+    }
+
+    /// Puts the provider settings (and the transformer precision) into `opts`.
+    pub fn apply_provider_settings(&self, opts: &mut LoadOptions) -> Result<()> {
+        let c = self.provider_config()?;
+        opts.ep = c.ep;
+        opts.transformer_precision = c.transformer_precision;
+        Ok(())
     }
 }
 

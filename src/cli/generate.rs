@@ -101,9 +101,13 @@ pub fn run(a: Args) -> Result<()> {
     opts.threads = a.runtime.threads;
     opts.low_memory = a.low_memory;
     opts.ort_lib = a.runtime.ort_lib.clone();
+    a.runtime.apply_provider_settings(&mut opts)?;
     let mut pipe = Pipeline::load(&opts)?;
     for (p, why) in &pipe.providers().rejected {
         eprintln!("warning: provider {p} not used: {why}");
+    }
+    for w in opts.ep.warnings(&pipe.providers().active) {
+        eprintln!("warning: {w}");
     }
 
     let mut req = Request::new(&pipe, a.prompt.clone(), seed);

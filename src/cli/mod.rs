@@ -1,9 +1,13 @@
 //! The `fluxrt` command line: one file per subcommand, each a thin layer over the library.
 
+mod bench;
+mod build_engines;
 mod common;
 mod generate;
 mod info;
+mod provider_flags;
 mod providers;
+mod serve;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +34,12 @@ enum Command {
     Providers(providers::Args),
     /// Show how both tokenizers split a prompt (JSON).
     Tokenize(tokenize::Args),
+    /// Time every stage over repeated runs, for each execution provider in turn (table and JSON).
+    Bench(bench::Args),
+    /// Serve an HTTP API (OpenAI Images compatible and native) with queueing, batching and metrics.
+    Serve(serve::Args),
+    /// Build and cache every graph's TensorRT engine for a size and batch range, ahead of deployment.
+    BuildEngines(build_engines::Args),
 }
 
 pub fn main() -> std::process::ExitCode {
@@ -39,6 +49,9 @@ pub fn main() -> std::process::ExitCode {
         Command::Info(a) => info::run(a),
         Command::Providers(a) => providers::run(a),
         Command::Tokenize(a) => tokenize::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::BuildEngines(a) => build_engines::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -155,6 +155,95 @@ impl ModelSpec {
                 _ => SchedulerConfig::schnell(),
             })
     }
+
+    /// The transformer's precision where the layout names it: the BFL `transformer.opt/<precision>` folder.
+    pub fn transformer_precision(&self) -> Option<&'static str> {
+        if self.layout != Layout::Bfl {
+            return None;
+        }
+        let path = &self.graphs.get(&Role::Transformer)?.path;
+        let dir = path.parent()?.file_name()?.to_str()?;
+        BFL_TRANSFORMER_PRECISIONS
+            .iter()
+            .copied()
+            .find(|p| *p == dir)
+    }
+
+    /// Chooses the BFL transformer folder for the active provider: `wanted` when given, else the first present of
+    /// fp32, fp16, bf16, and with TensorRT then fp8, fp4. The fp8/fp4 graphs (TensorRT quantization) are refused with
+    /// an [`ErrorKind::Provider`](crate::ErrorKind::Provider) error unless `tensorrt` is active. Other layouts keep
+    /// their transformer; `wanted` is an input error for them.
+    pub fn select_transformer_precision(
+        &mut self,
+        tensorrt: bool,
+        wanted: Option<&str>,
+    ) -> Result<()> {
+        if self.layout != Layout::Bfl {
+            return match wanted {
+                Some(w) => Err(Error::input(format!(
+                    "transformer precision {w} selects a BFL transformer.opt/<precision> folder, but {} is a {} model",
+                    self.name,
+                    self.layout.name()
+                ))
+                .with_hint("leave --transformer-precision unset for this model")),
+                None => Ok(()),
+            };
+        }
+        let tdir = self.root.join("transformer.opt");
+        let present: Vec<&'static str> = BFL_TRANSFORMER_PRECISIONS
+            .iter()
+            .copied()
+            .filter(|p| tdir.join(p).join("model.onnx").is_file())
+            .collect();
+        let chosen = match wanted {
+            Some(w) => match present.iter().copied().find(|p| *p == w) {
+                Some(p) => p,
+                None => {
+                    return Err(Error::model(format!(
+                        "{} has no transformer.opt/{w}/model.onnx (it has: {})",
+                        self.root.display(),
+                        present.join(", ")
+                    ))
+                    .with_hint("pick a precision the model has, or download that folder of the FLUX.1 ONNX repository"))
+                }
+            },
+            None => match present
+                .iter()
+                .copied()
+                .find(|p| tensorrt || !TENSORRT_ONLY_PRECISIONS.contains(p))
+                .or_else(|| present.first().copied())
+            {
+                Some(p) => p,
+                None => return Ok(()),
+            },
+        };
+        let path = tdir.join(chosen).join("model.onnx");
+        if TENSORRT_ONLY_PRECISIONS.contains(&chosen) && !tensorrt {
+            let others: Vec<&str> = present
+                .iter()
+                .copied()
+                .filter(|p| !TENSORRT_ONLY_PRECISIONS.contains(p))
+                .collect();
+            return Err(Error::provider(format!(
+                "the {chosen} transformer graph {} runs only on the TensorRT execution provider, which is not active",
+                path.display()
+            ))
+            .with_hint(if others.is_empty() {
+                "run with --provider tensorrt on an NVIDIA GPU (fluxrt built with --features tensorrt), or download \
+                 the bf16 transformer folder of the FLUX.1 ONNX repository"
+                    .to_string()
+            } else {
+                format!(
+                    "run with --provider tensorrt, or use --transformer-precision {}",
+                    others.join(" / ")
+                )
+            }));
+        }
+        if let Some(g) = self.graphs.get_mut(&Role::Transformer) {
+            g.path = path;
+        }
+        Ok(())
+    }
 }
 
 fn require_file(path: &Path, what: &str) -> Result<()> {
@@ -249,6 +338,8 @@ fn folder_name(root: &Path) -> String {
 
 /// Precisions of BFL's transformer folders, in the order fluxrt prefers them on a generic provider.
 pub const BFL_TRANSFORMER_PRECISIONS: [&str; 5] = ["fp32", "fp16", "bf16", "fp8", "fp4"];
+/// The BFL transformer precisions only TensorRT runs (its fp8/fp4 quantization).
+pub const TENSORRT_ONLY_PRECISIONS: [&str; 2] = ["fp8", "fp4"];
 
 fn from_bfl(root: &Path) -> Result<ModelSpec> {
     let mut graphs = BTreeMap::new();
@@ -385,5 +476,90 @@ mod tests {
         assert_eq!(s.defaults().steps, 28);
         assert_eq!(s.t5_tokenizer.settings.max_length, 512);
         assert!(s.scheduler().use_dynamic_shifting);
+    }
+
+    /// A BFL spec whose transformer.opt has the given precision folders (files need not be real graphs here).
+    fn bfl_with(precisions: &[&str]) -> (tempfile::TempDir, ModelSpec) {
+        let d = tempfile::tempdir().unwrap();
+        for p in precisions {
+            let dir = d.path().join("transformer.opt").join(p);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("model.onnx"), b"x").unwrap();
+        }
+        let (clip, t5) = default_tokenizers(d.path());
+        let mut graphs = BTreeMap::new();
+        graphs.insert(
+            Role::Transformer,
+            GraphSpec {
+                role: Role::Transformer,
+                path: d
+                    .path()
+                    .join("transformer.opt")
+                    .join(precisions[0])
+                    .join("model.onnx"),
+                renames: Vec::new(),
+            },
+        );
+        let spec = bare_spec(d.path(), Layout::Bfl, graphs, clip, t5);
+        (d, spec)
+    }
+
+    #[test]
+    fn bfl_transformer_precision_follows_the_provider() {
+        let (_d, mut s) = bfl_with(&["fp8", "bf16", "fp4"]);
+        // Not TensorRT: the first non-quantized folder.
+        s.select_transformer_precision(false, None).unwrap();
+        assert_eq!(s.transformer_precision(), Some("bf16"));
+        // Asking for fp8 without TensorRT: a provider error that names the alternative.
+        let e = s
+            .select_transformer_precision(false, Some("fp8"))
+            .unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::Provider);
+        assert!(
+            e.message.contains("fp8") && e.message.contains("TensorRT"),
+            "{e}"
+        );
+        assert!(e.hint.as_deref().unwrap().contains("bf16"), "{e:?}");
+        assert_eq!(
+            s.transformer_precision(),
+            Some("bf16"),
+            "unchanged after the refusal"
+        );
+        // With TensorRT fp8 and fp4 are allowed, on request.
+        s.select_transformer_precision(true, Some("fp4")).unwrap();
+        assert_eq!(s.transformer_precision(), Some("fp4"));
+        s.select_transformer_precision(true, None).unwrap();
+        assert_eq!(s.transformer_precision(), Some("bf16"));
+        // A folder the model lacks.
+        let e = s
+            .select_transformer_precision(true, Some("fp16"))
+            .unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::Model);
+        assert!(
+            e.message.contains("fp16") && e.message.contains("bf16, fp8, fp4"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn only_quantized_transformers_need_tensorrt() {
+        let (_d, mut s) = bfl_with(&["fp8"]);
+        let e = s.select_transformer_precision(false, None).unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::Provider);
+        assert!(e.message.contains("transformer.opt/fp8"), "{e}");
+        assert!(
+            e.hint.as_deref().unwrap().contains("--provider tensorrt"),
+            "{e:?}"
+        );
+        s.select_transformer_precision(true, None).unwrap();
+        assert_eq!(s.transformer_precision(), Some("fp8"));
+        // Other layouts keep their transformer; a precision request is an input error there.
+        let (clip, t5) = default_tokenizers(Path::new("/m"));
+        let mut m = bare_spec(Path::new("/m"), Layout::Manifest, BTreeMap::new(), clip, t5);
+        assert!(m.select_transformer_precision(false, None).is_ok());
+        let e = m
+            .select_transformer_precision(true, Some("fp8"))
+            .unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::InvalidInput);
     }
 }

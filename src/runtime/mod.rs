@@ -3,6 +3,8 @@
 //! - [`library`]: finds and loads ONNX Runtime once per process ([`init`]); the `ort` environment lives here.
 //! - [`providers`]: execution provider names ([`Provider`]), what this build and the loaded library support, and
 //!   [`probe`], which tries each requested provider once and returns a [`ProviderPlan`].
+//! - [`ep_config`]: provider settings ([`EpSettings`]: TensorRT, CUDA, DirectML, CoreML) from a config file and flags,
+//!   and the options each provider receives per graph; [`trt_profile`]: TensorRT shape profiles from a size range.
 //! - [`session`]: [`Graph`], one loaded ONNX graph, run with f32/i64 arrays that are converted to the graph's
 //!   declared element types (f16, bf16, i32, ...) and back to f32; [`Canceller`] stops runs from another thread.
 //!
@@ -19,13 +21,16 @@
 //! # Ok(()) }
 //! ```
 
+pub mod ep_config;
 pub mod library;
 pub mod providers;
 pub mod session;
+pub mod trt_profile;
 
+pub use ep_config::{EpSettings, ProviderConfig, ProvidersLayer};
 pub use library::{init, OrtLibrary};
 pub use providers::{available_in_library, compiled_in, parse_list, probe, Provider, ProviderPlan};
 pub use session::{
-    physical_cores, Canceller, Dim, ElemType, Graph, IoInfo, Optimization, Outputs, SessionConfig,
-    TensorIn,
+    optimized_cache_dir, optimized_cache_key, physical_cores, Binding, CacheUse, Canceller, Dim,
+    ElemType, Graph, IoInfo, Optimization, Outputs, SessionConfig, TensorIn,
 };

@@ -7,12 +7,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::Mutex;
 
 use ort::ep::{self, ExecutionProviderDispatch};
 use ort::session::Session;
 
+use super::ep_config::{self, EpSettings, GraphInfo, HostInfo};
 use super::library;
 use crate::{Error, Result};
 
@@ -322,7 +324,7 @@ fn probe_one(
             library::RECOMMENDED_VERSION
         ));
     }
-    let Some(d) = dispatch(p) else {
+    let Some(d) = dispatch(p, &EpSettings::default(), None).map_err(|e| e.to_string())? else {
         return Err("not compiled into this fluxrt binary".to_string());
     };
     register_on_throwaway(lib, d.error_on_failure())
@@ -337,28 +339,52 @@ fn register_on_throwaway(
     Ok(())
 }
 
-/// The `ort` provider object for `p`, if compiled in. Registered with `error_on_failure`.
-pub(crate) fn dispatch(p: Provider) -> Option<ExecutionProviderDispatch> {
-    let d: ExecutionProviderDispatch = match p {
-        Provider::Cpu => ep::CPU::default().build(),
-        #[cfg(feature = "cuda")]
-        Provider::Cuda => ep::CUDA::default().build(),
-        #[cfg(feature = "tensorrt")]
-        Provider::TensorRt => ep::TensorRT::default().build(),
-        #[cfg(feature = "directml")]
-        Provider::DirectMl => ep::DirectML::default().build(),
-        #[cfg(feature = "coreml")]
-        Provider::CoreMl => ep::CoreML::default().build(),
-        #[cfg(feature = "rocm")]
-        Provider::Rocm => ep::ROCm::default().build(),
-        #[cfg(feature = "migraphx")]
-        Provider::MiGraphX => ep::MIGraphX::default().build(),
-        #[cfg(feature = "openvino")]
-        Provider::OpenVino => ep::OpenVINO::default().build(),
-        #[allow(unreachable_patterns)]
-        _ => return None,
+/// The `ort` provider object for `p` with `settings`, for the graph `(role, path)` (its TensorRT profile and
+/// the cache folders keyed by it; `None` when probing), if compiled in. Registered with `error_on_failure`. Creates
+/// the provider's cache folders. The options come from [`EpSettings::provider_options`].
+pub(crate) fn dispatch(
+    p: Provider,
+    settings: &EpSettings,
+    graph: Option<(&str, &Path)>,
+) -> Result<Option<ExecutionProviderDispatch>> {
+    if !compiled_in(p) {
+        return Ok(None);
+    }
+    let host = HostInfo::detect(library::get().map_or("", |l| l.version()));
+    let info = match graph {
+        Some((role, path)) if matches!(p, Provider::TensorRt | Provider::CoreMl) => {
+            Some(GraphInfo::read(
+                role,
+                path,
+                p == Provider::TensorRt && settings.shapes.is_some(),
+            )?)
+        }
+        _ => None,
     };
-    Some(d.error_on_failure())
+    let opts = settings.provider_options(p, info.as_ref(), &host)?;
+    if let Some(g) = &info {
+        ep_config::prepare_cache_dirs(&opts, g, &host)?;
+    }
+    let d: ExecutionProviderDispatch = match (p, &opts) {
+        (Provider::Cpu, _) => ep::CPU::default().build(),
+        #[cfg(feature = "cuda")]
+        (Provider::Cuda, ep_config::ProviderOptions::Cuda(o)) => o.to_ort().build(),
+        #[cfg(feature = "tensorrt")]
+        (Provider::TensorRt, ep_config::ProviderOptions::TensorRt(o)) => o.to_ort().build(),
+        #[cfg(feature = "directml")]
+        (Provider::DirectMl, ep_config::ProviderOptions::DirectMl(o)) => o.to_ort().build(),
+        #[cfg(feature = "coreml")]
+        (Provider::CoreMl, ep_config::ProviderOptions::CoreMl(o)) => o.to_ort().build(),
+        #[cfg(feature = "rocm")]
+        (Provider::Rocm, _) => ep::ROCm::default().build(),
+        #[cfg(feature = "migraphx")]
+        (Provider::MiGraphX, _) => ep::MIGraphX::default().build(),
+        #[cfg(feature = "openvino")]
+        (Provider::OpenVino, _) => ep::OpenVINO::default().build(),
+        #[allow(unreachable_patterns)]
+        _ => return Ok(None),
+    };
+    Ok(Some(d.error_on_failure()))
 }
 
 #[cfg(test)]

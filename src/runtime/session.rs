@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -14,6 +15,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{RunOptions, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
+use super::ep_config::{self, EpSettings};
 use super::library;
 use super::providers::{self, Provider, ProviderPlan};
 use crate::{Error, ErrorKind, Result};
@@ -58,13 +60,37 @@ impl FromStr for Optimization {
 }
 
 /// How to build sessions.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SessionConfig {
     /// Intra-op threads; `None` = the number of physical cores this process may use.
     pub threads: Option<usize>,
     pub optimization: Optimization,
     /// From [`providers::probe`]; the default is CPU only.
     pub providers: ProviderPlan,
+    /// ONNX Runtime's memory pattern planning (on by default, as in ONNX Runtime).
+    pub memory_pattern: bool,
+    /// The CPU provider's arena allocator (on by default, as in ONNX Runtime).
+    pub cpu_arena: bool,
+    /// Folder of the optimized-graph cache ([`optimized_cache_dir`] gives the usual one); `None` turns it off.
+    /// Used for CPU-only sessions: the first load writes the optimized graph there, later loads read it back and
+    /// skip the optimizer.
+    pub optimized_cache: Option<PathBuf>,
+    /// GPU provider settings (TensorRT, CUDA, DirectML, CoreML); see [`ep_config`].
+    pub ep: EpSettings,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            threads: None,
+            optimization: Optimization::default(),
+            providers: ProviderPlan::default(),
+            memory_pattern: true,
+            cpu_arena: true,
+            optimized_cache: None,
+            ep: EpSettings::default(),
+        }
+    }
 }
 
 /// The number of physical cores available to this process (at least 1): logical CPUs the process may use, divided
@@ -340,6 +366,10 @@ pub struct Graph {
     inputs: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
     providers: Vec<Provider>,
+    /// Time spent inside ONNX Runtime's run calls of this graph, summed.
+    ort_time: Duration,
+    load_time: Duration,
+    cache: CacheUse,
 }
 
 impl fmt::Debug for Graph {
@@ -379,6 +409,7 @@ impl Graph {
         if meta.len() == 0 {
             return Err(Error::model(format!("{what} is empty (0 bytes)")).with_hint(REEXPORT_HINT));
         }
+        let started = Instant::now();
         let lib = library::init(None)?;
 
         let providers: Vec<Provider> = if cfg.providers.active.is_empty() {
@@ -386,10 +417,11 @@ impl Graph {
         } else {
             cfg.providers.active.clone()
         };
-        // CPU is always ONNX Runtime's implicit last provider; registering it explicitly would turn its arena off.
+        // CPU is always ONNX Runtime's implicit last provider; registering it explicitly would turn its arena off,
+        // which is only done when asked for.
         let mut eps = Vec::new();
         for p in providers.iter().copied().filter(|p| *p != Provider::Cpu) {
-            match providers::dispatch(p) {
+            match providers::dispatch(p, &cfg.ep, Some((role, path)))? {
                 Some(d) => eps.push(d),
                 None => {
                     return Err(Error::provider(format!(
@@ -401,12 +433,37 @@ impl Graph {
                 }
             }
         }
+        if !cfg.cpu_arena {
+            eps.push(ort::ep::CPU::default().with_arena_allocator(false).build());
+        }
         let threads = cfg
             .threads
             .filter(|&t| t > 0)
             .unwrap_or_else(physical_cores);
-        let session = build_session(lib, path, cfg.optimization, threads, eps)
-            .map_err(|e| load_error(&what, &e))?;
+        // DirectML requires memory patterns off and sequential execution.
+        let needs = ep_config::session_overrides(&providers);
+        let build = |file: &Path, level: Optimization, save: Option<&Path>| {
+            let opts = BuildOptions {
+                optimization: level,
+                threads,
+                memory_pattern: cfg.memory_pattern && !needs.no_memory_pattern,
+                sequential: needs.sequential_execution,
+                save_optimized: save,
+            };
+            build_session(lib, file, &opts, eps.clone())
+        };
+        let cache_dir = cfg
+            .optimized_cache
+            .as_deref()
+            .filter(|_| providers == [Provider::Cpu] && cfg.optimization != Optimization::Disable);
+        let (session, cache) = match cache_dir {
+            Some(dir) => load_cached(dir, lib.version(), path, cfg.optimization, &build)
+                .map_err(|e| load_error(&what, &e))?,
+            None => (
+                build(path, cfg.optimization, None).map_err(|e| load_error(&what, &e))?,
+                CacheUse::Off,
+            ),
+        };
 
         let inputs = session
             .inputs()
@@ -425,7 +482,26 @@ impl Graph {
             inputs,
             outputs,
             providers,
+            ort_time: Duration::ZERO,
+            load_time: started.elapsed(),
+            cache,
         })
+    }
+
+    /// Time spent inside ONNX Runtime's run calls of this graph so far (input checks, conversions and output
+    /// copies excluded).
+    pub fn ort_time(&self) -> Duration {
+        self.ort_time
+    }
+
+    /// How long [`Graph::load`] took (session creation, including the optimized-graph cache).
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// Whether the session came from the optimized-graph cache.
+    pub fn cache_use(&self) -> CacheUse {
+        self.cache
     }
 
     pub fn role(&self) -> &str {
@@ -478,15 +554,18 @@ impl Graph {
             },
             None => None,
         };
+        let t0 = Instant::now();
+        let ort_time = &mut self.ort_time;
+        let mut timed = |outs: ort::session::SessionOutputs<'_>| {
+            *ort_time += t0.elapsed();
+            collect_outputs(outs.into_iter())
+        };
         let result = match &opts {
             Some(o) => self
                 .session
                 .run_with_options(values, o.as_ref())
-                .map(|outs| collect_outputs(outs.into_iter())),
-            None => self
-                .session
-                .run(values)
-                .map(|outs| collect_outputs(outs.into_iter())),
+                .map(&mut timed),
+            None => self.session.run(values).map(&mut timed),
         };
         if let (Some(c), Some(o)) = (cancel, &opts) {
             c.end(o);
@@ -577,20 +656,523 @@ impl Graph {
     }
 }
 
+struct BuildOptions<'a> {
+    optimization: Optimization,
+    threads: usize,
+    memory_pattern: bool,
+    /// Force sequential execution (DirectML).
+    sequential: bool,
+    /// Write the optimized graph here (weights over 1 KiB to `model.data` beside it).
+    save_optimized: Option<&'a Path>,
+}
+
 fn build_session(
     lib: &library::OrtLibrary,
     path: &Path,
-    optimization: Optimization,
-    threads: usize,
+    opts: &BuildOptions,
     eps: Vec<ExecutionProviderDispatch>,
 ) -> ort::Result<Session> {
     let mut builder = Session::builder(lib.env())?
-        .with_optimization_level(optimization.into())?
-        .with_intra_threads(threads)?;
+        .with_optimization_level(opts.optimization.into())?
+        .with_intra_threads(opts.threads)?;
+    if !opts.memory_pattern {
+        builder = builder.with_memory_pattern(false)?;
+    }
+    if opts.sequential {
+        builder = builder.with_parallel_execution(false)?;
+    }
+    if let Some(out) = opts.save_optimized {
+        builder = builder
+            .with_optimized_model_path(out)?
+            .with_config_entry(
+                "session.optimized_model_external_initializers_file_name",
+                CACHE_DATA_FILE,
+            )?
+            .with_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes",
+                "1024",
+            )?;
+    }
     if !eps.is_empty() {
         builder = builder.with_execution_providers(eps)?;
     }
     builder.commit_from_file(path)
+}
+
+/// Whether a session came from the optimized-graph cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheUse {
+    /// No cache (turned off, a non-CPU provider, or optimization disabled).
+    Off,
+    /// Optimized from the model file, and the result written to the cache.
+    Cold,
+    /// Loaded from the cache; the optimizer did not run.
+    Warm,
+}
+
+impl CacheUse {
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheUse::Off => "off",
+            CacheUse::Cold => "cold",
+            CacheUse::Warm => "warm",
+        }
+    }
+}
+
+const CACHE_MODEL_FILE: &str = "model.onnx";
+const CACHE_DATA_FILE: &str = "model.data";
+/// Bumped when the cache layout or key changes.
+const CACHE_FORMAT: &str = "fluxrt-optimized-v1";
+
+/// The usual optimized-graph cache: `FLUXRT_OPTIMIZED_CACHE` (a folder, or `off`/`0`/`none` to turn the cache off),
+/// else `$XDG_CACHE_HOME/fluxrt/optimized`, else `~/.cache/fluxrt/optimized`. `None` when turned off or no home
+/// folder is known.
+pub fn optimized_cache_dir() -> Option<PathBuf> {
+    if let Some(v) = std::env::var_os("FLUXRT_OPTIMIZED_CACHE") {
+        let s = v.to_string_lossy();
+        if matches!(
+            s.trim().to_ascii_lowercase().as_str(),
+            "" | "0" | "off" | "none" | "false" | "no"
+        ) {
+            return None;
+        }
+        return Some(PathBuf::from(v));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".cache"))
+        })?;
+    Some(base.join("fluxrt").join("optimized"))
+}
+
+/// The cache entry name of a model: a hash of the cache format, ONNX Runtime's version, the provider, the
+/// optimization level, the CPU (layout optimizations are CPU-specific), and the model file's size, mtime and a
+/// content fingerprint (its first and last MiB and 64 evenly spaced 64 KiB samples), plus the size and mtime of the
+/// external data files beside it. Returns `<file stem>-<16 hex digits>`.
+pub fn optimized_cache_key(
+    ort_version: &str,
+    provider: Provider,
+    optimization: Optimization,
+    model: &Path,
+) -> std::io::Result<String> {
+    use std::hash::Hasher;
+    use std::io::{Read, Seek, SeekFrom};
+
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let put = |h: &mut std::collections::hash_map::DefaultHasher, s: &str| {
+        h.write(s.as_bytes());
+        h.write_u8(0xff);
+    };
+    put(&mut h, CACHE_FORMAT);
+    put(&mut h, ort_version);
+    put(&mut h, provider.name());
+    put(&mut h, &format!("{optimization:?}"));
+    put(&mut h, &cpu_signature());
+    let meta = std::fs::metadata(model)?;
+    let stamp = |m: &std::fs::Metadata| {
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        format!("{}:{mtime}", m.len())
+    };
+    put(&mut h, &stamp(&meta));
+    let len = meta.len();
+    let mut f = std::fs::File::open(model)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut sample = |h: &mut std::collections::hash_map::DefaultHasher,
+                      at: u64,
+                      n: usize|
+     -> std::io::Result<()> {
+        let n = n.min(len.saturating_sub(at) as usize);
+        f.seek(SeekFrom::Start(at))?;
+        f.read_exact(&mut buf[..n])?;
+        h.write(&buf[..n]);
+        Ok(())
+    };
+    sample(&mut h, 0, 1 << 20)?;
+    sample(&mut h, len.saturating_sub(1 << 20), 1 << 20)?;
+    for i in 1..=64u64 {
+        sample(&mut h, len / 65 * i, 64 << 10)?;
+    }
+    // External data files beside the model (`x.onnx.data`, `x.onnx_data`, `x.data`, ...).
+    let stem = model.file_stem().map(|s| s.to_string_lossy().into_owned());
+    if let (Some(dir), Some(stem)) = (model.parent(), stem) {
+        let mut side: Vec<(String, String)> = std::fs::read_dir(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let is_side = name.starts_with(&stem)
+                && Some(name.as_str()) != model.file_name().and_then(|n| n.to_str())
+                && !name.ends_with(".onnx");
+            let m = e.metadata().ok()?;
+            (is_side && m.is_file()).then(|| (name, stamp(&m)))
+        })
+        .collect();
+        side.sort();
+        for (n, st) in side {
+            put(&mut h, &n);
+            put(&mut h, &st);
+        }
+    }
+    let stem = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let stem: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    Ok(format!("{stem}-{:016x}", h.finish()))
+}
+
+/// The CPU model and its feature flags (Linux), so a cache never serves a graph optimized for another CPU.
+fn cpu_signature() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    format!(
+        "{}|{}|{}",
+        std::env::consts::ARCH,
+        field("model name"),
+        field("flags")
+    )
+}
+
+/// Builds a session from a model file at an optimization level, optionally saving the optimized graph.
+type BuildFn<'a> = dyn Fn(&Path, Optimization, Option<&Path>) -> ort::Result<Session> + 'a;
+
+/// Loads through the optimized-graph cache: a warm entry is loaded with the optimizer off; otherwise the model is
+/// optimized, written to a private temporary folder and renamed into place (so concurrent loads never see half an
+/// entry). Any cache trouble (read-only folder, a damaged entry) falls back to a plain load.
+fn load_cached(
+    dir: &Path,
+    ort_version: &str,
+    model: &Path,
+    level: Optimization,
+    build: &BuildFn<'_>,
+) -> ort::Result<(Session, CacheUse)> {
+    let Ok(key) = optimized_cache_key(ort_version, Provider::Cpu, level, model) else {
+        return Ok((build(model, level, None)?, CacheUse::Off));
+    };
+    let entry = dir.join(&key);
+    let cached = entry.join(CACHE_MODEL_FILE);
+    if cached.is_file() {
+        match build(&cached, Optimization::Disable, None) {
+            Ok(s) => {
+                // Mark the entry as recently used, for pruning.
+                if let Ok(f) = std::fs::File::options().append(true).open(&cached) {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
+                return Ok((s, CacheUse::Warm));
+            }
+            Err(_) => {
+                // A damaged entry: drop it and rebuild below.
+                let _ = std::fs::remove_dir_all(&entry);
+            }
+        }
+    }
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".{key}.tmp-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    if std::fs::create_dir_all(&tmp).is_err() {
+        return Ok((build(model, level, None)?, CacheUse::Off));
+    }
+    let result = build(model, level, Some(&tmp.join(CACHE_MODEL_FILE)));
+    let ok = result.is_ok() && tmp.join(CACHE_MODEL_FILE).is_file();
+    if !(ok && std::fs::rename(&tmp, &entry).is_ok()) {
+        // Another process got there first, or the write failed.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    if ok {
+        prune_cache(dir, &entry, cache_budget());
+    }
+    Ok((result?, if ok { CacheUse::Cold } else { CacheUse::Off }))
+}
+
+/// The cache's size budget: `FLUXRT_OPTIMIZED_CACHE_MAX_MB`, default 10 GiB.
+fn cache_budget() -> u64 {
+    std::env::var("FLUXRT_OPTIMIZED_CACHE_MAX_MB")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(10 << 30, |mb| mb << 20)
+}
+
+/// Keeps the cache within `budget` bytes by removing the least recently used entries (never `keep`), and removes
+/// temporary folders left by crashed writers (older than an hour).
+fn prune_cache(dir: &Path, keep: &Path, budget: u64) {
+    let Ok(list) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = std::time::SystemTime::now();
+    let mut entries = Vec::new();
+    for e in list.filter_map(|e| e.ok()) {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age > Duration::from_secs(3600));
+            if old && name.contains(".tmp-") {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+            continue;
+        }
+        let (mut size, mut used) = (0u64, std::time::UNIX_EPOCH);
+        for f in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            if let Ok(m) = f.metadata() {
+                size += m.len();
+                if f.file_name() == CACHE_MODEL_FILE {
+                    used = m.modified().unwrap_or(used);
+                }
+            }
+        }
+        entries.push((used, size, path));
+    }
+    let mut total: u64 = entries.iter().map(|e| e.1).sum();
+    entries.sort();
+    for (_, size, path) in entries {
+        if total <= budget {
+            break;
+        }
+        if path != keep && std::fs::remove_dir_all(&path).is_ok() {
+            total -= size;
+        }
+    }
+}
+
+/// Inputs bound once and outputs written into preallocated buffers, for loops that run one graph many times
+/// ([`Graph::binding`]). On CPU nothing is copied or allocated per run: an f32 input is updated in place through
+/// [`Binding::input_mut`] and re-registered (not copied) before the next run; outputs land in the same buffers
+/// every run. On a GPU provider ONNX Runtime copies a bound host input to the device when it is bound (once for
+/// the text embeddings, ids and guidance; each step for the updated latents).
+pub struct Binding {
+    io: ort::session::IoBinding,
+    inputs: Vec<(String, DynValue, bool)>,
+    outputs: Vec<(String, Tensor<f32>)>,
+}
+
+impl fmt::Debug for Binding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Binding")
+            .field(
+                "inputs",
+                &self.inputs.iter().map(|i| &i.0).collect::<Vec<_>>(),
+            )
+            .field(
+                "outputs",
+                &self.outputs.iter().map(|o| &o.0).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Binding {
+    /// The data of a bound f32 input, to update in place; it is re-registered before the next run.
+    /// `None` when the input is not bound or not declared f32.
+    pub fn input_mut(&mut self, name: &str) -> Option<&mut [f32]> {
+        let (_, v, dirty) = self.inputs.iter_mut().find(|(n, _, _)| n == name)?;
+        *dirty = true;
+        v.try_extract_tensor_mut::<f32>().ok().map(|(_, d)| d)
+    }
+
+    /// The data of a bound f32 output, as the last run left it.
+    pub fn output(&self, name: &str) -> Option<&[f32]> {
+        let (_, t) = self.outputs.iter().find(|(n, _)| n == name)?;
+        Some(t.extract_tensor().1)
+    }
+
+    /// An input to update in place and an output to read, at the same time (e.g. latents and velocity).
+    pub fn input_mut_and_output(
+        &mut self,
+        input: &str,
+        output: &str,
+    ) -> Option<(&mut [f32], &[f32])> {
+        let (_, v, dirty) = self.inputs.iter_mut().find(|(n, _, _)| n == input)?;
+        *dirty = true;
+        let x = v.try_extract_tensor_mut::<f32>().ok()?.1;
+        let (_, t) = self.outputs.iter().find(|(n, _)| n == output)?;
+        Some((x, t.extract_tensor().1))
+    }
+}
+
+impl Graph {
+    /// A new, empty binding for this graph.
+    pub fn binding(&self) -> Result<Binding> {
+        let io = self.session.create_binding().map_err(|e| {
+            Error::runtime(format!(
+                "{} graph: cannot create an I/O binding: {e}",
+                self.role
+            ))
+        })?;
+        Ok(Binding {
+            io,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+        })
+    }
+
+    /// Binds (copies once, converted to the declared element type) an input, checked as [`Graph::run`] checks it.
+    pub fn bind_input(&self, b: &mut Binding, name: &str, t: TensorIn) -> Result<()> {
+        let info = self
+            .input(name)
+            .ok_or_else(|| self.model_error(format!("has no input named {name:?}")))?
+            .clone();
+        self.check_shape(&info, t.shape())?;
+        let value: DynValue = match (&t, &info.dtype) {
+            (TensorIn::F32(a), ElemType::F32) => {
+                Tensor::from_array(a.as_standard_layout().into_owned()).map(|v| v.into_dyn())
+            }
+            (TensorIn::I64(a), ElemType::I64) => {
+                Tensor::from_array(a.as_standard_layout().into_owned()).map(|v| v.into_dyn())
+            }
+            _ => {
+                // Conversions (f16, bf16, i32) go through the same path as plain runs, then into an owned value.
+                let v = convert_input(&t, &info.dtype).map_err(|why| {
+                    self.model_error(format!("input {} ({}): {why}", info.name, info.dtype))
+                })?;
+                return self.bind_value(b, &info.name, v);
+            }
+        }
+        .map_err(|e| self.model_error(format!("input {}: {e}", info.name)))?;
+        b.io.bind_input(info.name.as_str(), &value)
+            .map_err(|e| self.model_error(format!("cannot bind input {}: {e}", info.name)))?;
+        b.inputs.retain(|(n, _, _)| *n != info.name);
+        b.inputs.push((info.name, value, false));
+        Ok(())
+    }
+
+    fn bind_value(&self, b: &mut Binding, name: &str, v: SessionInputValue<'_>) -> Result<()> {
+        let value: DynValue = match v {
+            SessionInputValue::Owned(v) => v,
+            other => {
+                return Err(self.model_error(format!(
+                    "input {name}: cannot bind a borrowed value ({})",
+                    match other {
+                        SessionInputValue::View(_) => "view",
+                        _ => "mutable view",
+                    }
+                )))
+            }
+        };
+        b.io.bind_input(name, &value)
+            .map_err(|e| self.model_error(format!("cannot bind input {name}: {e}")))?;
+        b.inputs.retain(|(n, _, _)| n != name);
+        b.inputs.push((name.to_string(), value, false));
+        Ok(())
+    }
+
+    /// Binds an f32 output to a preallocated buffer of `shape` (the graph must declare it f32).
+    pub fn bind_output(&self, b: &mut Binding, name: &str, shape: &[usize]) -> Result<()> {
+        let info = self
+            .output(name)
+            .ok_or_else(|| self.model_error(format!("has no output named {name:?}")))?;
+        if info.dtype != ElemType::F32 {
+            return Err(self.model_error(format!(
+                "output {info} is not f32; only f32 outputs can be bound"
+            )));
+        }
+        let mut t = Tensor::<f32>::new(self.session.allocator(), shape.to_vec())
+            .map_err(|e| self.model_error(format!("cannot allocate output {name}: {e}")))?;
+        b.io.bind_output(name, &mut t)
+            .map_err(|e| self.model_error(format!("cannot bind output {name}: {e}")))?;
+        b.outputs.retain(|(n, _)| n != name);
+        b.outputs.push((name.to_string(), t));
+        Ok(())
+    }
+
+    /// Runs with a binding: every declared input must be bound; outputs are read through [`Binding::output`].
+    pub fn run_binding(&mut self, b: &mut Binding, cancel: &Canceller) -> Result<()> {
+        if cancel.is_cancelled() {
+            return Err(self.cancelled());
+        }
+        for info in &self.inputs {
+            if !b.inputs.iter().any(|(n, _, _)| *n == info.name) {
+                return Err(self.model_error(format!("required input {info} was not bound")));
+            }
+        }
+        for (name, value, dirty) in b.inputs.iter_mut() {
+            if *dirty {
+                b.io.bind_input(name.as_str(), &*value)
+                    .map_err(|e| Error::runtime(format!("cannot re-bind input {name}: {e}")))?;
+                *dirty = false;
+            }
+        }
+        let Some(opts) = cancel.begin()? else {
+            return Err(self.cancelled());
+        };
+        let t0 = Instant::now();
+        let result = self
+            .session
+            .run_binding_with_options(&b.io, opts.as_ref())
+            .map(drop);
+        self.ort_time += t0.elapsed();
+        cancel.end(&opts);
+        match result {
+            Ok(()) => Ok(()),
+            Err(_) if cancel.is_cancelled() => Err(self.cancelled()),
+            Err(e) => Err(Error::runtime(format!(
+                "running the {} graph {} failed: {e}",
+                self.role,
+                self.path.display()
+            ))),
+        }
+    }
+
+    fn check_shape(&self, info: &IoInfo, shape: &[usize]) -> Result<()> {
+        if shape.len() != info.shape.len() {
+            return Err(self.model_error(format!(
+                "input {} expects rank {} {}, given rank {} {}",
+                info.name,
+                info.shape.len(),
+                shape_str(&info.shape),
+                shape.len(),
+                given_str(shape)
+            )));
+        }
+        for (d, (want, &have)) in info.shape.iter().zip(shape).enumerate() {
+            if let Dim::Fixed(w) = want {
+                if *w != have as i64 {
+                    return Err(self.model_error(format!(
+                        "input {} expects shape {}, given {} (dimension {d} differs)",
+                        info.name,
+                        shape_str(&info.shape),
+                        given_str(shape)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn load_error(what: &str, e: &ort::Error) -> Error {

@@ -1,0 +1,476 @@
+"""Side by side, in one run on one machine: diffusers FluxPipeline (PyTorch, CPU, fp32), the same ONNX graphs driven
+from Python onnxruntime, and fluxrt, on the same bench model, prompt, seed, sizes and steps.
+
+    /root/.cache/fluxrt/venv/bin/python benches/compare.py            # 256x256 and 512x512, 4 steps
+    python benches/compare.py --sizes 256x256 --runs 2 --engines ort,fluxrt
+
+Prerequisites (see docs/bench.md):
+    python -m export preset bench build/models/bench --validate        # checkpoint in build/export/bench
+    python -m export quantize build/models/bench build/models/bench-int8 --to int8
+    cargo build --release
+
+Every engine runs in its own subprocess, so its peak RSS (wait4's ru_maxrss) is its own: model, runtime and
+interpreter included. Each engine loads once, then runs `warmup` untimed and `runs` timed generations per size;
+end-to-end = text encoding + denoising + VAE decode + conversion + PNG encoding (in memory), model loading
+excluded (reported apart). Images are compared by PSNR against fluxrt fp32 (8-bit RGB).
+Writes benches/RESULTS.md (and --json) with the machine description and the ratios against the issue's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINES = ("diffusers", "ort", "fluxrt", "ort-int8", "fluxrt-int8")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+def stat(values: list[float]) -> dict:
+    if not values:
+        return {"min": 0.0, "median": 0.0, "max": 0.0, "n": 0}
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def parse_sizes(s: str) -> list[tuple[int, int]]:
+    out = []
+    for part in s.split(","):
+        w, _, h = part.strip().lower().partition("x")
+        out.append((int(w), int(h or w)))
+    return out
+
+
+def peak_rss_self() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def png_bytes(rgb) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+
+def worker_diffusers(cfg: dict) -> dict:
+    """diffusers FluxPipeline, PyTorch eager fp32 on CPU; per-stage times by wrapping each module's forward."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    t0 = time.perf_counter()
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(cfg["checkpoint"], torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - t0
+    times: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                times.setdefault(name, []).append(time.perf_counter() - t)
+        return wrapper
+
+    pipe.text_encoder.forward = timed("clip", pipe.text_encoder.forward)
+    pipe.text_encoder_2.forward = timed("t5", pipe.text_encoder_2.forward)
+    pipe.transformer.forward = timed("step", pipe.transformer.forward)
+    pipe.vae.decode = timed("vae_decode", pipe.vae.decode)
+
+    results = []
+    for (w, h) in cfg["sizes"]:
+        runs = []
+        for i in range(cfg["warmup"] + cfg["runs"]):
+            times.clear()
+            gen = torch.Generator("cpu").manual_seed(cfg["seed"])
+            t = time.perf_counter()
+            with torch.inference_mode():
+                img = pipe(cfg["prompt"], height=h, width=w, num_inference_steps=cfg["steps"], guidance_scale=0.0,
+                           max_sequence_length=cfg["t5_max_length"], generator=gen, output_type="np").images[0]
+            rgb = (img * 255).round().astype(np.uint8)
+            tp = time.perf_counter()
+            png = png_bytes(rgb)
+            end = time.perf_counter()
+            if i < cfg["warmup"]:
+                continue
+            runs.append({"end_to_end": end - t, "png_encode": end - tp, "clip": sum(times.get("clip", [])),
+                         "t5": sum(times.get("t5", [])), "steps": times.get("step", []),
+                         "vae_decode": sum(times.get("vae_decode", []))})
+        Path(cfg["image_dir"], f"diffusers-{w}x{h}.png").write_bytes(png)
+        results.append({"width": w, "height": h, "runs": runs})
+    return {"load_s": load_s, "sizes": results, "versions": {"torch": torch.__version__,
+                                                              "diffusers": __import__("diffusers").__version__}}
+
+
+def worker_ort(cfg: dict) -> dict:
+    """The exported ONNX graphs driven from Python onnxruntime: the same loop as fluxrt (and diffusers)."""
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    model = Path(cfg["model"])
+    t0 = time.perf_counter()
+    m = json.loads((model / "manifest.json").read_text())
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = cfg["threads"]
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = {g: ort.InferenceSession(str(model / m["graphs"][g]["file"]), so, providers=["CPUExecutionProvider"])
+            for g in ("clip", "t5", "transformer", "vae_decoder")}
+    toks = {}
+    for k in ("clip", "t5"):
+        e = m["tokenizers"][k]
+        tok = Tokenizer.from_file(str(model / e["file"]))
+        length = e["max_length"] if k == "clip" else m["defaults"]["t5_max_length"]
+        tok.enable_truncation(length)
+        tok.enable_padding(length=length, pad_id=e["pad_id"])
+        toks[k] = tok
+    load_s = time.perf_counter() - t0
+    np_types = {"tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(float)": np.float32}
+    in_ort = [0.0]
+
+    def run(g, feeds):
+        t = time.perf_counter()
+        out = sess[g].run(None, feeds)
+        in_ort[0] += time.perf_counter() - t
+        return out
+
+    def ids(g, ids_list):
+        i = sess[g].get_inputs()[0]
+        return {i.name: np.asarray([ids_list], dtype=np_types[i.type])}
+
+    vae = m["vae"]
+    sched = m["scheduler"]
+    results = []
+    for (w, h) in cfg["sizes"]:
+        noise = np.load(Path(cfg["noise_dir"]) / f"noise-{w}x{h}.npy")
+        runs = []
+        for i in range(cfg["warmup"] + cfg["runs"]):
+            in_ort[0] = 0.0
+            t = time.perf_counter()
+            clip_ids = toks["clip"].encode(cfg["prompt"]).ids
+            t5_ids = toks["t5"].encode(cfg["prompt"]).ids
+            t_tok = time.perf_counter()
+            pooled = run("clip", ids("clip", clip_ids))[1]
+            t_clip = time.perf_counter()
+            txt = run("t5", ids("t5", t5_ids))[0]
+            t_t5 = time.perf_counter()
+            b, c, lh, lw = noise.shape
+            x = noise.reshape(b, c, lh // 2, 2, lw // 2, 2).transpose(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            seq = x.shape[1]
+            img_ids = np.zeros((lh // 2, lw // 2, 3), np.float32)
+            img_ids[..., 1] = np.arange(lh // 2)[:, None]
+            img_ids[..., 2] = np.arange(lw // 2)[None, :]
+            img_ids = img_ids.reshape(-1, 3)
+            txt_ids = np.zeros((txt.shape[1], 3), np.float32)
+            n = cfg["steps"]
+            s = np.linspace(1.0, 1.0 / n, n)
+            if sched["use_dynamic_shifting"]:
+                k = (sched["max_shift"] - sched["base_shift"]) / (sched["max_image_seq_len"] - sched["base_image_seq_len"])
+                mu = seq * k + sched["base_shift"] - k * sched["base_image_seq_len"]
+                s = np.exp(mu) / (np.exp(mu) + (1 / s - 1))
+            else:
+                s = sched["shift"] * s / (1 + (sched["shift"] - 1) * s)
+            sigmas = np.append(s.astype(np.float32), np.float32(0.0))
+            steps = []
+            for j in range(n):
+                ts = time.perf_counter()
+                feeds = {"hidden_states": x, "encoder_hidden_states": txt, "pooled_projections": pooled,
+                         "timestep": np.full((b,), sigmas[j], np.float32), "img_ids": img_ids, "txt_ids": txt_ids}
+                v = run("transformer", feeds)[0]
+                x = x + (sigmas[j + 1] - sigmas[j]) * v
+                steps.append(time.perf_counter() - ts)
+            tv = time.perf_counter()
+            z = x.reshape(b, lh // 2, lw // 2, c, 2, 2).transpose(0, 3, 1, 4, 2, 5).reshape(b, c, lh, lw)
+            z = np.ascontiguousarray(z / vae["scaling_factor"] + vae["shift_factor"], dtype=np.float32)
+            image = run("vae_decoder", {"latent": z})[0]
+            t_vae = time.perf_counter()
+            rgb = (np.clip(image[0] / 2 + 0.5, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)
+            tp = time.perf_counter()
+            png = png_bytes(rgb)
+            end = time.perf_counter()
+            if i < cfg["warmup"]:
+                continue
+            runs.append({"end_to_end": end - t, "tokenize": t_tok - t, "clip": t_clip - t_tok, "t5": t_t5 - t_clip,
+                         "steps": steps, "vae_decode": t_vae - tv, "to_rgb": tp - t_vae, "png_encode": end - tp,
+                         "in_ort": in_ort[0]})
+        Path(cfg["image_dir"], f"{cfg['engine']}-{w}x{h}.png").write_bytes(png)
+        results.append({"width": w, "height": h, "runs": runs, "clip_ids": clip_ids[:20], "t5_ids": t5_ids[:20]})
+    return {"load_s": load_s, "sizes": results, "versions": {"onnxruntime": ort.__version__}}
+
+
+def run_fluxrt(cfg: dict, tmp: Path) -> tuple[dict, int]:
+    """`fluxrt bench --json`; returns the converted result and the process's peak RSS."""
+    report = tmp / f"{cfg['engine']}.json"
+    sizes = ",".join(f"{w}x{h}" for w, h in cfg["sizes"])
+    imgs = tmp / f"{cfg['engine']}-images"
+    cmd = [cfg["fluxrt"], "bench", "--model", cfg["model"], "--sizes", sizes, "--steps", str(cfg["steps"]),
+           "--warmup", str(cfg["warmup"]), "--runs", str(cfg["runs"]), "--seed", str(cfg["seed"]),
+           "--prompt", cfg["prompt"], "--threads", str(cfg["threads"]), "--json", str(report),
+           "--save-images", str(imgs), "--quiet", *cfg.get("fluxrt_args", [])]
+    rc, rss, log = spawn(cmd)
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{log}")
+    r = json.loads(report.read_text())
+    res = r["results"][0]
+    sizes_out = []
+    for z in res["sizes"]:
+        runs = [{"end_to_end": x["end_to_end"] / 1e3, "tokenize": x["tokenize"] / 1e3, "clip": x["clip"] / 1e3,
+                 "t5": x["t5"] / 1e3, "steps": [s / 1e3 for s in x["denoise_steps"]],
+                 "vae_decode": x["vae_decode"] / 1e3, "to_rgb": x["to_rgb"] / 1e3, "png_encode": x["png_encode"] / 1e3,
+                 "in_ort": x["in_ort"] / 1e3} for x in z["runs"]]
+        w, h = z["width"], z["height"]
+        (Path(cfg["image_dir"]) / f"{cfg['engine']}-{w}x{h}.png").write_bytes((imgs / f"cpu-{w}x{h}-0.png").read_bytes())
+        sizes_out.append({"width": w, "height": h, "runs": runs})
+    out = {"load_s": res["session_creation_ms"] / 1e3, "sizes": sizes_out, "optimized_cache": res["optimized_cache"],
+           "versions": {"onnxruntime": r["onnxruntime"]["version"], "fluxrt": r["fluxrt_version"]},
+           "fluxrt_peak_rss_bytes": res["peak_rss_bytes"]}
+    return out, rss
+
+
+def spawn(cmd: list[str]) -> tuple[int, int, str]:
+    """Runs cmd; returns (exit code, peak RSS in bytes of that process, its stderr+stdout)."""
+    with tempfile.TemporaryFile() as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        return p.returncode, ru.ru_maxrss * 1024, log.read().decode(errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------------- parent
+
+def machine() -> dict:
+    info = {}
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            k, _, v = line.partition(":")
+            info[k.strip()] = v.strip()
+    except OSError:
+        pass
+    mem = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) * 1024
+    flags = info.get("Flags", "").split()
+    return {"cpu": info.get("Model name", platform.processor()), "cpus": info.get("CPU(s)"),
+            "threads_per_core": info.get("Thread(s) per core"), "cores_per_socket": info.get("Core(s) per socket"),
+            "l3": info.get("L3 cache"), "memory_gib": round(mem / 2**30, 1),
+            "isa": " ".join(f for f in flags if f.startswith(("avx512f", "avx512_vnni", "avx512_bf16", "amx", "avx2")))
+            or "n/a", "kernel": platform.release(), "python": platform.python_version()}
+
+
+def summarize(res: dict) -> dict:
+    out = {}
+    for z in res["sizes"]:
+        runs = z["runs"]
+        key = f"{z['width']}x{z['height']}"
+        n_steps = len(runs[0]["steps"])
+        out[key] = {
+            "end_to_end": stat([r["end_to_end"] for r in runs]),
+            "clip": stat([r["clip"] for r in runs]),
+            "t5": stat([r["t5"] for r in runs]),
+            "step": stat([s for r in runs for s in r["steps"]]),
+            "denoise": stat([sum(r["steps"]) for r in runs]),
+            "vae_decode": stat([r["vae_decode"] for r in runs]),
+            "png_encode": stat([r["png_encode"] for r in runs]),
+            "in_ort": stat([r["in_ort"] for r in runs]) if "in_ort" in runs[0] else None,
+            "steps": n_steps,
+        }
+    return out
+
+
+def psnr(a_path: Path, b_path: Path) -> float | None:
+    import numpy as np
+    from PIL import Image
+
+    if not (a_path.is_file() and b_path.is_file()):
+        return None
+    a = np.asarray(Image.open(a_path).convert("RGB"), dtype=np.float64)
+    b = np.asarray(Image.open(b_path).convert("RGB"), dtype=np.float64)
+    mse = ((a - b) ** 2).mean()
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="build/models/bench")
+    ap.add_argument("--checkpoint", default="build/export/bench")
+    ap.add_argument("--int8", default="build/models/bench-int8", help="quantized model folder for *-int8 engines")
+    ap.add_argument("--fluxrt", default="target/release/fluxrt")
+    ap.add_argument("--sizes", default="256x256,512x512")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt", default="a photo of a cat")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--fluxrt-args", default="", help="extra `fluxrt bench` options, e.g. '--no-io-binding'")
+    ap.add_argument("--out", default="benches/RESULTS.md")
+    ap.add_argument("--json", default="benches/results.json")
+    ap.add_argument("--notes", default="benches/NOTES.md", help="appended to RESULTS.md when it exists")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a.worker:
+        cfg = json.loads(a.config)
+        res = {"diffusers": worker_diffusers, "ort": worker_ort}[a.worker](cfg)
+        res["worker_peak_rss_bytes"] = peak_rss_self()
+        Path(cfg["result"]).write_text(json.dumps(res))
+        return 0
+
+    os.chdir(REPO)
+    engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad:
+        ap.error(f"unknown engine(s) {bad}; choose from {ENGINES}")
+    sizes = parse_sizes(a.sizes)
+    threads = a.threads
+    if threads is None:
+        m = machine()
+        threads = int(m["cpus"] or os.cpu_count() or 1) // max(1, int(m["threads_per_core"] or 1))
+    manifest = json.loads((Path(a.model) / "manifest.json").read_text())
+    base = {"sizes": sizes, "steps": a.steps, "seed": a.seed, "prompt": a.prompt, "warmup": a.warmup,
+            "runs": a.runs, "threads": threads, "t5_max_length": manifest["defaults"]["t5_max_length"],
+            "fluxrt": str(Path(a.fluxrt).resolve()), "fluxrt_args": a.fluxrt_args.split()}
+    tmp = Path(tempfile.mkdtemp(prefix="fluxrt-compare-"))
+    image_dir = tmp / "images"
+    image_dir.mkdir()
+    noise_dir = tmp / "noise"
+    noise_dir.mkdir()
+    # The initial noise of the ORT loop: torch.randn with a CPU generator, as diffusers and fluxrt draw it.
+    import torch
+
+    for (w, h) in sizes:
+        g = torch.Generator("cpu").manual_seed(a.seed)
+        n = torch.randn((1, 16, 2 * (h // 16), 2 * (w // 16)), generator=g, dtype=torch.float32).numpy()
+        import numpy as np
+
+        np.save(noise_dir / f"noise-{w}x{h}.npy", n)
+
+    results, rss = {}, {}
+    for e in engines:
+        cfg = dict(base, engine=e, image_dir=str(image_dir), noise_dir=str(noise_dir),
+                   model=a.int8 if e.endswith("int8") else a.model, checkpoint=a.checkpoint,
+                   result=str(tmp / f"{e}.result.json"))
+        load = os.getloadavg()[0]
+        print(f"[compare] {e}: starting (load average {load:.2f})", file=sys.stderr, flush=True)
+        t = time.time()
+        if e.startswith("fluxrt"):
+            results[e], rss[e] = run_fluxrt(cfg, tmp)
+        else:
+            worker = e.split("-")[0]
+            rc, rss[e], log = spawn([sys.executable, __file__, "--worker", worker, "--config", json.dumps(cfg)])
+            if rc != 0:
+                print(log, file=sys.stderr)
+                raise SystemExit(f"[compare] {e} failed (exit {rc})")
+            results[e] = json.loads(Path(cfg["result"]).read_text())
+        results[e]["load_average_at_start"] = load
+        print(f"[compare] {e}: done in {time.time() - t:.0f}s, peak RSS {rss[e] / 2**20:.0f} MiB", file=sys.stderr,
+              flush=True)
+
+    summary = {e: summarize(results[e]) for e in engines}
+    psnrs = {}
+    for (w, h) in sizes:
+        key = f"{w}x{h}"
+        ref = image_dir / f"fluxrt-{w}x{h}.png"
+        psnrs[key] = {e: psnr(ref, image_dir / f"{e}-{w}x{h}.png") for e in engines if e != "fluxrt"}
+    versions = {}
+    for e in engines:
+        versions.update(results[e].get("versions", {}))
+    out = {"machine": machine(), "versions": versions, "settings": {k: v for k, v in base.items() if k != "fluxrt"},
+           "model": a.model, "int8_model": a.int8, "summary": summary, "peak_rss_bytes": rss, "psnr_vs_fluxrt": psnrs,
+           "load_s": {e: results[e]["load_s"] for e in engines}, "raw": results,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1, default=str) + "\n")
+    text = render(out, engines, sizes, Path(a.notes))
+    Path(a.out).write_text(text)
+    print(text)
+    print(f"[compare] wrote {a.out}" + (f" and {a.json}" if a.json else ""), file=sys.stderr)
+    return 0
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+def render(out: dict, engines: list[str], sizes, notes: Path) -> str:
+    m, s, v = out["machine"], out["settings"], out["versions"]
+    L = ["# fluxrt vs Python onnxruntime vs diffusers (PyTorch), CPU", "",
+         f"Written by `benches/compare.py` on {out['date']}. One run, one machine, every engine in its own process.", "",
+         "## Machine", "",
+         f"- CPU: {m['cpu']}; {m['cpus']} logical CPUs, {m['cores_per_socket']} cores per socket, "
+         f"{m['threads_per_core']} thread(s) per core; L3 {m['l3']}; {m['memory_gib']} GiB RAM",
+         f"- ISA: {m['isa']}", f"- Linux {m['kernel']}, Python {m['python']}",
+         "- Versions: " + ", ".join(f"{k} {val}" for k, val in sorted(v.items())), "",
+         "## Settings", "",
+         f"- Model `{out['model']}` (bench preset: ~160M-param transformer, real text dims 4096/768, real-size VAE); "
+         f"int8: `{out['int8_model']}` (transformer MatMuls quantize_dynamic int8, per channel)",
+         f"- Prompt {s['prompt']!r}, seed {s['seed']}, {s['steps']} steps, T5 length {s['t5_max_length']}, "
+         f"{s['threads']} threads per engine, {s['warmup']} warmup + {s['runs']} timed runs per size",
+         "- End-to-end: prompt to PNG bytes (text encoders, denoising, VAE, RGB, PNG), model loading excluded.",
+         "- Peak RSS: the engine's whole process (wait4 ru_maxrss), for all sizes it ran.", ""]
+    for (w, h) in sizes:
+        key = f"{w}x{h}"
+        L += [f"## {key}, {s['steps']} steps", "",
+              "| engine | end-to-end median (min-max) s | per step s | VAE s | T5 s | CLIP s | outside ORT | "
+              "peak RSS MiB | load s | PSNR vs fluxrt dB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for e in engines:
+            z = out["summary"][e][key]
+            e2e = z["end_to_end"]
+            outside = "n/a"
+            if z["in_ort"]:
+                outside = f"{(1 - z['in_ort']['median'] / e2e['median']) * 100:.2f}%"
+            p = out["psnr_vs_fluxrt"][key].get(e)
+            L.append(f"| {e} | {e2e['median']:.2f} ({e2e['min']:.2f}-{e2e['max']:.2f}) | {z['step']['median']:.3f} | "
+                     f"{z['vae_decode']['median']:.2f} | {z['t5']['median']:.3f} | {z['clip']['median']:.3f} | "
+                     f"{outside} | {out['peak_rss_bytes'][e] / 2**20:.0f} | {out['load_s'][e]:.1f} | "
+                     f"{'-' if e == 'fluxrt' else ('n/a' if p is None else f'{p:.1f}')} |")
+        L.append("")
+        med = {e: out["summary"][e][key]["end_to_end"]["median"] for e in engines}
+        L.append("Ratios (end-to-end medians):")
+        L.append("")
+        if "fluxrt" in med and "ort" in med:
+            L.append(f"- fluxrt / Python onnxruntime time: {ratio(med['fluxrt'], med['ort'])} (target <= 1.02x)")
+        if "fluxrt" in med and "diffusers" in med:
+            L.append(f"- diffusers / fluxrt time (fluxrt speedup): {ratio(med['diffusers'], med['fluxrt'])}"
+                     f" (target >= 1.3x at 512x512)")
+        if "fluxrt-int8" in med and "diffusers" in med:
+            L.append(f"- diffusers / fluxrt-int8 time: {ratio(med['diffusers'], med['fluxrt-int8'])}"
+                     f" (target >= 2.5x at 512x512, PSNR >= 30 dB vs fp32: "
+                     f"{out['psnr_vs_fluxrt'][key].get('fluxrt-int8') or 0:.1f} dB)")
+        if "fluxrt-int8" in med and "fluxrt" in med:
+            L.append(f"- fluxrt fp32 / fluxrt int8 time: {ratio(med['fluxrt'], med['fluxrt-int8'])}")
+        if "fluxrt" in out["peak_rss_bytes"] and "diffusers" in out["peak_rss_bytes"]:
+            L.append(f"- fluxrt / diffusers peak RSS: "
+                     f"{ratio(out['peak_rss_bytes']['fluxrt'], out['peak_rss_bytes']['diffusers'])} (target <= 0.7x)")
+        L.append("")
+    if notes.is_file():
+        L += [notes.read_text().rstrip(), ""]
+    return "\n".join(L)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,142 @@
+//! `fluxrt bench`: per-stage timings over repeated runs, for each execution provider in turn.
+
+use std::path::PathBuf;
+
+use clap::Args as ClapArgs;
+use fluxrt::bench::{self, BenchOptions};
+use fluxrt::pipeline::DEFAULT_MAX_PIXELS;
+use fluxrt::runtime::{self, Optimization};
+use fluxrt::{Error, Result};
+
+use super::common::model_path;
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    /// Model folder. Default: the bundled tiny-flux-schnell.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Execution providers to benchmark, each in turn, e.g. `cuda,cpu`.
+    #[arg(long, default_value = "cpu", value_name = "LIST")]
+    provider: String,
+    /// Image sizes, e.g. `256x256,512x512` (multiples of 16). Default: the model's size.
+    #[arg(long, value_name = "WxH,...")]
+    sizes: Option<String>,
+    /// Denoising steps (default: the model's).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Images per generation, batched into one call per graph.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Untimed runs before the timed ones (per provider and size).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed runs per provider and size.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Write the report as JSON to FILE (`-` for stdout; the table then goes to stderr). See docs/bench.md.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    #[arg(long, default_value = "a photo of a cat")]
+    prompt: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Threads per graph (default: physical cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// ONNX Runtime library (file or folder).
+    #[arg(long, value_name = "PATH")]
+    ort_lib: Option<PathBuf>,
+    /// Graph optimization level: disable, basic, extended, all.
+    #[arg(long, default_value = "all")]
+    optimization: String,
+    /// Turn ONNX Runtime's memory pattern planning off.
+    #[arg(long)]
+    no_memory_pattern: bool,
+    /// Turn the CPU arena allocator off.
+    #[arg(long)]
+    no_cpu_arena: bool,
+    /// Do not read or write the optimized-graph cache.
+    #[arg(long)]
+    no_optimized_cache: bool,
+    /// Optimized-graph cache folder (default: FLUXRT_OPTIMIZED_CACHE or ~/.cache/fluxrt/optimized).
+    #[arg(long, value_name = "DIR")]
+    optimized_cache: Option<PathBuf>,
+    /// Run the denoising loop with plain runs instead of an I/O binding.
+    #[arg(long)]
+    no_io_binding: bool,
+    /// Save the images of the last timed run of each provider and size into DIR.
+    #[arg(long, value_name = "DIR")]
+    save_images: Option<PathBuf>,
+    /// Largest accepted image, in pixels.
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
+    max_pixels: u64,
+    /// No per-run progress lines on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let mut o = BenchOptions::new(model_path(a.model.clone()));
+    o.providers = runtime::parse_list(&a.provider)?;
+    if let Some(s) = &a.sizes {
+        o.sizes = bench::parse_sizes(s)?;
+    }
+    o.steps = a.steps;
+    o.batch = a.batch;
+    o.warmup = a.warmup;
+    o.runs = a.runs;
+    o.prompt = a.prompt.clone();
+    o.seed = a.seed;
+    o.threads = a.threads;
+    o.ort_lib = a.ort_lib.clone();
+    o.optimization = a.optimization.parse::<Optimization>()?;
+    o.memory_pattern = !a.no_memory_pattern;
+    o.cpu_arena = !a.no_cpu_arena;
+    if a.no_optimized_cache {
+        o.optimized_cache = None;
+    } else if let Some(dir) = &a.optimized_cache {
+        o.optimized_cache = Some(dir.clone());
+    }
+    o.io_binding = !a.no_io_binding;
+    o.save_images = a.save_images.clone();
+    o.max_pixels = a.max_pixels;
+    // Bad input fails here, before anything is loaded.
+    o.validate()?;
+
+    let quiet = a.quiet;
+    let report = bench::run(&o, &mut |line| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    })?;
+    // Serialized from the struct, so fields keep the documented order (schema_version first).
+    let json = serde_json::to_string_pretty(&report).expect("the report serializes");
+    let to_stdout = a.json.as_deref().is_some_and(|p| p.as_os_str() == "-");
+    match &a.json {
+        Some(_) if to_stdout => println!("{json}"),
+        Some(path) => std::fs::write(path, json + "\n")
+            .map_err(|e| Error::io(format!("cannot write {}: {e}", path.display())))?,
+        None => {}
+    }
+    if to_stdout {
+        eprint!("{}", report.table());
+    } else {
+        print!("{}", report.table());
+    }
+    let skipped: Vec<String> = report
+        .results
+        .iter()
+        .filter(|r| r.status != "ok")
+        .map(|r| format!("{}: {}", r.provider, r.error.as_deref().unwrap_or("")))
+        .collect();
+    if !skipped.is_empty() {
+        return Err(Error::provider(format!(
+            "{} of {} providers could not be benchmarked:\n  {}",
+            skipped.len(),
+            report.results.len(),
+            skipped.join("\n  ")
+        ))
+        .with_hint("`fluxrt providers` shows what this ONNX Runtime and this binary support"));
+    }
+    Ok(())
+}

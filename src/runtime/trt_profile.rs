@@ -1,0 +1,1089 @@
+//! TensorRT optimization profiles: min/opt/max shapes for every dynamic input of every graph, derived from a
+//! declared resolution range and batch range (`--trt-sizes 512-1024 --trt-batch 1-4`), so that one engine per graph
+//! serves the whole range and ONNX Runtime never rebuilds an engine for a new shape.
+//!
+//! Each dynamic dimension gets its value from what it means in the FLUX.1 contract (the transformer's
+//! `hidden_states` is `[B, S, 64]`, the VAE decoder's `latent` is `[B, 16, h, w]`, ...), or, for an input the
+//! contract does not know, from the graph's own dimension name (`B`, `S`, `L`, `h`, `w`, `H`, `W`, as the export
+//! step writes them). Fixed dimensions keep their declared value. Everything here is pure except
+//! [`read_declared_inputs`], which reads a graph's declared inputs from the ONNX file without loading weights.
+//!
+//! The strings are in the format of the TensorRT execution provider's `trt_profile_{min,opt,max}_shapes`:
+//! `name:d1xd2x...,name2:...`, one entry per dynamic input in the graph's declared order.
+
+use std::fmt;
+use std::io::{BufReader, Read, Seek};
+use std::path::Path;
+use std::str::FromStr;
+
+use super::session::{Dim, ElemType, IoInfo};
+use crate::model::{contract, ModelSpec, Role, Variant};
+use crate::{Error, Result};
+
+/// Image sizes a profile covers, in pixels: width and height each between `min` and `max` (inclusive), tuned for
+/// `opt`. Every value is a multiple of 16 (the FLUX latent patch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeRange {
+    /// (width, height)
+    pub min: (u32, u32),
+    /// (width, height); `None` = the model's default size, clamped into the range.
+    pub opt: Option<(u32, u32)>,
+    /// (width, height)
+    pub max: (u32, u32),
+}
+
+/// Batch sizes (images per graph call) a profile covers; `opt: None` = `min`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchRange {
+    pub min: u32,
+    pub opt: Option<u32>,
+    pub max: u32,
+}
+
+/// A declared shape range: image sizes and batch sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShapeRange {
+    pub sizes: SizeRange,
+    pub batch: BatchRange,
+}
+
+fn parse_size(s: &str) -> std::result::Result<(u32, u32), String> {
+    let s = s.trim();
+    let num = |t: &str| {
+        t.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{t:?} is not a whole number of pixels"))
+    };
+    let (w, h) = match s.split_once(['x', 'X']) {
+        Some((w, h)) => (num(w)?, num(h)?),
+        None => {
+            let n = num(s)?;
+            (n, n)
+        }
+    };
+    for v in [w, h] {
+        if v == 0 || v % 16 != 0 {
+            return Err(format!(
+                "{v} is not a positive multiple of 16 (FLUX image sizes are multiples of 16)"
+            ));
+        }
+    }
+    Ok((w, h))
+}
+
+fn size_str((w, h): (u32, u32)) -> String {
+    if w == h {
+        w.to_string()
+    } else {
+        format!("{w}x{h}")
+    }
+}
+
+/// Splits `MIN-MAX@OPT` (MAX and OPT optional) into its parts.
+fn split_range(s: &str) -> (&str, Option<&str>, Option<&str>) {
+    let (range, opt) = match s.split_once('@') {
+        Some((r, o)) => (r, Some(o)),
+        None => (s, None),
+    };
+    match range.split_once('-') {
+        Some((a, b)) => (a, Some(b), opt),
+        None => (range, None, opt),
+    }
+}
+
+impl FromStr for SizeRange {
+    type Err = Error;
+
+    /// `1024` (one size), `512-1024` (width and height each from 512 to 1024), `512x768-1024x1344` (width x height at
+    /// each end), with an optional tuning size after `@`: `512-1024@768`.
+    fn from_str(s: &str) -> Result<SizeRange> {
+        let bad = |why: String| {
+            Error::input(format!("invalid image size range {s:?}: {why}")).with_hint(
+                "write MIN-MAX in pixels, e.g. 512-1024 or 512x768-1024x1344, optionally @OPT",
+            )
+        };
+        let (a, b, o) = split_range(s);
+        let min = parse_size(a).map_err(bad)?;
+        let max = match b {
+            Some(b) => parse_size(b).map_err(bad)?,
+            None => min,
+        };
+        let opt = o.map(parse_size).transpose().map_err(bad)?;
+        if min.0 > max.0 || min.1 > max.1 {
+            return Err(bad(format!(
+                "the minimum {} is larger than the maximum {}",
+                size_str(min),
+                size_str(max)
+            )));
+        }
+        if let Some(o) = opt {
+            if o.0 < min.0 || o.0 > max.0 || o.1 < min.1 || o.1 > max.1 {
+                return Err(bad(format!(
+                    "the tuning size {} is outside the range",
+                    size_str(o)
+                )));
+            }
+        }
+        Ok(SizeRange { min, opt, max })
+    }
+}
+
+impl fmt::Display for SizeRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&size_str(self.min))?;
+        if self.max != self.min {
+            write!(f, "-{}", size_str(self.max))?;
+        }
+        if let Some(o) = self.opt {
+            write!(f, "@{}", size_str(o))?;
+        }
+        Ok(())
+    }
+}
+
+impl SizeRange {
+    pub fn contains(&self, width: u32, height: u32) -> bool {
+        (self.min.0..=self.max.0).contains(&width) && (self.min.1..=self.max.1).contains(&height)
+    }
+
+    /// The size TensorRT tunes for: `opt`, else `default` clamped into the range (per dimension).
+    pub fn opt_or(&self, default: (u32, u32)) -> (u32, u32) {
+        self.opt.unwrap_or((
+            default.0.clamp(self.min.0, self.max.0),
+            default.1.clamp(self.min.1, self.max.1),
+        ))
+    }
+}
+
+impl FromStr for BatchRange {
+    type Err = Error;
+
+    /// `1` (one batch size), `1-4`, `1-4@2` (tuned for 2).
+    fn from_str(s: &str) -> Result<BatchRange> {
+        let bad = |why: String| {
+            Error::input(format!("invalid batch range {s:?}: {why}"))
+                .with_hint("write MIN-MAX images per call, e.g. 1-4, optionally @OPT")
+        };
+        let num = |t: &str| match t.trim().parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(bad(format!("{:?} is not a whole number >= 1", t.trim()))),
+        };
+        let (a, b, o) = split_range(s);
+        let min = num(a)?;
+        let max = b.map(num).transpose()?.unwrap_or(min);
+        let opt = o.map(num).transpose()?;
+        if min > max {
+            return Err(bad(format!(
+                "the minimum {min} is larger than the maximum {max}"
+            )));
+        }
+        if opt.is_some_and(|o| o < min || o > max) {
+            return Err(bad("the tuning batch is outside the range".into()));
+        }
+        Ok(BatchRange { min, opt, max })
+    }
+}
+
+impl fmt::Display for BatchRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.min)?;
+        if self.max != self.min {
+            write!(f, "-{}", self.max)?;
+        }
+        if let Some(o) = self.opt {
+            write!(f, "@{o}")?;
+        }
+        Ok(())
+    }
+}
+
+impl BatchRange {
+    pub fn contains(&self, batch: u32) -> bool {
+        (self.min..=self.max).contains(&batch)
+    }
+    pub fn opt_or_min(&self) -> u32 {
+        self.opt.unwrap_or(self.min)
+    }
+}
+
+impl ShapeRange {
+    /// One image size and one batch size: the shapes never change, so CUDA graphs may be captured.
+    pub fn is_static(&self) -> bool {
+        self.sizes.min == self.sizes.max && self.batch.min == self.batch.max
+    }
+
+    pub fn contains(&self, width: u32, height: u32, batch: u32) -> bool {
+        self.sizes.contains(width, height) && self.batch.contains(batch)
+    }
+
+    /// `Ok` when a request of `batch` images at `width` x `height` fits; otherwise an
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) error naming the range. `what` names what the range
+    /// belongs to (e.g. "the TensorRT profile the engines were built for").
+    pub fn check_request(&self, width: u32, height: u32, batch: usize, what: &str) -> Result<()> {
+        let batch32 = u32::try_from(batch).unwrap_or(u32::MAX);
+        if self.contains(width, height, batch32) {
+            return Ok(());
+        }
+        Err(Error::input(format!(
+            "{width}x{height} with {batch} image(s) per call is outside {what}: {}",
+            self.describe()
+        ))
+        .with_hint(
+            "ask for a size and image count within that range, or rebuild the engines for a wider range \
+             (fluxrt build-engines --trt-sizes MIN-MAX --trt-batch MIN-MAX) and restart with the same flags",
+        ))
+    }
+
+    /// e.g. `width and height 512-1024 px, batch 1-4`.
+    pub fn describe(&self) -> String {
+        let s = &self.sizes;
+        let sizes = if s.min.0 == s.min.1 && s.max.0 == s.max.1 {
+            format!("width and height {}-{} px", s.min.0, s.max.0)
+        } else {
+            format!(
+                "width {}-{} px and height {}-{} px",
+                s.min.0, s.max.0, s.min.1, s.max.1
+            )
+        };
+        format!("{sizes}, batch {}-{}", self.batch.min, self.batch.max)
+    }
+}
+
+/// What a model fixes about its shapes, for profile derivation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShapes {
+    /// T5 sequence length `L` (256 for schnell, 512 for dev).
+    pub t5_len: u32,
+    /// CLIP sequence length (77).
+    pub clip_len: u32,
+    /// The model's default image size (width, height): the tuning size unless the range gives one.
+    pub default_size: (u32, u32),
+    /// Pixels per latent pixel (8 for the FLUX VAE).
+    pub vae_factor: u32,
+}
+
+impl Default for ModelShapes {
+    /// FLUX.1-schnell.
+    fn default() -> Self {
+        ModelShapes {
+            t5_len: 256,
+            clip_len: 77,
+            default_size: (1024, 1024),
+            vae_factor: 8,
+        }
+    }
+}
+
+impl ModelShapes {
+    /// The shapes of a resolved model. A layout without a manifest learns its variant (and so the T5 length) from
+    /// the transformer graph's declared inputs, read from the file header without loading weights.
+    pub fn of(spec: &ModelSpec) -> Result<ModelShapes> {
+        let variant = match spec.variant {
+            Some(v) => v,
+            None => {
+                let t = spec.graph(Role::Transformer)?;
+                let inputs = read_declared_inputs(&t.path)?;
+                let guidance = t.actual_name("guidance");
+                if inputs.iter().any(|i| i.name == guidance) {
+                    Variant::Dev
+                } else {
+                    Variant::Schnell
+                }
+            }
+        };
+        let d = spec
+            .defaults
+            .clone()
+            .unwrap_or_else(|| crate::model::Defaults::for_variant(variant));
+        Ok(ModelShapes {
+            t5_len: d.t5_max_length as u32,
+            clip_len: spec.clip_tokenizer.settings.max_length as u32,
+            default_size: (d.width, d.height),
+            vae_factor: spec.vae.downsample_factor as u32,
+        })
+    }
+}
+
+/// The min/opt/max shape of one input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputProfile {
+    pub name: String,
+    pub min: Vec<i64>,
+    pub opt: Vec<i64>,
+    pub max: Vec<i64>,
+}
+
+/// A graph's optimization profile: every dynamic input, in declared order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Profile {
+    pub inputs: Vec<InputProfile>,
+}
+
+impl Profile {
+    fn join(&self, pick: impl Fn(&InputProfile) -> &Vec<i64>) -> String {
+        self.inputs
+            .iter()
+            .map(|i| {
+                let dims: Vec<String> = pick(i).iter().map(i64::to_string).collect();
+                format!("{}:{}", i.name, dims.join("x"))
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+    /// `trt_profile_min_shapes`
+    pub fn min_shapes(&self) -> String {
+        self.join(|i| &i.min)
+    }
+    /// `trt_profile_opt_shapes`
+    pub fn opt_shapes(&self) -> String {
+        self.join(|i| &i.opt)
+    }
+    /// `trt_profile_max_shapes`
+    pub fn max_shapes(&self) -> String {
+        self.join(|i| &i.max)
+    }
+    /// No dynamic input: TensorRT needs no profile.
+    pub fn is_empty(&self) -> bool {
+        self.inputs.is_empty()
+    }
+}
+
+/// What one axis of a contract input means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Axis {
+    Batch,
+    /// Packed image tokens (H/16)*(W/16).
+    Seq,
+    /// T5 length.
+    TextLen,
+    /// CLIP length.
+    ClipLen,
+    LatentH,
+    LatentW,
+    PixelH,
+    PixelW,
+    /// A constant of the contract (64 channels, 3 id axes, ...).
+    Const(i64),
+    /// A model width (4096, 768, 16, ...) that differs between real and tiny models: must be declared fixed.
+    Width,
+}
+
+/// The axes of a contract input (contract names), `None` for an input the contract does not define.
+fn contract_axes(role: Role, name: &str) -> Option<&'static [Axis]> {
+    use Axis::*;
+    Some(match (role, name) {
+        (Role::Clip, "input_ids") => &[Batch, ClipLen],
+        (Role::T5, "input_ids") => &[Batch, TextLen],
+        (Role::Transformer, "hidden_states") => &[Batch, Seq, Const(64)],
+        (Role::Transformer, "encoder_hidden_states") => &[Batch, TextLen, Width],
+        (Role::Transformer, "pooled_projections") => &[Batch, Width],
+        (Role::Transformer, "timestep" | "guidance") => &[Batch],
+        (Role::Transformer, "img_ids") => &[Seq, Const(3)],
+        (Role::Transformer, "txt_ids") => &[TextLen, Const(3)],
+        (Role::VaeDecoder, "latent") => &[Batch, Width, LatentH, LatentW],
+        (Role::VaeEncoder, "images") => &[Batch, Const(3), PixelH, PixelW],
+        _ => return None,
+    })
+}
+
+/// The contract name of a graph input: the name itself, or the contract name an optimum-onnx graph renames.
+fn contract_name(role: Role, graph_name: &str) -> String {
+    if contract::inputs(role, true)
+        .iter()
+        .any(|p| p.name == graph_name)
+    {
+        return graph_name.to_string();
+    }
+    contract::optimum_names(role)
+        .iter()
+        .find(|(_, actual)| *actual == graph_name)
+        .map_or(graph_name, |(c, _)| *c)
+        .to_string()
+}
+
+/// The meaning of a dimension by its name in the graph (the export step's names and common aliases).
+fn axis_by_name(sym: &str) -> Option<Axis> {
+    Some(match sym {
+        "B" | "batch" | "batch_size" | "N" => Axis::Batch,
+        "S" | "image_seq_len" | "img_seq_len" => Axis::Seq,
+        "L" | "text_seq_len" | "txt_seq_len" | "t5_seq_len" => Axis::TextLen,
+        "h" | "latent_height" | "height_latent" => Axis::LatentH,
+        "w" | "latent_width" | "width_latent" => Axis::LatentW,
+        "H" | "height" | "image_height" => Axis::PixelH,
+        "W" | "width" | "image_width" => Axis::PixelW,
+        _ => return None,
+    })
+}
+
+/// Derives the profile of one graph from its declared inputs. `role` is the graph's pipeline role, when known
+/// (`None`: dimension names alone decide). Inputs whose dimensions are all fixed need no profile and are left out.
+pub fn derive(
+    role: Option<Role>,
+    inputs: &[IoInfo],
+    range: &ShapeRange,
+    model: &ModelShapes,
+) -> Result<Profile> {
+    let (bmin, bmax) = (range.batch.min as i64, range.batch.max as i64);
+    let bopt = range.batch.opt_or_min() as i64;
+    let smin = range.sizes.min;
+    let smax = range.sizes.max;
+    let sopt = range.sizes.opt_or(model.default_size);
+    let vae = model.vae_factor.max(1) as i64;
+    // (width, height) -> value of an axis
+    let value = |axis: Axis, (w, h): (u32, u32)| -> Option<i64> {
+        let (w, h) = (w as i64, h as i64);
+        Some(match axis {
+            Axis::Seq => (h / (vae * 2)) * (w / (vae * 2)),
+            Axis::TextLen => model.t5_len as i64,
+            Axis::ClipLen => model.clip_len as i64,
+            Axis::LatentH => h / vae,
+            Axis::LatentW => w / vae,
+            Axis::PixelH => h,
+            Axis::PixelW => w,
+            Axis::Const(c) => c,
+            Axis::Batch | Axis::Width => return None,
+        })
+    };
+    let mut out = Profile::default();
+    for io in inputs {
+        if io.shape.iter().all(|d| matches!(d, Dim::Fixed(_))) {
+            continue;
+        }
+        let axes = role.and_then(|r| contract_axes(r, &contract_name(r, &io.name)));
+        let (mut min, mut opt, mut max) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, d) in io.shape.iter().enumerate() {
+            let sym = match d {
+                Dim::Fixed(n) => {
+                    min.push(*n);
+                    opt.push(*n);
+                    max.push(*n);
+                    continue;
+                }
+                Dim::Symbolic(s) => s,
+            };
+            let axis = axes
+                .filter(|a| a.len() == io.shape.len())
+                .map(|a| a[i])
+                .or_else(|| axis_by_name(sym));
+            let fail = || {
+                Error::model(format!(
+                    "cannot derive a TensorRT profile for input {io}: dimension {i} ({sym}) has no known meaning"
+                ))
+                .with_hint(
+                    "export the graph with the standard dimension names (B, S, L, h, w, H, W) or with that dimension \
+                     fixed, or leave --trt-sizes unset to let TensorRT build engines per shape",
+                )
+            };
+            match axis {
+                Some(Axis::Batch) => {
+                    min.push(bmin);
+                    opt.push(bopt);
+                    max.push(bmax);
+                }
+                Some(a) => {
+                    let (Some(lo), Some(mid), Some(hi)) =
+                        (value(a, smin), value(a, sopt), value(a, smax))
+                    else {
+                        return Err(fail());
+                    };
+                    min.push(lo);
+                    opt.push(mid);
+                    max.push(hi);
+                }
+                None => return Err(fail()),
+            }
+        }
+        out.inputs.push(InputProfile {
+            name: io.name.clone(),
+            min,
+            opt,
+            max,
+        });
+    }
+    Ok(out)
+}
+
+/// The profile of every graph of a model, read from each graph file's declared inputs.
+pub fn model_profiles(
+    spec: &ModelSpec,
+    range: &ShapeRange,
+    model: &ModelShapes,
+) -> Result<Vec<(Role, Profile)>> {
+    let mut out = Vec::new();
+    for (role, g) in &spec.graphs {
+        let inputs = read_declared_inputs(&g.path)?;
+        out.push((*role, derive(Some(*role), &inputs, range, model)?));
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Reading a graph's declared inputs straight from the ONNX protobuf (ModelProto.graph.input), skipping everything
+// else by seeking, so that a graph with inline weights is not read into memory.
+
+/// The declared inputs of an ONNX file (name, element type, shape with symbolic names), without ONNX Runtime and
+/// without reading weights. Initializers listed as inputs (old exports) appear with their fixed shapes.
+pub fn read_declared_inputs(path: &Path) -> Result<Vec<IoInfo>> {
+    let bad =
+        |why: String| {
+            Error::model(format!("cannot read the inputs of {}: {why}", path.display())).with_hint(
+            "re-export the graph or re-download the model (the file may be incomplete or damaged)",
+        )
+        };
+    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
+    let mut r = BufReader::new(file);
+    let mut inputs = Vec::new();
+    let mut pos = 0u64;
+    let mut found_graph = false;
+    while pos < len {
+        let (field, wire) = read_key(&mut r, &mut pos).map_err(bad)?;
+        if field == 7 && wire == 2 {
+            let n = read_varint(&mut r, &mut pos).map_err(bad)?;
+            let end = pos
+                .checked_add(n)
+                .filter(|&e| e <= len)
+                .ok_or_else(|| bad("truncated graph".into()))?;
+            found_graph = true;
+            while pos < end {
+                let (gfield, gwire) = read_key(&mut r, &mut pos).map_err(bad)?;
+                if gfield == 11 && gwire == 2 {
+                    let n = read_varint(&mut r, &mut pos).map_err(bad)?;
+                    if n > 1 << 20 {
+                        return Err(bad("an input description larger than 1 MiB".into()));
+                    }
+                    let mut buf = vec![0u8; n as usize];
+                    r.read_exact(&mut buf).map_err(|e| bad(e.to_string()))?;
+                    pos += n;
+                    inputs.push(parse_value_info(&buf).map_err(bad)?);
+                } else {
+                    skip(&mut r, &mut pos, gwire).map_err(bad)?;
+                }
+            }
+        } else {
+            skip(&mut r, &mut pos, wire).map_err(bad)?;
+        }
+    }
+    if !found_graph {
+        return Err(bad("no graph in the file (is it an ONNX model?)".into()));
+    }
+    Ok(inputs)
+}
+
+type PbResult<T> = std::result::Result<T, String>;
+
+fn read_varint(r: &mut impl Read, pos: &mut u64) -> PbResult<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let mut b = [0u8; 1];
+        r.read_exact(&mut b)
+            .map_err(|_| "unexpected end of file".to_string())?;
+        *pos += 1;
+        v |= u64::from(b[0] & 0x7f) << shift;
+        if b[0] & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err("malformed varint".into())
+}
+
+fn read_key(r: &mut impl Read, pos: &mut u64) -> PbResult<(u64, u8)> {
+    let k = read_varint(r, pos)?;
+    Ok((k >> 3, (k & 7) as u8))
+}
+
+fn skip<R: Read + Seek>(r: &mut BufReader<R>, pos: &mut u64, wire: u8) -> PbResult<()> {
+    let n = match wire {
+        0 => {
+            read_varint(r, pos)?;
+            return Ok(());
+        }
+        1 => 8,
+        2 => read_varint(r, pos)?,
+        5 => 4,
+        w => return Err(format!("unsupported protobuf wire type {w}")),
+    };
+    let n = i64::try_from(n).map_err(|_| "field too large".to_string())?;
+    r.seek_relative(n).map_err(|e| e.to_string())?;
+    *pos += n as u64;
+    Ok(())
+}
+
+/// Fields of one length-delimited message in memory: (field, wire, varint value or byte range).
+fn fields(buf: &[u8]) -> PbResult<Vec<(u64, u64, &[u8])>> {
+    let mut out = Vec::new();
+    let mut c = std::io::Cursor::new(buf);
+    let mut pos = 0u64;
+    while (pos as usize) < buf.len() {
+        let (f, w) = read_key(&mut c, &mut pos)?;
+        match w {
+            0 => {
+                let v = read_varint(&mut c, &mut pos)?;
+                out.push((f, v, &buf[0..0]));
+            }
+            1 | 5 => {
+                pos += if w == 1 { 8 } else { 4 };
+                c.set_position(pos);
+            }
+            2 => {
+                let n = read_varint(&mut c, &mut pos)? as usize;
+                let start = pos as usize;
+                let end = start
+                    .checked_add(n)
+                    .filter(|&e| e <= buf.len())
+                    .ok_or("truncated field")?;
+                out.push((f, 0, &buf[start..end]));
+                pos = end as u64;
+                c.set_position(pos);
+            }
+            w => return Err(format!("unsupported protobuf wire type {w}")),
+        }
+    }
+    Ok(out)
+}
+
+fn onnx_elem_type(t: u64) -> ElemType {
+    match t {
+        1 => ElemType::F32,
+        10 => ElemType::F16,
+        16 => ElemType::BF16,
+        6 => ElemType::I32,
+        7 => ElemType::I64,
+        other => ElemType::Other(
+            match other {
+                2 => "u8",
+                3 => "i8",
+                4 => "u16",
+                5 => "i16",
+                8 => "string",
+                9 => "bool",
+                11 => "f64",
+                12 => "u32",
+                13 => "u64",
+                17..=20 => "f8",
+                21 | 22 | 25 | 26 => "int4",
+                23 => "fp4",
+                _ => "unknown",
+            }
+            .to_string(),
+        ),
+    }
+}
+
+/// ValueInfoProto { name = 1; type = 2 (TypeProto { tensor_type = 1 (elem_type = 1; shape = 2 { dim = 1
+/// { dim_value = 1 | dim_param = 2 } }) }) }
+fn parse_value_info(buf: &[u8]) -> PbResult<IoInfo> {
+    let mut info = IoInfo {
+        name: String::new(),
+        dtype: ElemType::Other("non-tensor".into()),
+        shape: Vec::new(),
+    };
+    for (f, _, bytes) in fields(buf)? {
+        match f {
+            1 => info.name = String::from_utf8_lossy(bytes).into_owned(),
+            2 => {
+                for (tf, _, tensor) in fields(bytes)? {
+                    if tf != 1 {
+                        continue;
+                    }
+                    for (ff, v, b) in fields(tensor)? {
+                        match ff {
+                            1 => info.dtype = onnx_elem_type(v),
+                            2 => {
+                                for (df, _, dim) in fields(b)? {
+                                    if df != 1 {
+                                        continue;
+                                    }
+                                    let mut d = Dim::Symbolic("?".into());
+                                    for (xf, xv, xb) in fields(dim)? {
+                                        match xf {
+                                            1 => d = Dim::Fixed(xv as i64),
+                                            2 if !xb.is_empty() => {
+                                                d = Dim::Symbolic(
+                                                    String::from_utf8_lossy(xb).into_owned(),
+                                                )
+                                            }
+                                            _ => {}
+                                        }
+                                    }
+                                    info.shape.push(d);
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn sym(s: &str) -> Dim {
+        Dim::Symbolic(s.into())
+    }
+    fn fx(n: i64) -> Dim {
+        Dim::Fixed(n)
+    }
+    fn io(name: &str, dtype: ElemType, shape: Vec<Dim>) -> IoInfo {
+        IoInfo {
+            name: name.into(),
+            dtype,
+            shape,
+        }
+    }
+
+    /// The declared inputs of the official FLUX.1 exports (real model widths).
+    fn flux_inputs(role: Role, guidance: bool) -> Vec<IoInfo> {
+        use ElemType::*;
+        match role {
+            Role::Clip => vec![io("input_ids", I32, vec![sym("B"), fx(77)])],
+            Role::T5 => vec![io("input_ids", I32, vec![sym("B"), sym("L")])],
+            Role::Transformer => {
+                let mut v = vec![
+                    io("hidden_states", BF16, vec![sym("B"), sym("S"), fx(64)]),
+                    io(
+                        "encoder_hidden_states",
+                        BF16,
+                        vec![sym("B"), sym("L"), fx(4096)],
+                    ),
+                    io("pooled_projections", BF16, vec![sym("B"), fx(768)]),
+                    io("timestep", BF16, vec![sym("B")]),
+                    io("img_ids", F32, vec![sym("S"), fx(3)]),
+                    io("txt_ids", F32, vec![sym("L"), fx(3)]),
+                ];
+                if guidance {
+                    v.push(io("guidance", F32, vec![sym("B")]));
+                }
+                v
+            }
+            Role::VaeDecoder => vec![io(
+                "latent",
+                F32,
+                vec![sym("B"), fx(16), sym("h"), sym("w")],
+            )],
+            Role::VaeEncoder => vec![io("images", F32, vec![sym("B"), fx(3), sym("H"), sym("W")])],
+        }
+    }
+
+    fn range(s: &str, b: &str) -> ShapeRange {
+        ShapeRange {
+            sizes: s.parse().unwrap(),
+            batch: b.parse().unwrap(),
+        }
+    }
+
+    fn strings(p: &Profile) -> [String; 3] {
+        [p.min_shapes(), p.opt_shapes(), p.max_shapes()]
+    }
+
+    #[test]
+    fn schnell_512_1024_batch_1_4_every_graph() {
+        let r = range("512-1024", "1-4");
+        let m = ModelShapes::default(); // schnell: T5 256, CLIP 77, 1024x1024, VAE 8
+        let p = |role| derive(Some(role), &flux_inputs(role, false), &r, &m).unwrap();
+        assert_eq!(
+            strings(&p(Role::Transformer)),
+            [
+                "hidden_states:1x1024x64,encoder_hidden_states:1x256x4096,pooled_projections:1x768,timestep:1,\
+                 img_ids:1024x3,txt_ids:256x3",
+                "hidden_states:1x4096x64,encoder_hidden_states:1x256x4096,pooled_projections:1x768,timestep:1,\
+                 img_ids:4096x3,txt_ids:256x3",
+                "hidden_states:4x4096x64,encoder_hidden_states:4x256x4096,pooled_projections:4x768,timestep:4,\
+                 img_ids:4096x3,txt_ids:256x3",
+            ]
+            .map(String::from)
+        );
+        assert_eq!(
+            strings(&p(Role::T5)),
+            ["input_ids:1x256", "input_ids:1x256", "input_ids:4x256"].map(String::from)
+        );
+        assert_eq!(
+            strings(&p(Role::Clip)),
+            ["input_ids:1x77", "input_ids:1x77", "input_ids:4x77"].map(String::from)
+        );
+        assert_eq!(
+            strings(&p(Role::VaeDecoder)),
+            [
+                "latent:1x16x64x64",
+                "latent:1x16x128x128",
+                "latent:4x16x128x128"
+            ]
+            .map(String::from)
+        );
+        assert_eq!(
+            strings(&p(Role::VaeEncoder)),
+            [
+                "images:1x3x512x512",
+                "images:1x3x1024x1024",
+                "images:4x3x1024x1024"
+            ]
+            .map(String::from)
+        );
+    }
+
+    #[test]
+    fn dev_guidance_and_t5_512_non_square_with_explicit_opt() {
+        let r = range("512x768-1024x1344@768x1024", "1-2@2");
+        let m = ModelShapes {
+            t5_len: 512,
+            ..ModelShapes::default()
+        };
+        let p = derive(
+            Some(Role::Transformer),
+            &flux_inputs(Role::Transformer, true),
+            &r,
+            &m,
+        )
+        .unwrap();
+        // S = (H/16)*(W/16): min 48*32, opt 64*48, max 84*64.
+        assert_eq!(
+            p.min_shapes(),
+            "hidden_states:1x1536x64,encoder_hidden_states:1x512x4096,pooled_projections:1x768,timestep:1,\
+             img_ids:1536x3,txt_ids:512x3,guidance:1"
+        );
+        assert_eq!(
+            p.opt_shapes(),
+            "hidden_states:2x3072x64,encoder_hidden_states:2x512x4096,pooled_projections:2x768,timestep:2,\
+             img_ids:3072x3,txt_ids:512x3,guidance:2"
+        );
+        assert_eq!(
+            p.max_shapes(),
+            "hidden_states:2x5376x64,encoder_hidden_states:2x512x4096,pooled_projections:2x768,timestep:2,\
+             img_ids:5376x3,txt_ids:512x3,guidance:2"
+        );
+        let vae = derive(
+            Some(Role::VaeDecoder),
+            &flux_inputs(Role::VaeDecoder, false),
+            &r,
+            &m,
+        )
+        .unwrap();
+        // latent h = H/8 (height first), w = W/8.
+        assert_eq!(
+            strings(&vae),
+            [
+                "latent:1x16x96x64",
+                "latent:2x16x128x96",
+                "latent:2x16x168x128"
+            ]
+            .map(String::from)
+        );
+    }
+
+    #[test]
+    fn static_range_gives_equal_min_opt_max() {
+        let r = range("1024", "1");
+        assert!(r.is_static());
+        let p = derive(
+            Some(Role::VaeDecoder),
+            &flux_inputs(Role::VaeDecoder, false),
+            &r,
+            &ModelShapes::default(),
+        )
+        .unwrap();
+        let [a, b, c] = strings(&p);
+        assert_eq!(a, "latent:1x16x128x128");
+        assert_eq!(a, b);
+        assert_eq!(b, c);
+        assert!(!range("512-1024", "1").is_static());
+        assert!(!range("1024", "1-2").is_static());
+    }
+
+    #[test]
+    fn default_opt_is_the_model_size_clamped_into_the_range() {
+        let r = range("256-512", "1");
+        let p = derive(
+            Some(Role::VaeDecoder),
+            &flux_inputs(Role::VaeDecoder, false),
+            &r,
+            &ModelShapes::default(),
+        )
+        .unwrap();
+        assert_eq!(p.opt_shapes(), "latent:1x16x64x64");
+    }
+
+    #[test]
+    fn optimum_names_and_dimension_names() {
+        let r = range("512-1024", "1-4");
+        let m = ModelShapes::default();
+        // optimum's VAE decoder calls its input latent_sample, with its own dimension names.
+        let ins = vec![io(
+            "latent_sample",
+            ElemType::F32,
+            vec![
+                sym("batch_size"),
+                fx(16),
+                sym("height_latent"),
+                sym("width_latent"),
+            ],
+        )];
+        let p = derive(Some(Role::VaeDecoder), &ins, &r, &m).unwrap();
+        assert_eq!(p.max_shapes(), "latent_sample:4x16x128x128");
+        // Unknown role: the export step's dimension names decide.
+        let ins = vec![io("x", ElemType::F32, vec![sym("B"), sym("S"), fx(64)])];
+        let p = derive(None, &ins, &r, &m).unwrap();
+        assert_eq!(p.min_shapes(), "x:1x1024x64");
+        // Fully fixed inputs need no profile.
+        let ins = vec![io("y", ElemType::F32, vec![fx(2), fx(3)])];
+        assert!(derive(None, &ins, &r, &m).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_unknown_dynamic_dimension_is_an_error_naming_it() {
+        let r = range("512-1024", "1-4");
+        let ins = vec![io("z", ElemType::F32, vec![sym("B"), sym("mystery")])];
+        let e = derive(None, &ins, &r, &ModelShapes::default()).unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::Model);
+        assert!(
+            e.message.contains("mystery") && e.message.contains("z"),
+            "{e}"
+        );
+        // A model width left dynamic cannot be guessed either.
+        let ins = vec![io(
+            "pooled_projections",
+            ElemType::F32,
+            vec![sym("B"), sym("D")],
+        )];
+        let e = derive(Some(Role::Transformer), &ins, &r, &ModelShapes::default()).unwrap_err();
+        assert!(e.message.contains("(D)"), "{e}");
+    }
+
+    #[test]
+    fn range_parsing_and_display() {
+        let s: SizeRange = "512-1024".parse().unwrap();
+        assert_eq!((s.min, s.max, s.opt), ((512, 512), (1024, 1024), None));
+        assert_eq!(s.to_string(), "512-1024");
+        let s: SizeRange = "512x768-1024x1344@768x1024".parse().unwrap();
+        assert_eq!(s.to_string(), "512x768-1024x1344@768x1024");
+        assert!(s.contains(1024, 768) && !s.contains(1024, 1360) && !s.contains(496, 768));
+        assert_eq!("1024".parse::<SizeRange>().unwrap().to_string(), "1024");
+        for bad in [
+            "",
+            "abc",
+            "500-1024",
+            "1024-512",
+            "512-1024@2048",
+            "0",
+            "512x-1024",
+        ] {
+            let e = bad.parse::<SizeRange>().unwrap_err();
+            assert_eq!(e.kind, crate::ErrorKind::InvalidInput, "{bad}");
+            assert!(e.message.contains(&format!("{bad:?}")), "{e}");
+        }
+        let b: BatchRange = "1-4".parse().unwrap();
+        assert_eq!((b.min, b.opt, b.max), (1, None, 4));
+        assert_eq!("1-4@2".parse::<BatchRange>().unwrap().to_string(), "1-4@2");
+        assert_eq!("3".parse::<BatchRange>().unwrap().to_string(), "3");
+        for bad in ["0", "4-1", "1-4@5", "x", "-2"] {
+            assert!(bad.parse::<BatchRange>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn requests_outside_the_range_are_refused_naming_it() {
+        let r = range("512-1024", "1-4");
+        assert!(r.check_request(1024, 512, 4, "the profile").is_ok());
+        let e = r
+            .check_request(1536, 1024, 1, "the TensorRT profile")
+            .unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::InvalidInput);
+        assert!(e.message.contains("1536x1024"), "{e}");
+        assert!(
+            e.message
+                .contains("width and height 512-1024 px, batch 1-4"),
+            "{e}"
+        );
+        assert!(e.hint.unwrap().contains("build-engines"));
+        let e = r
+            .check_request(512, 512, 5, "the TensorRT profile")
+            .unwrap_err();
+        assert!(e.message.contains("5 image(s)"), "{e}");
+    }
+
+    fn bundled(model: &str, file: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(model)
+            .join(file)
+    }
+
+    /// The reader agrees with the manifest the export step wrote for every bundled graph.
+    #[test]
+    fn reads_declared_inputs_of_the_bundled_graphs() {
+        for model in ["tiny-flux-schnell", "tiny-flux-dev"] {
+            let m = crate::model::Manifest::read(&bundled(model, "manifest.json")).unwrap();
+            for (name, g) in &m.graphs {
+                let got = read_declared_inputs(&bundled(model, &g.file)).unwrap();
+                let want: Vec<(String, Vec<String>)> = g
+                    .inputs
+                    .iter()
+                    .map(|i| {
+                        let dims = i
+                            .shape
+                            .iter()
+                            .map(|d| match d {
+                                serde_json::Value::String(s) => s.clone(),
+                                other => other.to_string(),
+                            })
+                            .collect();
+                        (i.name.clone(), dims)
+                    })
+                    .collect();
+                let got_names: Vec<(String, Vec<String>)> = got
+                    .iter()
+                    .map(|i| (i.name.clone(), i.shape.iter().map(Dim::to_string).collect()))
+                    .collect();
+                assert_eq!(got_names, want, "{model}/{name}");
+                let dtypes: Vec<String> = got.iter().map(|i| i.dtype.to_string()).collect();
+                let want_dtypes: Vec<String> = g
+                    .inputs
+                    .iter()
+                    .map(|i| match i.dtype.as_str() {
+                        "float32" => "f32".into(),
+                        "int32" => "i32".into(),
+                        "int64" => "i64".into(),
+                        other => other.into(),
+                    })
+                    .collect();
+                assert_eq!(dtypes, want_dtypes, "{model}/{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn profiles_of_the_bundled_model() {
+        let spec = ModelSpec::resolve(&bundled("tiny-flux-schnell", "")).unwrap();
+        let m = ModelShapes::of(&spec).unwrap();
+        assert_eq!(m.t5_len, 256);
+        assert_eq!(m.default_size, (256, 256));
+        let r = range("128-256", "1-2");
+        let all = model_profiles(&spec, &r, &m).unwrap();
+        let get = |role: Role| all.iter().find(|(r, _)| *r == role).unwrap().1.clone();
+        assert_eq!(
+            get(Role::Transformer).max_shapes(),
+            "hidden_states:2x256x64,encoder_hidden_states:2x256x16,pooled_projections:2x8,timestep:2,\
+             img_ids:256x3,txt_ids:256x3"
+        );
+        assert_eq!(get(Role::Clip).min_shapes(), "input_ids:1x77");
+        assert_eq!(get(Role::VaeDecoder).min_shapes(), "latent:1x16x16x16");
+    }
+
+    #[test]
+    fn reader_refuses_non_onnx_files() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.onnx");
+        std::fs::write(&p, b"<html>404</html>").unwrap();
+        let e = read_declared_inputs(&p).unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::Model);
+        assert!(e.message.contains("x.onnx"), "{e}");
+        let e = read_declared_inputs(&d.path().join("missing.onnx")).unwrap_err();
+        assert!(e.message.contains("missing.onnx"), "{e}");
+    }
+}

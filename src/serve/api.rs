@@ -1,0 +1,589 @@
+//! The HTTP API's request and error types: parsing and validation are pure functions of the body bytes,
+//! the server's limits and the loaded model, so they are tested (and fuzzed) without a server.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::model::Variant;
+use crate::pipeline::Request;
+use crate::{latents, Error, ErrorKind};
+
+/// Longest accepted image side, whatever the pixel limit.
+pub const MAX_SIDE: u32 = 65536;
+
+/// What the server accepts; every request is checked against these before it is queued.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest image, width x height.
+    pub max_pixels: u64,
+    pub max_steps: usize,
+    /// Most images per request (`n`, `num_images`).
+    pub max_images: usize,
+    /// Longest prompt, in characters (the tokenizers truncate anyway; this bounds the work).
+    pub max_prompt_chars: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_pixels: 2 * 1024 * 1024,
+            max_steps: 50,
+            max_images: 4,
+            max_prompt_chars: 10_000,
+        }
+    }
+}
+
+/// What the server knows of its model once a worker has loaded it.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub variant: Variant,
+    pub width: u32,
+    pub height: u32,
+    pub steps: usize,
+    pub guidance: Option<f32>,
+    /// The VAE's downsampling factor (8 for FLUX): sides must be multiples of twice this.
+    pub vae_factor: usize,
+    pub providers: Vec<String>,
+}
+
+/// An error as OpenAI's API writes it: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// OpenAI's `type`: `invalid_request_error`, `rate_limit_error`, `server_error`, ...
+    pub kind: &'static str,
+    /// The request field at fault, when there is one.
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header (429, 503).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+    /// 400: the body cannot be read as JSON, or asks for something this server does not do.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+    /// 422: well-formed JSON with a wrong, missing or out-of-range field.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            message,
+        )
+        .param(param)
+    }
+    pub fn param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+    pub fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// The HTTP form of a library error. Only messages about the request itself and numerics are passed on:
+    /// model, runtime, provider and I/O messages may name files, so the client gets a generic sentence and
+    /// the server log gets the details.
+    pub fn from_error(e: &Error) -> Self {
+        match e.kind {
+            ErrorKind::InvalidInput => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                e.message.clone(),
+            ),
+            ErrorKind::Cancelled => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "the run was cancelled (timeout or shutdown)",
+            )
+            .code("cancelled"),
+            ErrorKind::Numerics => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("the model produced invalid numbers: {}", e.message),
+            )
+            .code("numerics"),
+            ErrorKind::Model | ErrorKind::Runtime | ErrorKind::Provider | ErrorKind::Io => {
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "the image could not be generated because of a server-side error; the server log has the details",
+                )
+                .code("internal_error")
+            }
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// `POST /v1/images/generations`: OpenAI's Images API, plus fluxrt's `seed`, `steps` and `guidance`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiRequest {
+    pub prompt: String,
+    /// Accepted and ignored: this server runs the one model it loaded.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub n: Option<usize>,
+    /// `"WIDTHxHEIGHT"`, or `"auto"` for the model's default.
+    #[serde(default)]
+    pub size: Option<String>,
+    /// `b64_json` (the default here); `url` is refused because the server keeps no files.
+    #[serde(default)]
+    pub response_format: Option<String>,
+    /// Accepted and ignored (an end-user id for abuse tracking in OpenAI's API).
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub steps: Option<usize>,
+    #[serde(default)]
+    pub guidance: Option<f32>,
+}
+
+/// `POST /v1/generate`: every option of `fluxrt generate`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NativeRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub prompt_2: Option<String>,
+    #[serde(default)]
+    pub width: Option<u32>,
+    #[serde(default)]
+    pub height: Option<u32>,
+    #[serde(default)]
+    pub steps: Option<usize>,
+    #[serde(default)]
+    pub guidance: Option<f32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub num_images: Option<usize>,
+}
+
+/// A checked request, ready to queue, and the notes for the client (e.g. an ignored guidance).
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub request: Request,
+    pub warnings: Vec<String>,
+}
+
+/// Deserializes `body` as `T`: syntax errors are 400; wrong types, unknown and missing fields are 422 with
+/// the field in `param`.
+pub fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = match serde_path_to_error::deserialize(&mut de) {
+        Ok(v) => v,
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            return Err(json_error(&inner, &path));
+        }
+    };
+    de.end().map_err(|e| json_error(&e, "."))?;
+    Ok(value)
+}
+
+fn json_error(e: &serde_json::Error, path: &str) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
+                .code("invalid_json")
+        }
+        Category::Data => {
+            let msg = e.to_string();
+            // serde names unknown and missing fields in backticks; the path names the field of a wrong type.
+            let named = ["unknown field `", "missing field `"]
+                .iter()
+                .find_map(|p| msg.split_once(p))
+                .and_then(|(_, rest)| rest.split_once('`'))
+                .map(|(field, _)| field.to_string());
+            let param =
+                named.or_else(|| (path != "." && !path.is_empty()).then(|| path.to_string()));
+            let mut err = ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                match &param {
+                    Some(p) if !msg.contains('`') => format!("{p}: {msg}"),
+                    _ => msg,
+                },
+            );
+            err.param = param;
+            err
+        }
+    }
+}
+
+/// Parses `"WIDTHxHEIGHT"` (or `"auto"`).
+pub fn parse_size(size: &str, model: &ModelInfo) -> Result<(u32, u32), ApiError> {
+    let s = size.trim();
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok((model.width, model.height));
+    }
+    let bad = || {
+        ApiError::invalid(
+            "size",
+            format!(
+                "size must be \"WIDTHxHEIGHT\" in pixels, e.g. \"{}x{}\", got {:?}",
+                model.width,
+                model.height,
+                truncate(size, 40)
+            ),
+        )
+    };
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let w: u32 = w.trim().parse().map_err(|_| bad())?;
+    let h: u32 = h.trim().parse().map_err(|_| bad())?;
+    Ok((w, h))
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        format!("{}...", s.chars().take(n).collect::<String>())
+    }
+}
+
+/// The common checks of both endpoints. `names` are the request's field names for (size, steps, count).
+#[allow(clippy::too_many_arguments)]
+fn build(
+    prompt: String,
+    prompt_2: Option<String>,
+    (width, height): (u32, u32),
+    steps: Option<usize>,
+    guidance: Option<f32>,
+    seed: u64,
+    count: Option<usize>,
+    names: [&str; 4],
+    limits: &Limits,
+    model: &ModelInfo,
+) -> Result<Parsed, ApiError> {
+    let [size_w, size_h, count_name, prompt_name] = names;
+    let mut warnings = Vec::new();
+    for (name, p) in [
+        (prompt_name, Some(&prompt)),
+        ("prompt_2", prompt_2.as_ref()),
+    ] {
+        if let Some(p) = p {
+            let chars = p.chars().count();
+            if chars > limits.max_prompt_chars {
+                return Err(ApiError::invalid(
+                    name,
+                    format!(
+                        "{name} is {chars} characters long; this server accepts at most {}",
+                        limits.max_prompt_chars
+                    ),
+                ));
+            }
+        }
+    }
+    // Sides past 65536 px are refused here, before the size arithmetic (and with a plain message).
+    for (param, side, v) in [(size_w, "width", width), (size_h, "height", height)] {
+        if v > MAX_SIDE {
+            return Err(ApiError::invalid(
+                param,
+                format!("{side} {v} is too large; this server accepts at most {MAX_SIDE} pixels per side and {} pixels in all", limits.max_pixels),
+            ));
+        }
+    }
+    if let Err(e) = latents::validate_size(width, height, limits.max_pixels, model.vae_factor) {
+        let param = if e.message.starts_with("height") {
+            size_h
+        } else {
+            size_w
+        };
+        let msg = e
+            .message
+            .replace("max-pixels limit", "server's --max-pixels limit");
+        return Err(ApiError::invalid(param, msg));
+    }
+    let steps = steps.unwrap_or(model.steps);
+    if steps == 0 || steps > limits.max_steps {
+        return Err(ApiError::invalid(
+            "steps",
+            format!(
+                "steps must be between 1 and {}, got {steps}",
+                limits.max_steps
+            ),
+        ));
+    }
+    let n = count.unwrap_or(1);
+    if n == 0 || n > limits.max_images {
+        return Err(ApiError::invalid(
+            count_name,
+            format!(
+                "{count_name} must be between 1 and {}, got {n}",
+                limits.max_images
+            ),
+        ));
+    }
+    let guidance = match (model.variant, guidance) {
+        (_, Some(g)) if !g.is_finite() || !(0.0..=100.0).contains(&g) => {
+            return Err(ApiError::invalid(
+                "guidance",
+                format!("guidance must be a number between 0 and 100, got {g}"),
+            ))
+        }
+        (Variant::Schnell, Some(_)) => {
+            warnings.push(format!(
+                "guidance is ignored: {} is a schnell model without guidance embedding",
+                model.name
+            ));
+            None
+        }
+        (Variant::Schnell, None) => None,
+        (Variant::Dev, g) => g.or(model.guidance).or(Some(3.5)),
+    };
+    let request = Request {
+        prompt,
+        prompt_2,
+        width,
+        height,
+        steps,
+        guidance,
+        seed,
+        num_images: n,
+        max_pixels: limits.max_pixels,
+    };
+    // The library's own checks, which the ones above imply; kept as the last word.
+    request
+        .validate(model.vae_factor)
+        .map_err(|e| ApiError::from_error(&e))?;
+    Ok(Parsed { request, warnings })
+}
+
+/// Parses and validates an OpenAI Images API body. `random_seed` is used when the body has no seed.
+pub fn parse_openai(
+    body: &[u8],
+    limits: &Limits,
+    model: &ModelInfo,
+    random_seed: u64,
+) -> Result<Parsed, ApiError> {
+    let r: OpenAiRequest = from_json(body)?;
+    match r.response_format.as_deref() {
+        None | Some("b64_json") => {}
+        Some("url") => {
+            return Err(ApiError::bad_request(
+                "response_format \"url\" is not supported: this server does not host image files; \
+                 use \"b64_json\" (the default here)",
+            )
+            .param("response_format")
+            .code("unsupported_response_format"))
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "response_format must be \"b64_json\", got {:?}",
+                truncate(other, 40)
+            ))
+            .param("response_format"))
+        }
+    }
+    let size = match r.size.as_deref() {
+        Some(s) => parse_size(s, model)?,
+        None => (model.width, model.height),
+    };
+    build(
+        r.prompt,
+        None,
+        size,
+        r.steps,
+        r.guidance,
+        r.seed.unwrap_or(random_seed),
+        r.n,
+        ["size", "size", "n", "prompt"],
+        limits,
+        model,
+    )
+}
+
+/// Parses and validates a native `/v1/generate` body.
+pub fn parse_native(
+    body: &[u8],
+    limits: &Limits,
+    model: &ModelInfo,
+    random_seed: u64,
+) -> Result<Parsed, ApiError> {
+    let r: NativeRequest = from_json(body)?;
+    build(
+        r.prompt,
+        r.prompt_2,
+        (
+            r.width.unwrap_or(model.width),
+            r.height.unwrap_or(model.height),
+        ),
+        r.steps,
+        r.guidance,
+        r.seed.unwrap_or(random_seed),
+        r.num_images,
+        ["width", "height", "num_images", "prompt"],
+        limits,
+        model,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> ModelInfo {
+        ModelInfo {
+            name: "tiny".into(),
+            variant: Variant::Schnell,
+            width: 256,
+            height: 256,
+            steps: 4,
+            guidance: None,
+            vae_factor: 8,
+            providers: vec!["cpu".into()],
+        }
+    }
+
+    #[test]
+    fn openai_defaults_and_size() {
+        let p = parse_openai(
+            br#"{"prompt":"a cat","size":"64x32"}"#,
+            &Limits::default(),
+            &model(),
+            9,
+        )
+        .unwrap();
+        assert_eq!((p.request.width, p.request.height), (64, 32));
+        assert_eq!(
+            (p.request.steps, p.request.seed, p.request.num_images),
+            (4, 9, 1)
+        );
+        let p = parse_openai(
+            br#"{"prompt":"a","size":"auto","n":2,"seed":5}"#,
+            &Limits::default(),
+            &model(),
+            9,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.request.width, p.request.num_images, p.request.seed),
+            (256, 2, 5)
+        );
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let l = Limits::default();
+        let e = parse_openai(br#"{"prompt":"a","colour":1}"#, &l, &model(), 0).unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.param.as_deref()),
+            (422, Some("colour"))
+        );
+        let e = parse_openai(br#"{"prompt":"a","n":"two"}"#, &l, &model(), 0).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.param.as_deref()), (422, Some("n")));
+        let e = parse_openai(br#"{"n":1}"#, &l, &model(), 0).unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.param.as_deref()),
+            (422, Some("prompt"))
+        );
+        let e = parse_openai(br#"{"prompt":"a""#, &l, &model(), 0).unwrap_err();
+        assert_eq!(e.status.as_u16(), 400);
+        let e = parse_openai(br#"{"prompt":"a"} x"#, &l, &model(), 0).unwrap_err();
+        assert_eq!(e.status.as_u16(), 400);
+        let e = parse_openai(
+            br#"{"prompt":"a","response_format":"url"}"#,
+            &l,
+            &model(),
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.param.as_deref()),
+            (400, Some("response_format"))
+        );
+        let e = parse_native(br#"{"prompt":"a","width":-64}"#, &l, &model(), 0).unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.param.as_deref()),
+            (422, Some("width"))
+        );
+        let e = parse_native(br#"{"prompt":"a","height":100}"#, &l, &model(), 0).unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.param.as_deref()),
+            (422, Some("height"))
+        );
+        let e = parse_native(br#"{"prompt":"a","num_images":1000}"#, &l, &model(), 0).unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.param.as_deref()),
+            (422, Some("num_images"))
+        );
+        let e = parse_native(br#"{"prompt":"a","steps":51}"#, &l, &model(), 0).unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.param.as_deref()),
+            (422, Some("steps"))
+        );
+    }
+
+    #[test]
+    fn guidance_is_dropped_with_a_warning_for_schnell_and_defaulted_for_dev() {
+        let l = Limits::default();
+        let p = parse_native(br#"{"prompt":"a","guidance":4}"#, &l, &model(), 0).unwrap();
+        assert_eq!(p.request.guidance, None);
+        assert_eq!(p.warnings.len(), 1);
+        let dev = ModelInfo {
+            variant: Variant::Dev,
+            guidance: Some(3.5),
+            ..model()
+        };
+        let p = parse_native(br#"{"prompt":"a"}"#, &l, &dev, 0).unwrap();
+        assert_eq!(p.request.guidance, Some(3.5));
+        let e = parse_native(br#"{"prompt":"a","guidance":1e300}"#, &l, &dev, 0).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("guidance"));
+    }
+
+    #[test]
+    fn library_errors_do_not_leak_paths() {
+        let e = ApiError::from_error(&Error::runtime("cannot load /secret/path/model.onnx"));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!e.message.contains("/secret"));
+    }
+}
