@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINES = ("diffusers", "ort", "fluxrt", "ort-int8", "fluxrt-int8")
+ENGINES = ("diffusers", "ort", "fluxrt", "ort-int8", "fluxrt-int8", "fluxrt-int4")
+DEFAULT_ENGINES = ENGINES[:5]
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -315,6 +316,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--model", default="build/models/bench")
     ap.add_argument("--checkpoint", default="build/export/bench")
     ap.add_argument("--int8", default="build/models/bench-int8", help="quantized model folder for *-int8 engines")
+    ap.add_argument("--int4", default="build/models/bench-int4", help="quantized model folder for *-int4 engines")
     ap.add_argument("--fluxrt", default="target/release/fluxrt")
     ap.add_argument("--sizes", default="256x256,512x512")
     ap.add_argument("--steps", type=int, default=4)
@@ -323,7 +325,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
-    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"any of {','.join(ENGINES)}")
     ap.add_argument("--fluxrt-args", default="", help="extra `fluxrt bench` options, e.g. '--no-io-binding'")
     ap.add_argument("--out", default="benches/RESULTS.md")
     ap.add_argument("--json", default="benches/results.json")
@@ -371,7 +373,8 @@ def main(argv: list[str]) -> int:
     results, rss = {}, {}
     for e in engines:
         cfg = dict(base, engine=e, image_dir=str(image_dir), noise_dir=str(noise_dir),
-                   model=a.int8 if e.endswith("int8") else a.model, checkpoint=a.checkpoint,
+                   model=a.int8 if e.endswith("int8") else a.int4 if e.endswith("int4") else a.model,
+                   checkpoint=a.checkpoint,
                    result=str(tmp / f"{e}.result.json"))
         load = os.getloadavg()[0]
         print(f"[compare] {e}: starting (load average {load:.2f})", file=sys.stderr, flush=True)
@@ -399,7 +402,7 @@ def main(argv: list[str]) -> int:
     for e in engines:
         versions.update(results[e].get("versions", {}))
     out = {"machine": machine(), "versions": versions, "settings": {k: v for k, v in base.items() if k != "fluxrt"},
-           "model": a.model, "int8_model": a.int8, "summary": summary, "peak_rss_bytes": rss, "psnr_vs_fluxrt": psnrs,
+           "model": a.model, "int8_model": a.int8, "int4_model": a.int4, "summary": summary, "peak_rss_bytes": rss, "psnr_vs_fluxrt": psnrs,
            "load_s": {e: results[e]["load_s"] for e in engines}, "raw": results,
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if a.json:
@@ -461,8 +464,11 @@ def render(out: dict, engines: list[str], sizes, notes: Path) -> str:
             L.append(f"- diffusers / fluxrt-int8 time: {ratio(med['diffusers'], med['fluxrt-int8'])}"
                      f" (target >= 2.5x at 512x512, PSNR >= 30 dB vs fp32: "
                      f"{out['psnr_vs_fluxrt'][key].get('fluxrt-int8') or 0:.1f} dB)")
-        if "fluxrt-int8" in med and "fluxrt" in med:
-            L.append(f"- fluxrt fp32 / fluxrt int8 time: {ratio(med['fluxrt'], med['fluxrt-int8'])}")
+        for q in ("int8", "int4"):
+            if f"fluxrt-{q}" in med and "fluxrt" in med:
+                p = out["psnr_vs_fluxrt"][key].get(f"fluxrt-{q}")
+                L.append(f"- fluxrt fp32 / fluxrt {q} time: {ratio(med['fluxrt'], med[f'fluxrt-{q}'])}"
+                         f" (PSNR {p or 0:.1f} dB against fp32)")
         if "fluxrt" in out["peak_rss_bytes"] and "diffusers" in out["peak_rss_bytes"]:
             L.append(f"- fluxrt / diffusers peak RSS: "
                      f"{ratio(out['peak_rss_bytes']['fluxrt'], out['peak_rss_bytes']['diffusers'])} (target <= 0.7x)")

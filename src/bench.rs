@@ -50,6 +50,8 @@ pub struct BenchOptions {
     pub max_pixels: u64,
     /// Write the images of the last timed run of each provider and size here as PNG files.
     pub save_images: Option<PathBuf>,
+    /// Load each graph for its stage only (less memory, sessions re-created every run).
+    pub low_memory: bool,
 }
 
 impl BenchOptions {
@@ -74,6 +76,7 @@ impl BenchOptions {
             io_binding: d.io_binding,
             max_pixels: DEFAULT_MAX_PIXELS,
             save_images: None,
+            low_memory: false,
         }
     }
 
@@ -222,6 +225,7 @@ pub struct Settings {
     pub cpu_arena: bool,
     pub io_binding: bool,
     pub optimized_cache: Option<String>,
+    pub low_memory: bool,
 }
 
 /// One provider's results.
@@ -428,6 +432,7 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         lo.cpu_arena = opts.cpu_arena;
         lo.optimized_cache = opts.optimized_cache.clone();
         lo.io_binding = opts.io_binding;
+        lo.low_memory = opts.low_memory;
         let mut pipe = Pipeline::load(&lo)?;
         let cache: BTreeMap<String, String> = pipe
             .graph_cache_use()
@@ -532,6 +537,7 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 .optimized_cache
                 .as_ref()
                 .map(|p| p.display().to_string()),
+            low_memory: opts.low_memory,
         },
         results,
     })

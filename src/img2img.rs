@@ -33,7 +33,8 @@ use crate::{Error, Result};
 pub const DEFAULT_STRENGTH: f64 = 0.6;
 
 /// The rule [`fit`] applies, for `--help` texts and API docs.
-pub const RESIZE_RULE: &str = "an init image already at the output size is used as is; any other size is \
+pub const RESIZE_RULE: &str =
+    "an init image already at the output size is used as is; any other size is \
      scaled (aspect ratio kept, Lanczos3) to cover the output size and center-cropped";
 
 /// A decoded init image (8-bit RGB), cheap to clone.
@@ -64,9 +65,9 @@ impl InitImage {
 
     /// Decodes PNG or JPEG bytes; `source` names them in errors (a file name, `init_image`).
     pub fn from_bytes(bytes: &[u8], source: &str) -> Result<InitImage> {
-        let format = image::guess_format(bytes).ok().filter(|f| {
-            matches!(f, image::ImageFormat::Png | image::ImageFormat::Jpeg)
-        });
+        let format = image::guess_format(bytes)
+            .ok()
+            .filter(|f| matches!(f, image::ImageFormat::Png | image::ImageFormat::Jpeg));
         let Some(format) = format else {
             return Err(Error::input(format!(
                 "the init image {source} is not a PNG or JPEG image"
@@ -150,15 +151,20 @@ pub fn to_tensor(img: &image::RgbImage) -> Array4<f32> {
 /// The request checks of this feature: strength in (0, 1] (always, so a bad value never waits for an init
 /// image), and with an init image at least one step left to run.
 pub fn validate(req: &Request) -> Result<()> {
-    if !(req.strength > 0.0 && req.strength <= 1.0) {
-        return Err(Error::input(format!(
-            "strength must be in (0, 1], got {}",
-            req.strength
-        ))
-        .with_hint("1.0 ignores the init image; 0.6-0.8 keeps its layout"));
-    }
+    check_strength(req.strength)?;
     if req.init_image.is_some() {
         schedule::img2img_start(req.steps, req.strength)?;
+    }
+    Ok(())
+}
+
+/// Strength must be in (0, 1].
+pub fn check_strength(strength: f64) -> Result<()> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(
+            Error::input(format!("strength must be in (0, 1], got {strength}"))
+                .with_hint("1.0 ignores the init image; 0.6-0.8 keeps its layout"),
+        );
     }
     Ok(())
 }
@@ -276,9 +282,8 @@ pub(crate) fn posterior(
     channels: usize,
 ) -> Result<(Array4<f32>, Array4<f32>)> {
     let as4 = |a: ArrayD<f32>, what: &str| -> Result<Array4<f32>> {
-        a.into_dimensionality().map_err(|e| {
-            Error::model(format!("the VAE encoder's {what} has the wrong rank: {e}"))
-        })
+        a.into_dimensionality()
+            .map_err(|e| Error::model(format!("the VAE encoder's {what} has the wrong rank: {e}")))
     };
     let mut latent = None;
     let mut std = None;
@@ -335,14 +340,14 @@ mod tests {
 
     #[test]
     fn preprocessing_matches_vae_image_processor() {
-        // torch: 2.0 * (torch.tensor([0, 1, 127, 128, 255], dtype=torch.uint8).float() / 255.0) - 1.0
+        // numpy f32 (as VaeImageProcessor): 2.0 * (np.array([0, 1, 127, 128, 255], np.uint8).astype(np.float32) / 255.0) - 1.0
         let img = image::RgbImage::from_fn(5, 1, |x, _| {
             let v = [0u8, 1, 127, 128, 255][x as usize];
             image::Rgb([v, v, v])
         });
         let t = to_tensor(&img);
         assert_eq!(t.shape(), [1, 3, 1, 5]);
-        let want = [-1.0f32, -0.99215686, -0.003921628, 0.0039215684, 1.0];
+        let want = [-1.0f32, -0.99215686, -0.0039215684, 0.003921628, 1.0];
         for c in 0..3 {
             for (x, &v) in want.iter().enumerate() {
                 assert_eq!(t[[0, c, 0, x]], v, "channel {c} x {x}");
@@ -351,7 +356,10 @@ mod tests {
         // Channels first, RGB order.
         let img = image::RgbImage::from_pixel(2, 2, image::Rgb([255, 0, 255]));
         let t = to_tensor(&img);
-        assert_eq!((t[[0, 0, 1, 1]], t[[0, 1, 1, 1]], t[[0, 2, 1, 1]]), (1.0, -1.0, 1.0));
+        assert_eq!(
+            (t[[0, 0, 1, 1]], t[[0, 1, 1, 1]], t[[0, 2, 1, 1]]),
+            (1.0, -1.0, 1.0)
+        );
     }
 
     #[test]
@@ -398,7 +406,10 @@ mod tests {
         assert_eq!(img.rgb().get_pixel(3, 3).0, [7, 7, 7]);
         assert_eq!(img.default_size(8).unwrap(), (16, 16));
         let tiny = InitImage::from_rgb(gradient(12, 40)).unwrap();
-        assert_eq!(tiny.default_size(8).unwrap_err().kind, ErrorKind::InvalidInput);
+        assert_eq!(
+            tiny.default_size(8).unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
         assert_eq!(format!("{tiny:?}"), "InitImage(12x40)");
     }
 
@@ -408,17 +419,25 @@ mod tests {
         let std = ArrayD::from_elem(ndarray::IxDyn(&[1, 2, 1, 1]), 0.25f32);
         // fluxrt: latent + latent_std.
         let (m, s) = posterior(
-            vec![("latent".into(), mean.clone()), ("latent_std".into(), std.clone())],
+            vec![
+                ("latent".into(), mean.clone()),
+                ("latent_std".into(), std.clone()),
+            ],
             "latent",
             2,
         )
         .unwrap();
         assert_eq!((m[[0, 1, 0, 0]], s[[0, 1, 0, 0]]), (0.5, 0.25));
         // optimum: mean and logvar in one 2C tensor; logvar clamped as diffusers does.
-        let params = ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 4, 1, 1]), vec![0.5, 0.1, 0.0, 50.0])
-            .unwrap();
-        let (m, s) = posterior(vec![("latent_parameters".into(), params)], "latent_parameters", 2)
-            .unwrap();
+        let params =
+            ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 4, 1, 1]), vec![0.5, 0.1, 0.0, 50.0])
+                .unwrap();
+        let (m, s) = posterior(
+            vec![("latent_parameters".into(), params)],
+            "latent_parameters",
+            2,
+        )
+        .unwrap();
         assert_eq!(m.shape(), [1, 2, 1, 1]);
         assert_eq!((s[[0, 0, 0, 0]], s[[0, 1, 0, 0]]), (1.0, 10f32.exp()));
         // mean only: the mode.

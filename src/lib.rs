@@ -2,15 +2,19 @@
 //!
 //! Pure stages (no ONNX Runtime): [`text`], [`schedule`], [`latents`], [`noise`], [`image_out`].
 //! [`runtime`] is the only module that touches `ort`; [`model`] resolves a model folder into graphs and
-//! settings; [`pipeline`] wires the stages together.
+//! settings; [`pipeline`] wires the stages together. Features on top of text-to-image: [`img2img`], true CFG with a
+//! negative prompt ([`guidance`]) and tiled VAE decode/encode ([`vae_tiling`]).
 
 pub mod bench;
 pub mod error;
+pub mod guidance;
 pub mod image_out;
+pub mod img2img;
 pub mod latents;
 pub mod noise;
 pub mod schedule;
 pub mod text;
+pub mod vae_tiling;
 
 pub use error::{Error, ErrorKind, Result};
 pub mod model;

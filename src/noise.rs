@@ -224,7 +224,7 @@ fn fill_scalar(rng: &mut Mt19937, cached: &mut Option<f64>, out: &mut [f32]) {
                 let u2 = rng.uniform_f64();
                 let radius = (-2.0 * (-u2).ln_1p()).sqrt();
                 let theta = 2.0 * std::f64::consts::PI * u1;
-                cached = Some(radius * theta.sin());
+                *cached = Some(radius * theta.sin());
                 radius * theta.cos()
             }
         };

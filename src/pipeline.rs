@@ -220,7 +220,7 @@ pub struct Trace {
     pub latents: Vec<Array3<f32>>,
     /// Decoded images as floats in [0,1], [B,3,H,W].
     pub images: Option<Array4<f32>>,
-    /// img2img: the init images' normalised latents `x0` [B,C,h,w] and the starting latents `x_t` [B,S,64].
+    /// img2img: the init images' normalised latents `x0` `[B,C,h,w]` and the starting latents `x_t` `[B,S,64]`.
     pub init_latents: Option<Array4<f32>>,
     pub start_latents: Option<Array3<f32>>,
     /// True CFG: the negative prompt's ids and embeddings (one row per image).
@@ -477,7 +477,11 @@ impl Pipeline {
         let ort_start = self.ort_busy;
         let mut warnings: Vec<Vec<String>> = vec![Vec::new(); reqs.len()];
         for (r, w) in reqs.iter().zip(warnings.iter_mut()) {
-            w.extend(crate::guidance::warnings(r, self.variant(), &self.spec.name));
+            w.extend(crate::guidance::warnings(
+                r,
+                self.variant(),
+                &self.spec.name,
+            ));
         }
 
         // 1. Tokenize each request's prompts; every image of a request shares them.
@@ -912,6 +916,63 @@ impl Pipeline {
         ensure_finite("VAE decode", img.as_slice().unwrap_or(&[]))?;
         img.into_dimensionality()
             .map_err(|e| Error::model(format!("VAE output has the wrong rank: {e}")))
+    }
+
+    /// Runs the VAE encoder on images `[1, 3, H, W]` in [-1, 1]: the posterior's (mean, std), `[1, C, h, w]`
+    /// (crate::img2img). Text-to-image never needs the encoder, so it is loaded (and checked against the
+    /// contract) on first use; in low-memory mode it lives for each call only.
+    pub(crate) fn encode_image(
+        &mut self,
+        images: &Array4<f32>,
+        cancel: &Canceller,
+    ) -> Result<(Array4<f32>, Array4<f32>)> {
+        let role = Role::VaeEncoder;
+        let gspec = self.spec.graph(role)?.clone();
+        if !self.slots.contains_key(&role) {
+            let graph = Graph::load(&gspec.path, role.name(), &self.session)?;
+            let problems = contract::check(role, false, graph.inputs(), graph.outputs(), &|n| {
+                gspec.actual_name(n)
+            });
+            if !problems.is_empty() {
+                return Err(Error::model(format!(
+                    "model {} does not match the Flux ONNX contract:\n  {}",
+                    self.spec.root.display(),
+                    problems.join("\n  ")
+                ))
+                .with_hint("re-export the model with `python -m export`"));
+            }
+            let low_memory = self.slots.values().any(|s| s.graph.is_none());
+            let slot = Slot {
+                inputs: graph.inputs().to_vec(),
+                outputs: graph.outputs().to_vec(),
+                providers: graph.providers().to_vec(),
+                load_time: graph.load_time(),
+                cache: graph.cache_use(),
+                graph: if low_memory { None } else { Some(graph) },
+            };
+            self.slots.insert(role, slot);
+        }
+        let slot = self
+            .slots
+            .get_mut(&role)
+            .expect("the encoder slot was just made");
+        let mut transient = None;
+        let graph = match slot.graph.as_mut() {
+            Some(g) => g,
+            None => transient.insert(Graph::load(&gspec.path, role.name(), &self.session)?),
+        };
+        let ort_before = graph.ort_time();
+        let name = gspec.actual_name("images");
+        let outs = graph.run_with(
+            &[(name.as_str(), TensorIn::F32(images.view().into_dyn()))],
+            cancel,
+        );
+        self.ort_busy += graph.ort_time() - ort_before;
+        crate::img2img::posterior(
+            outs?,
+            &gspec.actual_name("latent"),
+            self.spec.latent_channels,
+        )
     }
 
     /// Runs one graph with contract names (mapped to the graph's own), batching only when the graph's

@@ -253,7 +253,8 @@ fn tiled(
                 blend_h(l, &mut t, blend);
             }
             let (th, tw) = (t.shape()[2].min(keep), t.shape()[3].min(keep));
-            let out = out.get_or_insert_with(|| Array4::zeros((b, t.shape()[1], out_hw.0, out_hw.1)));
+            let out =
+                out.get_or_insert_with(|| Array4::zeros((b, t.shape()[1], out_hw.0, out_hw.1)));
             if t.shape()[0] != b || t.shape()[1] != out.shape()[1] {
                 return Err(mismatch("batch or channels"));
             }
@@ -340,8 +341,14 @@ mod tests {
         let g = t.grid(8);
         // tile_latent_min_size 128, overlap_size int(128 * 0.75) = 96, blend int(1024 * 0.25) = 256,
         // row_limit 1024 - 256 = 768; encode: overlap_size int(1024 * 0.75) = 768, blend 32, row_limit 96.
-        assert_eq!((g.tile, g.stride(), g.overlap * 8, g.stride() * 8), (128, 96, 256, 768));
-        assert_eq!((g.tile * 8, g.stride() * 8, g.overlap, g.stride()), (1024, 768, 32, 96));
+        assert_eq!(
+            (g.tile, g.stride(), g.overlap * 8, g.stride() * 8),
+            (128, 96, 256, 768)
+        );
+        assert_eq!(
+            (g.tile * 8, g.stride() * 8, g.overlap, g.stride()),
+            (1024, 768, 32, 96)
+        );
     }
 
     #[test]
@@ -361,10 +368,7 @@ mod tests {
             ..on
         };
         assert!(bad.validate(8).is_err());
-        let bad = VaeTiling {
-            overlap: 0.9,
-            ..on
-        };
+        let bad = VaeTiling { overlap: 0.9, ..on };
         assert!(bad.validate(8).is_err());
         assert!(on.validate(8).is_ok());
     }
@@ -376,9 +380,15 @@ mod tests {
             let z = smooth_latents(2, 4, h, w);
             let whole = fake_decode(&z, 8, false);
             let (tile, overlap) = (8, 2);
-            let out = tiled(z.view(), tile, tile - overlap, overlap * 8, (tile - overlap) * 8, (h * 8, w * 8), |t| {
-                Ok(fake_decode(&t, 8, false))
-            })
+            let out = tiled(
+                z.view(),
+                tile,
+                tile - overlap,
+                overlap * 8,
+                (tile - overlap) * 8,
+                (h * 8, w * 8),
+                |t| Ok(fake_decode(&t, 8, false)),
+            )
             .unwrap();
             assert_eq!(out.shape(), whole.shape());
             let d = (&out - &whole).mapv(f32::abs).fold(0f32, |a, &b| a.max(b));
@@ -392,9 +402,15 @@ mod tests {
         let z = smooth_latents(1, 3, h, w);
         let (tile, overlap) = (8, 2);
         let run = |blend: usize| {
-            tiled(z.view(), tile, tile - overlap, blend, (tile - overlap) * f, (h * f, w * f), |t| {
-                Ok(fake_decode(&t, f, true))
-            })
+            tiled(
+                z.view(),
+                tile,
+                tile - overlap,
+                blend,
+                (tile - overlap) * f,
+                (h * f, w * f),
+                |t| Ok(fake_decode(&t, f, true)),
+            )
             .unwrap()
         };
         let blended = run(overlap * f);
@@ -413,15 +429,23 @@ mod tests {
         };
         // The tiles' offsets differ by up to ~0.3: a hard join jumps by that, the blend by 1/16 of it.
         let (soft, jump) = (max_step(&blended), max_step(&hard));
-        assert!(jump > 0.05, "the stand-in decoder must disagree across tiles: {jump}");
-        assert!(soft <= jump / 8.0, "blended step {soft} vs hard join {jump}");
+        assert!(
+            jump > 0.05,
+            "the stand-in decoder must disagree across tiles: {jump}"
+        );
+        assert!(
+            soft <= jump / 8.0,
+            "blended step {soft} vs hard join {jump}"
+        );
     }
 
     #[test]
     fn a_wrong_tile_size_is_a_model_error() {
         let z = smooth_latents(1, 3, 16, 16);
-        let e = tiled(z.view(), 8, 6, 16, 48, (128, 128), |t| Ok(fake_decode(&t, 4, false)))
-            .unwrap_err();
+        let e = tiled(z.view(), 8, 6, 16, 48, (128, 128), |t| {
+            Ok(fake_decode(&t, 4, false))
+        })
+        .unwrap_err();
         assert_eq!(e.kind, crate::ErrorKind::Model);
     }
 }

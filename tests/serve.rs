@@ -302,6 +302,7 @@ fn req(prompt: &str, w: u32, h: u32, steps: usize, seed: u64, n: usize) -> Reque
         seed,
         num_images: n,
         max_pixels: u64::MAX,
+        ..Default::default()
     }
 }
 
@@ -609,9 +610,15 @@ fn bad_requests_get_the_right_4xx_quickly_and_the_server_keeps_serving() {
         ),
         (
             "/v1/generate",
-            r#"{"prompt": "a", "negative_prompt": "b"}"#.into(),
+            r#"{"prompt": "a", "sampler": "euler"}"#.into(),
             422,
-            Some("negative_prompt"),
+            Some("sampler"),
+        ),
+        (
+            "/v1/generate",
+            r#"{"prompt": "a", "strength": 0.5}"#.into(),
+            422,
+            Some("strength"),
         ),
         (
             "/v1/generate",

@@ -67,6 +67,9 @@ pub struct Args {
     /// Save the images of the last timed run of each provider and size into DIR.
     #[arg(long, value_name = "DIR")]
     save_images: Option<PathBuf>,
+    /// Load one graph at a time for its stage (less memory; sessions are re-created in every run).
+    #[arg(long)]
+    low_memory: bool,
     /// Largest accepted image, in pixels.
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
     max_pixels: u64,
@@ -100,6 +103,7 @@ pub fn run(a: Args) -> Result<()> {
     o.io_binding = !a.no_io_binding;
     o.save_images = a.save_images.clone();
     o.max_pixels = a.max_pixels;
+    o.low_memory = a.low_memory;
     // Bad input fails here, before anything is loaded.
     o.validate()?;
 

@@ -5,8 +5,10 @@ use std::time::Instant;
 
 use clap::Args as ClapArgs;
 use fluxrt::image_out::{self, GenerationParams};
+use fluxrt::img2img::InitImage;
 use fluxrt::pipeline::{LoadOptions, Pipeline, Progress, Request, DEFAULT_MAX_PIXELS};
 use fluxrt::runtime::Canceller;
+use fluxrt::vae_tiling::VaeTiling;
 use fluxrt::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -58,6 +60,30 @@ pub struct Args {
     /// Print files, seeds, per-stage timings and providers as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// img2img: start from this PNG or JPEG instead of pure noise (needs the model's vae_encoder graph). An
+    /// image already at the output size is used as is; any other size is scaled (aspect ratio kept, Lanczos3)
+    /// to cover the output size and center-cropped. Without --width/--height the output takes the image's
+    /// size, each side floored to a multiple of 16. Grayscale is expanded to RGB, alpha is dropped.
+    #[arg(long, value_name = "PATH")]
+    init_image: Option<PathBuf>,
+    /// img2img strength in (0, 1]: the share of the schedule that runs, from the noised init image (1.0
+    /// ignores the image). Default 0.6, as diffusers.
+    #[arg(long, value_name = "S")]
+    strength: Option<f64>,
+    /// Negative prompt for true CFG; used with --true-cfg above 1 (two transformer evaluations per step).
+    #[arg(long, value_name = "TEXT")]
+    negative_prompt: Option<String>,
+    /// True CFG scale S: above 1 with --negative-prompt each step uses v = v_neg + S * (v_pos - v_neg), as
+    /// diffusers' true_cfg_scale. Default 1 (off).
+    #[arg(long, value_name = "S")]
+    true_cfg: Option<f32>,
+    /// Tiled VAE decode (and encode): auto tiles images above 2 MP (2048x1024), on tiles anything larger
+    /// than one tile, off never tiles. Tiles overlap by a quarter and are blended linearly (diffusers').
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = ["auto", "on", "off"])]
+    vae_tiling: String,
+    /// VAE tile side in pixels (a multiple of 8; default 1024, diffusers').
+    #[arg(long, value_name = "PX", default_value_t = fluxrt::vae_tiling::DEFAULT_TILE_SIZE)]
+    vae_tile_size: u32,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -65,7 +91,9 @@ pub struct Args {
 struct Bar(ProgressBar);
 
 impl Progress for Bar {
-    fn step(&mut self, done: usize, _total: usize) {
+    fn step(&mut self, done: usize, total: usize) {
+        // img2img runs fewer steps than --steps.
+        self.0.set_length(total as u64);
         self.0.set_position(done as u64);
     }
 }
@@ -94,6 +122,24 @@ pub fn run(a: Args) -> Result<()> {
             Error::input("--steps must be at least 1").with_hint("schnell uses 4 steps, dev 28-50")
         );
     }
+    // img2img input, read and checked before any model is loaded.
+    if let Some(s) = a.strength {
+        if a.init_image.is_none() {
+            return Err(Error::input("--strength needs --init-image")
+                .with_hint("strength sets how much of an init image img2img keeps"));
+        }
+        fluxrt::img2img::check_strength(s)?;
+    }
+    let init = match &a.init_image {
+        Some(path) => Some(InitImage::open(path)?),
+        None => None,
+    };
+    let tiling = VaeTiling {
+        mode: a.vae_tiling.parse()?,
+        tile_size: a.vae_tile_size,
+        ..VaeTiling::default()
+    };
+    tiling.validate(8)?;
 
     let mut opts = LoadOptions::new(model_path(a.model.clone()));
     opts.providers = providers;
@@ -112,8 +158,19 @@ pub fn run(a: Args) -> Result<()> {
 
     let mut req = Request::new(&pipe, a.prompt.clone(), seed);
     req.prompt_2 = a.prompt_2.clone();
+    if let Some(init) = &init {
+        // diffusers' default size for img2img: the init image's, floored to the size multiple.
+        let (w, h) = init.default_size(pipe.spec.vae.downsample_factor)?;
+        req.width = w;
+        req.height = h;
+    }
     req.width = a.width.unwrap_or(req.width);
     req.height = a.height.unwrap_or(req.height);
+    req.init_image = init;
+    req.strength = a.strength.unwrap_or(req.strength);
+    req.negative_prompt = a.negative_prompt.clone();
+    req.true_cfg = a.true_cfg.unwrap_or(req.true_cfg);
+    req.vae_tiling = tiling;
     req.steps = a.steps.unwrap_or(req.steps);
     req.num_images = a.num_images;
     req.max_pixels = a.max_pixels;
@@ -154,7 +211,9 @@ pub fn run(a: Args) -> Result<()> {
         let params = GenerationParams {
             prompt: req.prompt.clone(),
             prompt_2: req.prompt_2.clone(),
-            negative_prompt: None,
+            negative_prompt: fluxrt::guidance::active(&req)
+                .then(|| req.negative_prompt.clone())
+                .flatten(),
             steps: req.steps,
             seed: img.seed,
             width: req.width,
@@ -188,12 +247,24 @@ pub fn run(a: Args) -> Result<()> {
             "providers": pipe.providers().active.iter().map(|p| p.name()).collect::<Vec<_>>(),
             "graph_providers": pipe.graph_providers(),
             "warnings": out.warnings,
+            "init_image": a.init_image,
+            "strength": req.init_image.is_some().then_some(req.strength),
+            "steps_run": out.timings.denoise.len(),
+            "negative_prompt": req.negative_prompt,
+            "true_cfg": fluxrt::guidance::active(&req).then_some(req.true_cfg),
+            "vae_tiling": {
+                "mode": req.vae_tiling.mode.name(),
+                "tile_size": req.vae_tiling.tile_size,
+                "tiled": req.vae_tiling.applies(req.width, req.height),
+            },
+            "peak_memory_bytes": peak_memory_bytes(),
             "timings_ms": {
                 "load": ms(t.load),
                 "tokenize": ms(t.tokenize),
                 "clip": ms(t.clip),
                 "t5": ms(t.t5),
                 "denoise_steps": t.denoise.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+                "vae_encode": ms(t.vae_encode),
                 "vae_decode": ms(t.vae_decode),
                 "to_rgb": ms(t.to_rgb),
                 "png_encode_write": ms(png_time),
@@ -216,6 +287,14 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The process's peak resident memory (`VmHWM` in /proc/self/status), where the OS reports it.
+fn peak_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 fn ms(d: std::time::Duration) -> f64 {

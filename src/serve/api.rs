@@ -203,6 +203,21 @@ pub struct NativeRequest {
     pub seed: Option<u64>,
     #[serde(default)]
     pub num_images: Option<usize>,
+    /// True CFG (`--negative-prompt`, `--true-cfg`): runs when true_cfg > 1 and a negative prompt is given.
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default)]
+    pub true_cfg: Option<f32>,
+    /// img2img (`--init-image`): a base64 PNG or JPEG, a `data:image/...;base64,` prefix allowed. Without width
+    /// and height the output takes its size, floored to a multiple of 16.
+    #[serde(default)]
+    pub init_image: Option<String>,
+    /// img2img strength in (0, 1] (default 0.6); only with init_image.
+    #[serde(default)]
+    pub strength: Option<f64>,
+    /// `"auto"` (default), `"on"` or `"off"` (`--vae-tiling`).
+    #[serde(default)]
+    pub vae_tiling: Option<crate::vae_tiling::TilingMode>,
 }
 
 /// A checked request, ready to queue, and the notes for the client (e.g. an ignored guidance).
@@ -390,6 +405,7 @@ fn build(
         seed,
         num_images: n,
         max_pixels: limits.max_pixels,
+        ..Default::default()
     };
     // The library's own checks, which the ones above imply; kept as the last word.
     request
@@ -450,13 +466,20 @@ pub fn parse_native(
     random_seed: u64,
 ) -> Result<Parsed, ApiError> {
     let r: NativeRequest = from_json(body)?;
-    build(
+    let init = match r.init_image.as_deref() {
+        Some(b64) => Some(decode_init_image(b64)?),
+        None => None,
+    };
+    let (w, h) = match &init {
+        Some(i) => i
+            .default_size(model.vae_factor)
+            .map_err(|e| ApiError::invalid("init_image", e.message))?,
+        None => (model.width, model.height),
+    };
+    let mut parsed = build(
         r.prompt,
         r.prompt_2,
-        (
-            r.width.unwrap_or(model.width),
-            r.height.unwrap_or(model.height),
-        ),
+        (r.width.unwrap_or(w), r.height.unwrap_or(h)),
         r.steps,
         r.guidance,
         r.seed.unwrap_or(random_seed),
@@ -464,7 +487,55 @@ pub fn parse_native(
         ["width", "height", "num_images", "prompt"],
         limits,
         model,
-    )
+    )?;
+    // img2img, true CFG and VAE tiling (crate::img2img, crate::guidance, crate::vae_tiling).
+    if r.strength.is_some() && init.is_none() {
+        return Err(ApiError::invalid("strength", "strength needs init_image"));
+    }
+    if let Some(neg) = &r.negative_prompt {
+        let chars = neg.chars().count();
+        if chars > limits.max_prompt_chars {
+            return Err(ApiError::invalid(
+                "negative_prompt",
+                format!(
+                    "negative_prompt is {chars} characters long; this server accepts at most {}",
+                    limits.max_prompt_chars
+                ),
+            ));
+        }
+    }
+    let req = &mut parsed.request;
+    req.init_image = init;
+    req.strength = r.strength.unwrap_or(req.strength);
+    req.negative_prompt = r.negative_prompt;
+    req.true_cfg = r.true_cfg.unwrap_or(req.true_cfg);
+    req.vae_tiling.mode = r.vae_tiling.unwrap_or(req.vae_tiling.mode);
+    req.validate(model.vae_factor).map_err(|e| {
+        let param = if e.message.starts_with("strength") {
+            "strength"
+        } else if e.message.starts_with("true-cfg") {
+            "true_cfg"
+        } else {
+            return ApiError::from_error(&e);
+        };
+        ApiError::invalid(param, e.message)
+    })?;
+    Ok(parsed)
+}
+
+/// A base64 init image (optionally a data URL) decoded to RGB; 422 on `init_image` when it is not base64 or not
+/// a PNG or JPEG.
+fn decode_init_image(text: &str) -> Result<crate::img2img::InitImage, ApiError> {
+    use base64::Engine as _;
+    let data = match text.split_once(";base64,") {
+        Some((head, data)) if head.starts_with("data:") => data,
+        _ => text,
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| ApiError::invalid("init_image", format!("init_image is not base64: {e}")))?;
+    crate::img2img::InitImage::from_bytes(&bytes, "init_image")
+        .map_err(|e| ApiError::invalid("init_image", e.message))
 }
 
 #[cfg(test)]
@@ -578,6 +649,54 @@ mod tests {
         assert_eq!(p.request.guidance, Some(3.5));
         let e = parse_native(br#"{"prompt":"a","guidance":1e300}"#, &l, &dev, 0).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("guidance"));
+    }
+
+    #[test]
+    fn native_img2img_true_cfg_and_tiling_fields() {
+        use base64::Engine as _;
+        let l = Limits::default();
+        let mut png = Vec::new();
+        image::DynamicImage::ImageRgb8(image::RgbImage::new(70, 40))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+        let body = format!(
+            r#"{{"prompt":"a","init_image":"data:image/png;base64,{b64}","strength":0.8,"negative_prompt":"b","true_cfg":3,"vae_tiling":"off"}}"#
+        );
+        let p = parse_native(body.as_bytes(), &l, &model(), 0).unwrap();
+        let r = &p.request;
+        // The init image's size, floored to a multiple of 16.
+        assert_eq!((r.width, r.height, r.strength), (64, 32, 0.8));
+        assert_eq!((r.negative_prompt.as_deref(), r.true_cfg), (Some("b"), 3.0));
+        assert_eq!(r.vae_tiling.mode, crate::vae_tiling::TilingMode::Off);
+        assert_eq!(r.init_image.as_ref().unwrap().width(), 70);
+        for (body, param) in [
+            (r#"{"prompt":"a","strength":0.5}"#.to_string(), "strength"),
+            (
+                format!(r#"{{"prompt":"a","init_image":"{b64}","strength":1.5}}"#),
+                "strength",
+            ),
+            (
+                r#"{"prompt":"a","init_image":"not base64!"}"#.to_string(),
+                "init_image",
+            ),
+            (
+                r#"{"prompt":"a","init_image":"aGVsbG8="}"#.to_string(),
+                "init_image",
+            ),
+            (
+                r#"{"prompt":"a","vae_tiling":"sometimes"}"#.to_string(),
+                "vae_tiling",
+            ),
+        ] {
+            let e = parse_native(body.as_bytes(), &l, &model(), 0).unwrap_err();
+            assert_eq!(
+                (e.status.as_u16(), e.param.as_deref()),
+                (422, Some(param)),
+                "{body}: {}",
+                e.message
+            );
+        }
     }
 
     #[test]

@@ -450,6 +450,7 @@ fn load_and_warm(index: usize, app: &App) -> Result<Pipeline> {
             seed: 0,
             num_images: 1,
             max_pixels: u64::MAX,
+            ..Default::default()
         };
         pipe.generate(&req, &mut Quiet, &Canceller::new(), false)?;
     }
