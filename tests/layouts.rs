@@ -4,32 +4,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
 use fluxrt::model::{Layout, ModelSpec};
 use fluxrt::pipeline::{LoadOptions, Pipeline, Quiet, Request};
 use fluxrt::runtime::Canceller;
-
-/// The export stack's Python: FLUXRT_PYTHON, else the venv .ci/run makes.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("FLUXRT_PYTHON") {
-        return p.into();
-    }
-    let venv = std::env::var_os("FLUXRT_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/fluxrt/venv")
-        });
-    let p = venv.join("bin/python");
-    assert!(
-        p.is_file(),
-        "no export-stack Python at {} (set FLUXRT_PYTHON or run .ci/run)",
-        p.display()
-    );
-    p
-}
 
 fn resave(model_name: &str, layout: &str, out: &Path) {
     let o = Command::new(python())

@@ -13,31 +13,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::root;
+use common::{python, root};
 use fluxrt::text::{
     PromptTokenizer, TokenizerSettings, TokenizerSource, TokenizerStyle, MERGES_TXT,
     TOKENIZER_JSON, VOCAB_JSON,
 };
 use fluxrt::ErrorKind;
-
-/// The export stack's Python: FLUXRT_PYTHON, else the venv .ci/run makes.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("FLUXRT_PYTHON") {
-        return p.into();
-    }
-    let venv = std::env::var_os("FLUXRT_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/fluxrt/venv")
-        });
-    let p = venv.join("bin/python");
-    assert!(
-        p.is_file(),
-        "no export-stack Python at {} (set FLUXRT_PYTHON or run .ci/run)",
-        p.display()
-    );
-    p
-}
 
 /// Writes `out/tokenizer` and `out/tokenizer_2` as FLUX.1's base repositories have them, from the real
 /// sources, with export/tokenizers.py's own functions.

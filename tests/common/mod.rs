@@ -103,6 +103,25 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert!(d <= tol, "{what}: max abs diff {d:e} > {tol:e}");
 }
 
+/// The export stack's Python: FLUXRT_PYTHON, else the venv .ci/run makes.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("FLUXRT_PYTHON") {
+        return p.into();
+    }
+    let venv = std::env::var_os("FLUXRT_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/fluxrt/venv")
+        });
+    let p = venv.join("bin/python");
+    assert!(
+        p.is_file(),
+        "no export-stack Python at {} (set FLUXRT_PYTHON or run .ci/run)",
+        p.display()
+    );
+    p
+}
+
 pub fn fluxrt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fluxrt"))
 }
