@@ -31,8 +31,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINES = ("diffusers", "ort", "fluxrt", "ort-int8", "fluxrt-int8", "fluxrt-int4")
+ENGINES = ("diffusers", "ort", "fluxrt", "ort-int8", "fluxrt-int8", "fluxrt-int4", "fluxrt-lowmem")
 DEFAULT_ENGINES = ENGINES[:5]
+# Extra `fluxrt bench` options per engine.
+ENGINE_ARGS = {"fluxrt-lowmem": ["--low-memory"]}
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -323,13 +325,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt", default="a photo of a cat")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per size, per round")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every engine this many times, rotating their order, so that load from other "
+                         "processes on a shared machine hits every engine alike; runs are pooled")
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"any of {','.join(ENGINES)}")
     ap.add_argument("--fluxrt-args", default="", help="extra `fluxrt bench` options, e.g. '--no-io-binding'")
     ap.add_argument("--out", default="benches/RESULTS.md")
     ap.add_argument("--json", default="benches/results.json")
     ap.add_argument("--notes", default="benches/NOTES.md", help="appended to RESULTS.md when it exists")
+    ap.add_argument("--render", metavar="RESULTS_JSON",
+                    help="only rewrite --out from an earlier run's JSON (e.g. after editing --notes)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -342,6 +349,13 @@ def main(argv: list[str]) -> int:
         return 0
 
     os.chdir(REPO)
+    if a.render:
+        out = json.loads(Path(a.render).read_text())
+        engines = list(out["summary"])
+        sizes = [tuple(map(int, k.split("x"))) for k in out["summary"][engines[0]]]
+        Path(a.out).write_text(render(out, engines, sizes, Path(a.notes)))
+        print(f"[compare] wrote {a.out}", file=sys.stderr)
+        return 0
     engines = [e.strip() for e in a.engines.split(",") if e.strip()]
     bad = [e for e in engines if e not in ENGINES]
     if bad:
@@ -371,26 +385,40 @@ def main(argv: list[str]) -> int:
         np.save(noise_dir / f"noise-{w}x{h}.npy", n)
 
     results, rss = {}, {}
-    for e in engines:
-        cfg = dict(base, engine=e, image_dir=str(image_dir), noise_dir=str(noise_dir),
-                   model=a.int8 if e.endswith("int8") else a.int4 if e.endswith("int4") else a.model,
-                   checkpoint=a.checkpoint,
-                   result=str(tmp / f"{e}.result.json"))
-        load = os.getloadavg()[0]
-        print(f"[compare] {e}: starting (load average {load:.2f})", file=sys.stderr, flush=True)
-        t = time.time()
-        if e.startswith("fluxrt"):
-            results[e], rss[e] = run_fluxrt(cfg, tmp)
-        else:
-            worker = e.split("-")[0]
-            rc, rss[e], log = spawn([sys.executable, __file__, "--worker", worker, "--config", json.dumps(cfg)])
-            if rc != 0:
-                print(log, file=sys.stderr)
-                raise SystemExit(f"[compare] {e} failed (exit {rc})")
-            results[e] = json.loads(Path(cfg["result"]).read_text())
-        results[e]["load_average_at_start"] = load
-        print(f"[compare] {e}: done in {time.time() - t:.0f}s, peak RSS {rss[e] / 2**20:.0f} MiB", file=sys.stderr,
-              flush=True)
+    for rnd in range(a.rounds):
+        k = rnd % len(engines)
+        order = engines[k:] + engines[:k] if rnd % 2 == 0 else list(reversed(engines[k:] + engines[:k]))
+        for e in order:
+            cfg = dict(base, engine=e, image_dir=str(image_dir), noise_dir=str(noise_dir),
+                       model=a.int8 if e.endswith("int8") else a.int4 if e.endswith("int4") else a.model,
+                       checkpoint=a.checkpoint, result=str(tmp / f"{e}.result.json"))
+            cfg["fluxrt_args"] = cfg["fluxrt_args"] + ENGINE_ARGS.get(e, [])
+            load = os.getloadavg()[0]
+            print(f"[compare] round {rnd + 1}/{a.rounds} {e}: starting (load average {load:.2f})", file=sys.stderr,
+                  flush=True)
+            t = time.time()
+            if e.startswith("fluxrt"):
+                res, peak = run_fluxrt(cfg, tmp)
+            else:
+                worker = e.split("-")[0]
+                rc, peak, log = spawn([sys.executable, __file__, "--worker", worker, "--config", json.dumps(cfg)])
+                if rc != 0:
+                    print(log, file=sys.stderr)
+                    raise SystemExit(f"[compare] {e} failed (exit {rc})")
+                res = json.loads(Path(cfg["result"]).read_text())
+            res["load_average_at_start"] = [load]
+            res["load_s"] = [res["load_s"]]
+            if e in results:  # pool the runs of every round
+                prev = results[e]
+                for zp, zn in zip(prev["sizes"], res["sizes"]):
+                    zp["runs"] += zn["runs"]
+                prev["load_average_at_start"] += res["load_average_at_start"]
+                prev["load_s"] += res["load_s"]
+            else:
+                results[e] = res
+            rss[e] = max(rss.get(e, 0), peak)
+            print(f"[compare] {e}: done in {time.time() - t:.0f}s, peak RSS {peak / 2**20:.0f} MiB", file=sys.stderr,
+                  flush=True)
 
     summary = {e: summarize(results[e]) for e in engines}
     psnrs = {}
@@ -403,7 +431,8 @@ def main(argv: list[str]) -> int:
         versions.update(results[e].get("versions", {}))
     out = {"machine": machine(), "versions": versions, "settings": {k: v for k, v in base.items() if k != "fluxrt"},
            "model": a.model, "int8_model": a.int8, "int4_model": a.int4, "summary": summary, "peak_rss_bytes": rss, "psnr_vs_fluxrt": psnrs,
-           "load_s": {e: results[e]["load_s"] for e in engines}, "raw": results,
+           "load_s": {e: statistics.median(results[e]["load_s"]) for e in engines}, "raw": results,
+           "rounds": a.rounds,
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1, default=str) + "\n")
@@ -431,9 +460,13 @@ def render(out: dict, engines: list[str], sizes, notes: Path) -> str:
          f"- Model `{out['model']}` (bench preset: ~160M-param transformer, real text dims 4096/768, real-size VAE); "
          f"int8: `{out['int8_model']}` (transformer MatMuls quantize_dynamic int8, per channel)",
          f"- Prompt {s['prompt']!r}, seed {s['seed']}, {s['steps']} steps, T5 length {s['t5_max_length']}, "
-         f"{s['threads']} threads per engine, {s['warmup']} warmup + {s['runs']} timed runs per size",
+         f"{s['threads']} threads per engine; {out['rounds']} round(s), engine order rotated each round; per round "
+         f"and size {s['warmup']} warmup + {s['runs']} timed run(s); runs pooled over rounds",
          "- End-to-end: prompt to PNG bytes (text encoders, denoising, VAE, RGB, PNG), model loading excluded.",
-         "- Peak RSS: the engine's whole process (wait4 ru_maxrss), for all sizes it ran.", ""]
+         "- Peak RSS: the engine's whole process (wait4 ru_maxrss), for all sizes it ran; the largest over rounds. "
+         "Load time: median over rounds.",
+         "- Load average at each engine's start: " + "; ".join(
+             f"{e} " + "/".join(f"{x:.1f}" for x in out["raw"][e]["load_average_at_start"]) for e in engines), ""]
     for (w, h) in sizes:
         key = f"{w}x{h}"
         L += [f"## {key}, {s['steps']} steps", "",
@@ -472,6 +505,12 @@ def render(out: dict, engines: list[str], sizes, notes: Path) -> str:
         if "fluxrt" in out["peak_rss_bytes"] and "diffusers" in out["peak_rss_bytes"]:
             L.append(f"- fluxrt / diffusers peak RSS: "
                      f"{ratio(out['peak_rss_bytes']['fluxrt'], out['peak_rss_bytes']['diffusers'])} (target <= 0.7x)")
+            for v in ("fluxrt-lowmem", "fluxrt-int8"):
+                if v in out["peak_rss_bytes"]:
+                    L.append(f"- {v} / diffusers peak RSS: "
+                             f"{ratio(out['peak_rss_bytes'][v], out['peak_rss_bytes']['diffusers'])}")
+        if "fluxrt-lowmem" in med and "fluxrt" in med:
+            L.append(f"- fluxrt-lowmem / fluxrt time: {ratio(med['fluxrt-lowmem'], med['fluxrt'])}")
         L.append("")
     if notes.is_file():
         L += [notes.read_text().rstrip(), ""]
