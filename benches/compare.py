@@ -3,10 +3,15 @@ from Python onnxruntime, and fluxrt, on the same bench model, prompt, seed, size
 
     /root/.cache/fluxrt/venv/bin/python benches/compare.py            # 256x256 and 512x512, 4 steps
     python benches/compare.py --sizes 256x256 --runs 2 --engines ort,fluxrt
+    # what benches/RESULTS.md holds (about 25 minutes on 2 cores):
+    python benches/compare.py --engines diffusers,ort,fluxrt,ort-int8,fluxrt-int8,fluxrt-int4,fluxrt-lowmem \
+        --rounds 3 --runs 1 --warmup 1
+    python benches/compare.py --render benches/results.json              # re-render after editing NOTES.md
 
 Prerequisites (see docs/bench.md):
     python -m export preset bench build/models/bench --validate        # checkpoint in build/export/bench
     python -m export quantize build/models/bench build/models/bench-int8 --to int8
+    python -m export quantize build/models/bench build/models/bench-int4 --to int4     # for fluxrt-int4
     cargo build --release
 
 Every engine runs in its own subprocess, so its peak RSS (wait4's ru_maxrss) is its own: model, runtime and
