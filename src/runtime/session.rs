@@ -619,29 +619,7 @@ impl Graph {
             let Some((_, t)) = given.iter().find(|(n, _)| *n == info.name) else {
                 return Err(self.model_error(format!("required input {info} was not given")));
             };
-            let shape = t.shape();
-            if shape.len() != info.shape.len() {
-                return Err(self.model_error(format!(
-                    "input {} expects rank {} {}, given rank {} {}",
-                    info.name,
-                    info.shape.len(),
-                    shape_str(&info.shape),
-                    shape.len(),
-                    given_str(shape)
-                )));
-            }
-            for (d, (want, &have)) in info.shape.iter().zip(shape).enumerate() {
-                if let Dim::Fixed(w) = want {
-                    if *w != have as i64 {
-                        return Err(self.model_error(format!(
-                            "input {} expects shape {}, given {} (dimension {d} differs)",
-                            info.name,
-                            shape_str(&info.shape),
-                            given_str(shape)
-                        )));
-                    }
-                }
-            }
+            self.check_shape(info, t.shape())?;
             let value = convert_input(t, &info.dtype).map_err(|why| {
                 self.model_error(format!(
                     "input {} ({} {}): {why}",
