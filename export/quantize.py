@@ -23,6 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
+from . import manifest as mf
 from .checkpoint import ExportError
 
 METHODS = ("int8", "int4", "int8-nbits")
@@ -140,7 +141,7 @@ def quantize_model(model_dir: Path, out_dir: Path, method: str, force: bool = Fa
         if not in_place:
             manifest["name"] = out_dir.name
         manifest.setdefault("source", {})["quantized_from"] = model_dir.name
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        mf.write(staging, manifest)
         commit_out_dir(staging, out_dir)
         log(f"wrote {out_dir} in {time.time() - t0:.1f}s")
         return manifest
