@@ -278,6 +278,9 @@ pub struct Pipeline {
     ort_busy: Duration,
     /// Prompt embeddings kept between runs (see [`Pipeline::set_embedding_cache`]).
     embed_cache: Option<Arc<EmbeddingCache>>,
+    /// Extra named inputs fed to every transformer call of the current generation, by graph input name
+    /// (the run-time LoRA slots' A/B factors); empty when none are active.
+    transformer_extra: Vec<(String, ArrayD<f32>)>,
 }
 
 impl Pipeline {
@@ -359,6 +362,7 @@ impl Pipeline {
             last_bound: false,
             ort_busy: Duration::ZERO,
             embed_cache: None,
+            transformer_extra: Vec::new(),
         })
     }
 
@@ -804,6 +808,9 @@ impl Pipeline {
             let g = ndarray::Array1::from_elem(b, g).into_dyn();
             graph.bind_input(&mut bind, &n("guidance"), TensorIn::F32(g.view()))?;
         }
+        for (name, value) in &self.transformer_extra {
+            graph.bind_input(&mut bind, name, TensorIn::F32(value.view()))?;
+        }
         graph.bind_output(&mut bind, &n_v, &shape)?;
         let steps = timesteps.len();
         let mut run = || -> Result<()> {
@@ -900,7 +907,15 @@ impl Pipeline {
         if let Some(g) = guidance.as_ref() {
             inputs.push(("guidance", TensorIn::F32(g.view())));
         }
-        let v = self.run_graph(Role::Transformer, &inputs, "latent", cancel)?;
+        let extra = std::mem::take(&mut self.transformer_extra);
+        inputs.extend(
+            extra
+                .iter()
+                .map(|(n, v)| (n.as_str(), TensorIn::F32(v.view()))),
+        );
+        let v = self.run_graph(Role::Transformer, &inputs, "latent", cancel);
+        self.transformer_extra = extra;
+        let v = v?;
         v.into_dimensionality()
             .map_err(|e| Error::model(format!("transformer output has the wrong rank: {e}")))
     }
