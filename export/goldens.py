@@ -5,8 +5,9 @@ text embeddings, pooled embedding, sigmas, timesteps, initial noise (unpacked an
 after every step, and the final image as floats in [0,1] (diffusers' output_type="pt").
 
 Also img2img goldens (FluxImg2ImgPipeline, GOLDENS/<model>/img2img/) and true-CFG goldens (negative prompt +
-true_cfg_scale, GOLDENS/<model>/true_cfg/), each with an index.json whose "notes" state what diffusers does. Files
-are only rewritten when their values change.
+true_cfg_scale, GOLDENS/<model>/true_cfg/), each with an index.json whose "notes" state what diffusers does; the
+LoRA goldens (GOLDENS/<model>/lora/) are export/lora_goldens.py's. Files are only rewritten when their values
+change.
 """
 
 from __future__ import annotations
@@ -559,13 +560,14 @@ def write_true_cfg_goldens(checkpoint_dir: Path, model_goldens_dir: Path, varian
     return out_dir
 
 
-KINDS = ("txt2img", "img2img", "true_cfg")
+KINDS = ("txt2img", "img2img", "true_cfg", "lora")
 
 
 def write_all(checkpoint_dir: Path, model_goldens_dir: Path, variant: str, t5_max_length: int, kinds=KINDS,
               log=print) -> None:
     """Every kind of golden for one model, from one loaded pipeline: txt2img into model_goldens_dir (the original
-    layout), img2img and true_cfg into its subfolders."""
+    layout), img2img, true_cfg and lora (export/lora_goldens.py; LoRA files in tests/data/lora) into its
+    subfolders. lora runs last: it loads and then unloads PEFT adapters on the shared pipeline."""
     pipe = load_pipeline(checkpoint_dir)
     if "txt2img" in kinds:
         write_goldens(checkpoint_dir, model_goldens_dir, variant, t5_max_length, log=log, pipe=pipe)
@@ -573,3 +575,7 @@ def write_all(checkpoint_dir: Path, model_goldens_dir: Path, variant: str, t5_ma
         write_img2img_goldens(checkpoint_dir, model_goldens_dir, variant, t5_max_length, pipe=pipe, log=log)
     if "true_cfg" in kinds:
         write_true_cfg_goldens(checkpoint_dir, model_goldens_dir, variant, t5_max_length, pipe=pipe, log=log)
+    if "lora" in kinds:
+        from .lora_goldens import write_lora_goldens
+
+        write_lora_goldens(checkpoint_dir, model_goldens_dir, variant, t5_max_length, pipe=pipe, log=log)

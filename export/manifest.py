@@ -10,7 +10,8 @@ Schema version 1 (documented in the README, read by src/model/manifest.rs):
   "scheduler": {"shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len"},
   "tokenizers": {"clip"|"t5": {"file", "kind", "max_length", "pad_id", "bos_id", "eos_id", "vocab_size"}},
   "graphs": {name: {"file", "precision", "opset", "external_data", "islands",
-                    "inputs"/"outputs": [{"name", "dtype", "shape"}]}},
+                    "inputs"/"outputs": [{"name", "dtype", "shape"}],
+                    "lora_slots": [{"module", "in", "out"}]}},  # transformer, only when exported with --lora-slots
   "source": {"checkpoint": str, "preset": str|null},
   "exporter": {"fluxrt_export", "torch", "diffusers", "transformers", "onnx", "onnxruntime"}
 }
@@ -75,4 +76,26 @@ def read(model_dir: Path) -> dict:
     m = json.loads((Path(model_dir) / FILE_NAME).read_text())
     if m.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"manifest schema {m.get('schema_version')} is not {SCHEMA_VERSION}")
+    for name, g in m.get("graphs", {}).items():
+        check_lora_slots(name, g.get("lora_slots"))
     return m
+
+
+def check_lora_slots(graph: str, slots) -> None:
+    """`lora_slots` (optional, transformer only): [{"module": str, "in": int > 0, "out": int > 0}], modules unique.
+    Each slot is the pair of optional graph inputs `<module>.lora_A` [in, r] / `<module>.lora_B` [r, out]."""
+    if slots is None:
+        return
+    if graph != "transformer":
+        raise ValueError(f"graph {graph}: lora_slots is only defined for the transformer graph")
+    if not isinstance(slots, list):
+        raise ValueError("graphs.transformer.lora_slots must be a list")
+    seen = set()
+    for s in slots:
+        ok = (isinstance(s, dict) and set(s) == {"module", "in", "out"} and isinstance(s["module"], str)
+              and s["module"] and all(isinstance(s[k], int) and s[k] > 0 for k in ("in", "out")))
+        if not ok:
+            raise ValueError(f"graphs.transformer.lora_slots: bad entry {s!r} (want module, in, out)")
+        if s["module"] in seen:
+            raise ValueError(f"graphs.transformer.lora_slots: module {s['module']} listed twice")
+        seen.add(s["module"])

@@ -224,8 +224,10 @@ def _strip(model: onnx.ModelProto) -> None:
         n.doc_string = ""
 
 
-def export_graph(graph: str, parts, out_path: Path, precision: str = "fp32", opset: int = DEFAULT_OPSET) -> dict:
-    """Exports one graph to out_path; returns its manifest entry (without I/O, which the caller reads back)."""
+def export_graph(graph: str, parts, out_path: Path, precision: str = "fp32", opset: int = DEFAULT_OPSET,
+                 lora_slots: bool = False) -> dict:
+    """Exports one graph to out_path; returns its manifest entry (without I/O, which the caller reads back).
+    lora_slots (transformer only): add the run-time LoRA slot inputs of export/lora_slots.py."""
     d = dims(parts)
     contract = contract_for(graph, d["guidance_embeds"])
     module = wrap(graph, parts)
@@ -233,6 +235,14 @@ def export_graph(graph: str, parts, out_path: Path, precision: str = "fp32", ops
     if precision == "bf16":
         module = module.to(torch_dtype)
     example = example_inputs(graph, d, EXPORT_SHAPE, dtype=torch_dtype)
+    slots = None
+    if lora_slots and graph == "transformer":
+        from . import lora_slots as ls
+
+        slots = ls.slots_for(parts.transformer)
+        contract = {"inputs": list(contract["inputs"]) + ls.slot_ios(slots), "outputs": contract["outputs"]}
+        module = ls.SlottedTransformerGraph(module.transformer, slots).eval()
+        example = example + ls.example_factors(slots, dtype=torch_dtype)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         tmp_path = Path(tmp) / "graph.onnx"
         _torch_export(module, example, tmp_path, contract, opset)
@@ -243,10 +253,16 @@ def export_graph(graph: str, parts, out_path: Path, precision: str = "fp32", ops
         model, islands = to_fp16(model, graph)
     elif precision == "bf16":
         islands = {"precision": "fp32", "why": "T5 is exported in fp32"} if graph == "t5" else {}
+    if slots is not None:
+        ls.finish_graph(model, slots)
+        ls.check_slot_dtypes(model, slots)
     _strip(model)
     external = _save(model, out_path)
     module.float()
-    return {"precision": _graph_precision(model), "opset": opset, "external_data": external, "islands": islands or {}}
+    entry = {"precision": _graph_precision(model), "opset": opset, "external_data": external, "islands": islands or {}}
+    if slots is not None:
+        entry["lora_slots"] = ls.manifest_field(slots)
+    return entry
 
 
 def _graph_precision(model: onnx.ModelProto) -> str:

@@ -244,6 +244,10 @@ def build_checkpoint(preset: str, out_dir: Path, tokenizer_cache: Path | None = 
     pipe.save_pretrained(out_dir, safe_serialization=True)
     shutil.rmtree(tok_root)
     # What the manifest records about the preset; the tiny models default to a size that runs in a blink.
+    # The tiny (bundled) models are exported with run-time LoRA slots by default (export/lora_slots.py); the bench
+    # presets without, for speed (`python -m export preset bench OUT --lora-slots` adds them).
     info = {"preset": preset, "default_size": 256 if preset.startswith("tiny") else 1024}
+    if preset.startswith("tiny"):
+        info["lora_slots"] = True
     (out_dir / PRESET_FILE).write_text(json.dumps(info) + "\n")
     return out_dir

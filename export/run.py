@@ -52,7 +52,10 @@ def export_model(
     name: str | None = None,
     log=print,
     loras: list | None = None,
+    lora_slots: bool | None = None,
 ) -> dict:
+    """lora_slots: give the transformer graph run-time LoRA slot inputs (export/lora_slots.py); None = what the
+    checkpoint's preset file says (the tiny presets: yes), else no."""
     components = components or list(ox.GRAPHS)
     unknown = [c for c in components if c not in ox.GRAPHS]
     if unknown:
@@ -61,6 +64,11 @@ def export_model(
         raise ExportError(f"unknown precision {precision!r}; choose from {ox.PRECISIONS}")
     checkpoint_dir = Path(checkpoint_dir)
     ckpt.check_folder(checkpoint_dir, components)
+    if lora_slots and "transformer" not in components:
+        raise ExportError("--lora-slots needs the transformer graph; add transformer to --components")
+    if lora_slots is None:  # the preset's default (tiny: slots), for whichever graphs are exported
+        preset_file = checkpoint_dir / PRESET_FILE
+        lora_slots = bool(preset_file.is_file() and json.loads(preset_file.read_text()).get("lora_slots", False))
     if loras:
         from .lora import precheck
 
@@ -81,8 +89,11 @@ def export_model(
         for g in components:
             t = time.time()
             path = staging / f"{g}.onnx"
-            entry = ox.export_graph(g, parts, path, precision, opset)
+            entry = ox.export_graph(g, parts, path, precision, opset, lora_slots=lora_slots)
+            slots = entry.pop("lora_slots", None)
             entry = {"file": path.name, **entry, **ox.read_io(path)}
+            if slots is not None:
+                entry["lora_slots"] = slots
             graphs[g] = entry
             size = path.stat().st_size + ((staging / entry["external_data"]).stat().st_size if entry["external_data"] else 0)
             log(f"exported {g:12s} {size / 1e6:9.2f} MB  {time.time() - t:6.1f}s  ({entry['precision']})")

@@ -47,6 +47,8 @@ pub struct BenchOptions {
     /// The optimized-graph cache folder; `None` = off.
     pub optimized_cache: Option<PathBuf>,
     pub io_binding: bool,
+    /// `--device-loop`: the device-resident denoising loop (auto = on for GPU providers).
+    pub device_loop: crate::runtime::DeviceLoop,
     pub max_pixels: u64,
     /// Write the images of the last timed run of each provider and size here as PNG files.
     pub save_images: Option<PathBuf>,
@@ -74,6 +76,7 @@ impl BenchOptions {
             cpu_arena: d.cpu_arena,
             optimized_cache: d.optimized_cache,
             io_binding: d.io_binding,
+            device_loop: d.device_loop,
             max_pixels: DEFAULT_MAX_PIXELS,
             save_images: None,
             low_memory: false,
@@ -224,6 +227,8 @@ pub struct Settings {
     pub memory_pattern: bool,
     pub cpu_arena: bool,
     pub io_binding: bool,
+    /// `auto`, `on` or `off`.
+    pub device_loop: String,
     pub optimized_cache: Option<String>,
     pub low_memory: bool,
 }
@@ -261,6 +266,8 @@ pub struct SizeResult {
     pub height: u32,
     pub steps: usize,
     pub batch: usize,
+    /// The denoising loop that ran: `plain`, `host-bound` or `device`.
+    pub denoise_loop: String,
     pub stages_ms: Stages,
     /// Generation (tokenize to RGB) plus PNG encoding of every image of the batch.
     pub end_to_end_ms: Stat,
@@ -432,6 +439,7 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         lo.cpu_arena = opts.cpu_arena;
         lo.optimized_cache = opts.optimized_cache.clone();
         lo.io_binding = opts.io_binding;
+        lo.device_loop = opts.device_loop;
         lo.low_memory = opts.low_memory;
         let mut pipe = Pipeline::load(&lo)?;
         let cache: BTreeMap<String, String> = pipe
@@ -533,6 +541,7 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             memory_pattern: opts.memory_pattern,
             cpu_arena: opts.cpu_arena,
             io_binding: opts.io_binding,
+            device_loop: opts.device_loop.name().to_string(),
             optimized_cache: opts
                 .optimized_cache
                 .as_ref()
@@ -581,6 +590,8 @@ fn bench_size(
         provider: provider.name().into(),
         sampler: "Euler (flow match)".into(),
         version: format!("fluxrt {}", env!("CARGO_PKG_VERSION")),
+        denoising_strength: None,
+        loras: Vec::new(),
     };
     let text = image_out::a1111_parameters(&params);
     let cancel = Canceller::new();
@@ -648,6 +659,7 @@ fn bench_size(
         height: req.height,
         steps: req.steps,
         batch: req.num_images,
+        denoise_loop: pipe.denoise_loop().name().to_string(),
         stages_ms: Stages {
             tokenize: col(&|r| r.tokenize),
             clip: col(&|r| r.clip),

@@ -217,6 +217,12 @@ impl TrueCfg {
         Ok(Array3::from_shape_vec(x.raw_dim(), out).expect("velocity keeps the latents' shape"))
     }
 
+    /// The joined 2B text embeddings and pooled vectors (prompt rows, then negative rows) and the scale, for a
+    /// loop that combines the halves itself (the device loop's step graph).
+    pub(crate) fn batch_inputs(&self) -> (&ArrayD<f32>, &ArrayD<f32>, f32) {
+        (&self.txt, &self.pooled, self.scale)
+    }
+
     /// Records the negative prompt's ids and embeddings in a trace.
     pub(crate) fn trace(&self, tr: &mut Trace) {
         tr.negative_clip_ids = self.clip_ids.clone();

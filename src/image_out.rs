@@ -116,6 +116,40 @@ pub struct GenerationParams {
     pub sampler: String,
     /// e.g. `"fluxrt 0.1.0"`.
     pub version: String,
+    /// img2img strength (A1111's `Denoising strength`); `None` for text-to-image.
+    #[serde(default)]
+    pub denoising_strength: Option<f64>,
+    /// Run-time LoRAs, in the order they were stacked.
+    #[serde(default)]
+    pub loras: Vec<LoraParam>,
+}
+
+/// One run-time LoRA of an image: its name (the file name without `.safetensors`), file hash and scale.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraParam {
+    pub name: String,
+    /// sha256 of the file, hex (written shortened to 12 characters, as A1111 writes `Lora hashes`).
+    pub sha256: String,
+    pub scale: f32,
+}
+
+impl LoraParam {
+    /// The PNG record of each LoRA a request used.
+    pub fn from_choices(choices: &[crate::lora::LoraChoice]) -> Vec<LoraParam> {
+        choices
+            .iter()
+            .map(|c| LoraParam {
+                name: c
+                    .lora
+                    .name
+                    .strip_suffix(".safetensors")
+                    .unwrap_or(&c.lora.name)
+                    .to_string(),
+                sha256: c.lora.sha256.clone(),
+                scale: c.scale,
+            })
+            .collect()
+    }
 }
 
 /// A1111's `infotext_utils.quote`: a value containing `,`, `:` or a newline is written as a JSON string
@@ -161,6 +195,9 @@ pub fn a1111_parameters(params: &GenerationParams) -> String {
     if let Some(g) = params.guidance {
         pairs.push(("Guidance", py_float(g)));
     }
+    if let Some(s) = params.denoising_strength {
+        pairs.push(("Denoising strength", format!("{s:?}")));
+    }
     pairs.push(("Model", params.model.clone()));
     pairs.push(("Provider", params.provider.clone()));
     if let Some(p2) = params.prompt_2.as_deref() {
@@ -168,6 +205,18 @@ pub fn a1111_parameters(params: &GenerationParams) -> String {
             pairs.push(("Prompt 2", p2.to_string()));
         }
     }
+    // A1111's `Lora hashes` (name: first 12 hex digits of the file's sha256), and the scales beside them.
+    let join = |f: &dyn Fn(&LoraParam) -> String| {
+        params.loras.iter().map(f).collect::<Vec<_>>().join(", ")
+    };
+    pairs.push((
+        "Lora hashes",
+        join(&|l| format!("{}: {}", l.name, &l.sha256[..l.sha256.len().min(12)])),
+    ));
+    pairs.push((
+        "Lora scales",
+        join(&|l| format!("{}: {}", l.name, py_float(l.scale))),
+    ));
     pairs.push(("Version", params.version.clone()));
 
     let line = pairs
@@ -613,7 +662,34 @@ mod tests {
             provider: "cpu".into(),
             sampler: "Euler".into(),
             version: "fluxrt 0.1.0".into(),
+            denoising_strength: None,
+            loras: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a1111_parameters_record_loras_and_denoising_strength() {
+        let mut p = params();
+        p.denoising_strength = Some(0.6);
+        p.loras = vec![
+            LoraParam {
+                name: "style".into(),
+                sha256: "0123456789abcdef0123".into(),
+                scale: 0.8,
+            },
+            LoraParam {
+                name: "detail".into(),
+                sha256: "fedcba9876543210".into(),
+                scale: -0.5,
+            },
+        ];
+        assert_eq!(
+            a1111_parameters(&p),
+            "a photo of a cat\nSteps: 4, Sampler: Euler, Seed: 42, Size: 512x512, Guidance: 3.5, \
+             Denoising strength: 0.6, Model: tiny-flux-schnell, Provider: cpu, \
+             Lora hashes: \"style: 0123456789ab, detail: fedcba987654\", \
+             Lora scales: \"style: 0.8, detail: -0.5\", Version: fluxrt 0.1.0"
+        );
     }
 
     #[test]

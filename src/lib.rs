@@ -3,7 +3,7 @@
 //! Pure stages (no ONNX Runtime): [`text`], [`schedule`], [`latents`], [`noise`], [`image_out`].
 //! [`runtime`] is the only module that touches `ort`; [`model`] resolves a model folder into graphs and
 //! settings; [`pipeline`] wires the stages together. Features on top of text-to-image: [`img2img`], true CFG with a
-//! negative prompt ([`guidance`]) and tiled VAE decode/encode ([`vae_tiling`]).
+//! negative prompt ([`guidance`]), tiled VAE decode/encode ([`vae_tiling`]) and run-time LoRA ([`lora`]).
 
 pub mod bench;
 pub mod error;
@@ -11,6 +11,7 @@ pub mod guidance;
 pub mod image_out;
 pub mod img2img;
 pub mod latents;
+pub mod lora;
 pub mod noise;
 pub mod schedule;
 pub mod text;

@@ -52,6 +52,9 @@ pub struct LoadOptions {
     /// Run the denoising loop through an I/O binding (inputs bound once, latents updated in place). Falls back
     /// to plain runs where the transformer's inputs are not f32. Default on.
     pub io_binding: bool,
+    /// The device-resident denoising loop (latents, embeddings and ids stay in device memory, the Euler step runs
+    /// there too): `Auto` turns it on for GPU providers. See docs/providers.md.
+    pub device_loop: runtime::DeviceLoop,
     /// GPU provider settings: TensorRT profiles and caches, CUDA, DirectML, CoreML (docs/providers.md).
     pub ep: runtime::EpSettings,
     /// The BFL transformer folder to use (`fp32`, `fp16`, `bf16`, `fp8`, `fp4`); `None` picks one for the
@@ -73,6 +76,7 @@ impl LoadOptions {
             cpu_arena: true,
             optimized_cache: runtime::optimized_cache_dir(),
             io_binding: true,
+            device_loop: runtime::DeviceLoop::Auto,
             ep: runtime::EpSettings::default(),
             transformer_precision: None,
         }
@@ -104,6 +108,8 @@ pub struct Request {
     pub true_cfg: f32,
     /// Tiled VAE decode/encode (crate::vae_tiling), default automatic above 2 MP.
     pub vae_tiling: crate::vae_tiling::VaeTiling,
+    /// Run-time LoRAs (crate::lora), stacked in order; each loaded with [`Pipeline::load_lora`]. Empty: none.
+    pub loras: Vec<crate::lora::LoraChoice>,
 }
 
 impl Default for Request {
@@ -124,6 +130,7 @@ impl Default for Request {
             negative_prompt: None,
             true_cfg: crate::guidance::DEFAULT_TRUE_CFG,
             vae_tiling: crate::vae_tiling::VaeTiling::default(),
+            loras: Vec::new(),
         }
     }
 }
@@ -169,6 +176,9 @@ impl Request {
         crate::img2img::validate(self)?;
         crate::guidance::validate(self)?;
         self.vae_tiling.validate(vae_factor)?;
+        for c in &self.loras {
+            crate::lora::check_scale(c.scale, &c.lora.name)?;
+        }
         Ok(())
     }
 
@@ -181,6 +191,7 @@ impl Request {
             && crate::img2img::batches_with(self, other)
             && crate::guidance::batches_with(self, other)
             && self.vae_tiling == other.vae_tiling
+            && crate::lora::same_set(&self.loras, &other.loras)
     }
 
     pub fn t5_prompt(&self) -> &str {
@@ -274,6 +285,11 @@ pub struct Pipeline {
     io_binding: bool,
     /// Whether the last generation's denoising loop ran through the I/O binding.
     last_bound: bool,
+    device_loop: runtime::DeviceLoop,
+    /// Which loop the last generation ran, and why the device loop did not run when it was wanted.
+    last_loop: (runtime::LoopKind, Option<String>),
+    /// Step graphs built for the device loop, kept between generations.
+    step_graphs: Vec<runtime::step_graph::StepGraph>,
     /// Time inside ONNX Runtime's run calls, summed over every graph and run.
     ort_busy: Duration,
     /// Prompt embeddings kept between runs (see [`Pipeline::set_embedding_cache`]).
@@ -281,6 +297,10 @@ pub struct Pipeline {
     /// Extra named inputs fed to every transformer call of the current generation, by graph input name
     /// (the run-time LoRA slots' A/B factors); empty when none are active.
     transformer_extra: Vec<(String, ArrayD<f32>)>,
+    /// The transformer's run-time LoRA slots (crate::lora); empty for graphs exported without them.
+    lora_slots: Vec<crate::lora::Slot>,
+    /// The stacked factors of the last LoRA set, kept so a server repeating one set does not rebuild them.
+    lora_cache: Option<(Vec<crate::lora::LoraChoice>, crate::lora::Feeds)>,
 }
 
 impl Pipeline {
@@ -291,9 +311,8 @@ impl Pipeline {
         let mut spec = ModelSpec::resolve(&opts.model)?;
         runtime::init(opts.ort_lib.as_deref())?;
         let plan: ProviderPlan = runtime::probe(&opts.providers, opts.no_fallback)?;
-        // fp8/fp4 transformer graphs only with TensorRT; a clear provider error otherwise.
-        let tensorrt = plan.active.contains(&Provider::TensorRt);
-        spec.select_transformer_precision(tensorrt, opts.transformer_precision.as_deref())?;
+        // The transformer precision for the providers (BFL layout); fp8/fp4 only with TensorRT.
+        spec.select_transformer_precision_for(&plan.active, opts.transformer_precision.as_deref())?;
         let session = SessionConfig {
             ep: opts.ep.for_model(&spec)?,
             threads: opts.threads,
@@ -306,6 +325,7 @@ impl Pipeline {
 
         let mut slots = BTreeMap::new();
         let mut problems = Vec::new();
+        let mut lora_slots = Vec::new();
         for role in [Role::Transformer, Role::Clip, Role::T5, Role::VaeDecoder] {
             let gspec = spec.graph(role)?.clone();
             let graph = Graph::load(&gspec.path, role.name(), &session)?;
@@ -316,6 +336,13 @@ impl Pipeline {
                 } else {
                     Variant::Schnell
                 });
+                let declared: Vec<IoInfo> = graph
+                    .inputs()
+                    .iter()
+                    .chain(graph.optional_inputs())
+                    .cloned()
+                    .collect();
+                lora_slots = crate::lora::discover_slots(&declared);
             }
             let guidance = spec.variant == Some(Variant::Dev);
             problems.extend(contract::check(
@@ -360,9 +387,14 @@ impl Pipeline {
             load_time: start.elapsed(),
             io_binding: opts.io_binding,
             last_bound: false,
+            device_loop: opts.device_loop,
+            last_loop: (runtime::LoopKind::Plain, None),
+            step_graphs: Vec::new(),
             ort_busy: Duration::ZERO,
             embed_cache: None,
             transformer_extra: Vec::new(),
+            lora_slots,
+            lora_cache: None,
         })
     }
 
@@ -409,6 +441,25 @@ impl Pipeline {
         self.last_bound
     }
 
+    /// Turns the device-resident denoising loop on, off or automatic (see [`LoadOptions::device_loop`]).
+    pub fn set_device_loop(&mut self, mode: runtime::DeviceLoop) {
+        self.device_loop = mode;
+    }
+
+    pub fn device_loop(&self) -> runtime::DeviceLoop {
+        self.device_loop
+    }
+
+    /// Which denoising loop the last generation ran: plain runs, the host I/O binding, or the device loop.
+    pub fn denoise_loop(&self) -> runtime::LoopKind {
+        self.last_loop.0
+    }
+
+    /// Why the last generation did not run the device loop although it was wanted (`None` when it ran or was off).
+    pub fn device_loop_fallback(&self) -> Option<&str> {
+        self.last_loop.1.as_deref()
+    }
+
     pub fn variant(&self) -> Variant {
         self.spec.variant.unwrap_or(Variant::Schnell)
     }
@@ -446,9 +497,72 @@ impl Pipeline {
         Ok(outs.remove(0))
     }
 
-    /// Runs several compatible requests (same size, steps and guidance; any prompts and seeds) as one batch:
-    /// every graph call covers all their images. Returns one output per request, in order.
+    /// Runs several compatible requests (same size, steps, guidance and LoRAs; any prompts and seeds) as one
+    /// batch: every graph call covers all their images. Returns one output per request, in order.
     pub fn generate_batch(
+        &mut self,
+        reqs: &[Request],
+        progress: &mut dyn Progress,
+        cancel: &Canceller,
+        trace: bool,
+    ) -> Result<Vec<Output>> {
+        // The batch's LoRA factors are fed to every transformer call, and always taken away again (also on error).
+        let loras = reqs.first().map_or(&[][..], |r| &r.loras[..]);
+        self.activate_loras(loras)?;
+        let out = self.generate_batch_inner(reqs, progress, cancel, trace);
+        self.deactivate_loras(loras);
+        out
+    }
+
+    /// Puts the stacked factors of `loras` into `transformer_extra` (from the cache when the set repeats).
+    fn activate_loras(&mut self, loras: &[crate::lora::LoraChoice]) -> Result<()> {
+        self.transformer_extra.clear();
+        if loras.is_empty() {
+            return Ok(());
+        }
+        // TensorRT builds its engine with the slots' zero-rank defaults as weights; fed factors could be
+        // ignored without a word, so refuse rather than risk a silently un-adapted image.
+        if self.session.providers.active.contains(&Provider::TensorRt) {
+            return Err(Error::input(
+                "run-time LoRAs are not supported with the TensorRT provider",
+            )
+            .with_hint(
+                "fuse the LoRA at export (`python -m export CHECKPOINT OUT --lora FILE:SCALE`) for TensorRT, \
+                 or run this request on --provider cuda",
+            ));
+        }
+        for c in loras {
+            crate::lora::check_scale(c.scale, &c.lora.name)?;
+            c.lora.check_fits(&self.lora_slots)?;
+        }
+        self.transformer_extra = match self.lora_cache.take() {
+            Some((set, feeds)) if crate::lora::same_set(&set, loras) => feeds,
+            _ => crate::lora::feeds(crate::lora::stack(loras)),
+        };
+        Ok(())
+    }
+
+    /// Takes the factors back out of `transformer_extra` into the cache of the last set.
+    fn deactivate_loras(&mut self, loras: &[crate::lora::LoraChoice]) {
+        let feeds = std::mem::take(&mut self.transformer_extra);
+        if !loras.is_empty() {
+            self.lora_cache = Some((loras.to_vec(), feeds));
+        }
+    }
+
+    /// The transformer's run-time LoRA slots; empty when the graph was exported without them.
+    pub fn lora_slots(&self) -> &[crate::lora::Slot] {
+        &self.lora_slots
+    }
+
+    /// Reads a LoRA file and checks it against this model's slots (an error for a model without slots, a LoRA
+    /// for another model, text-encoder layers, a malformed file). The result can be shared by any number of
+    /// requests (and by pipelines of the same model).
+    pub fn load_lora(&self, path: &std::path::Path) -> Result<Arc<crate::lora::Lora>> {
+        crate::lora::Lora::load(path, &self.lora_slots).map(Arc::new)
+    }
+
+    fn generate_batch_inner(
         &mut self,
         reqs: &[Request],
         progress: &mut dyn Progress,
@@ -464,16 +578,23 @@ impl Pipeline {
             r.validate(vae_factor)?;
             if !first.batches_with(r) {
                 return Err(Error::input(
-                    "requests in one batch must share width, height, steps and guidance",
+                    "requests in one batch must share width, height, steps, guidance and LoRAs",
                 ));
             }
         }
         // Outside the built TensorRT profile: refuse, instead of a silent engine rebuild.
         let images: usize = reqs.iter().map(|r| r.num_images).sum();
         let active = &self.session.providers.active;
-        self.session
-            .ep
-            .check_request(active, first.width, first.height, images)?;
+        // Every graph call counts: true CFG's 2B transformer rows, the VAE's tiles when tiling applies.
+        let shape = runtime::trt_profile::RequestShape {
+            true_cfg: crate::guidance::active(first),
+            vae_tiles: first
+                .vae_tiling
+                .tile_sizes(first.width, first.height, vae_factor),
+            encodes: first.init_image.is_some(),
+            ..runtime::trt_profile::RequestShape::new(first.width, first.height, images)
+        };
+        self.session.ep.check_request_shape(active, &shape)?;
         let mut t = Timings {
             load: self.load_time,
             ..Default::default()
@@ -576,7 +697,22 @@ impl Pipeline {
             ),
             Variant::Schnell => None,
         };
-        let bound = self.io_binding
+        // The device loop first (GPU providers by default), then the host I/O binding, then plain runs.
+        self.last_loop.1 = None;
+        let device = self.device_loop.wanted(&self.session.providers.active)
+            && self.denoise_device(
+                &mut x,
+                cfg.as_ref().map(|c| c.batch_inputs()),
+                (&txt, &pooled),
+                (&sigmas, &timesteps),
+                guidance,
+                (&img_ids, &txt_ids),
+                cancel,
+                progress,
+                (&mut t, &mut tr),
+            )?;
+        let bound = !device
+            && self.io_binding
             && cfg.is_none()
             && self.denoise_bound(
                 &mut x,
@@ -590,7 +726,12 @@ impl Pipeline {
                 (&mut t, &mut tr),
             )?;
         self.last_bound = bound;
-        for i in (0..steps).filter(|_| !bound) {
+        self.last_loop.0 = match (device, bound) {
+            (true, _) => runtime::LoopKind::Device,
+            (false, true) => runtime::LoopKind::HostBound,
+            (false, false) => runtime::LoopKind::Plain,
+        };
+        for i in (0..steps).filter(|_| !bound && !device) {
             let t0 = Instant::now();
             let v = match cfg.as_ref() {
                 Some(c) => {
@@ -854,6 +995,198 @@ impl Pipeline {
         Ok(true)
     }
 
+    /// The denoising loop in device memory ([`runtime::step_graph`]): the text embeddings, pooled vector, ids,
+    /// guidance and extra inputs bound (copied to the device) once, the latents ping-ponging between two device
+    /// buffers, the velocity written into a device buffer, the Euler step (and the true-CFG combination, when
+    /// `cfg` gives the joined 2B prompt/negative rows and the scale) in a step graph on the same provider. Per step
+    /// only the timestep and `dt` go to the device and two NaN/Inf counts come back; the latents come back once at
+    /// the end (every step with a trace). Returns `Ok(false)`, having done nothing, when the transformer cannot be
+    /// driven this way (or, with `DeviceLoop::Auto`, the step graph or device buffers cannot be set up: the reason
+    /// is kept for [`Pipeline::device_loop_fallback`]); `DeviceLoop::On` makes a setup failure an error.
+    #[allow(clippy::too_many_arguments)]
+    fn denoise_device(
+        &mut self,
+        x: &mut Array3<f32>,
+        cfg: Option<(&ArrayD<f32>, &ArrayD<f32>, f32)>,
+        (txt, pooled): (&ArrayD<f32>, &ArrayD<f32>),
+        (sigmas, timesteps): (&[f32], &[f32]),
+        guidance: Option<f32>,
+        (img_ids, txt_ids): (&ArrayD<f32>, &ArrayD<f32>),
+        cancel: &Canceller,
+        progress: &mut dyn Progress,
+        (t, tr): (&mut Timings, &mut Option<Trace>),
+    ) -> Result<bool> {
+        use runtime::step_graph::{DeviceDenoise, LoopNames, StepGraph, StepSpec};
+        let strict = self.device_loop == runtime::DeviceLoop::On;
+        let gspec = self.spec.graph(Role::Transformer)?.clone();
+        let n = |c: &str| gspec.actual_name(c);
+        let names = LoopNames {
+            latents: n("hidden_states"),
+            timestep: n("timestep"),
+            velocity: n("latent"),
+        };
+        let (txt, pooled, scale) = match cfg {
+            Some((txt, pooled, scale)) => (txt, pooled, Some(scale)),
+            None => (txt, pooled, None),
+        };
+        let slot = self
+            .slots
+            .get(&Role::Transformer)
+            .expect("every pipeline graph has a slot");
+        let dtype = |list: &[IoInfo], name: &str| {
+            list.iter()
+                .find(|i| i.name == name)
+                .map(|i| i.dtype.clone())
+        };
+        let rows = x.shape()[0] * if scale.is_some() { 2 } else { 1 };
+        let batchable = rows == 1
+            || slot
+                .inputs
+                .iter()
+                .all(|io| !matches!(io.shape.first(), Some(Dim::Fixed(1))));
+        let f32_timestep = dtype(&slot.inputs, &names.timestep) == Some(ElemType::F32);
+        let spec = match (
+            dtype(&slot.inputs, &names.latents),
+            dtype(&slot.outputs, &names.velocity),
+        ) {
+            (Some(model_in), Some(velocity)) => StepSpec {
+                model_in,
+                velocity,
+                cfg: scale.is_some(),
+            },
+            _ => return Ok(false),
+        };
+        let why_not = runtime::step_graph::unsupported(&spec)
+            .or_else(|| {
+                (!batchable).then(|| {
+                    format!("the transformer graph takes batch 1, this call has {rows} rows")
+                })
+            })
+            .or_else(|| {
+                (!f32_timestep).then(|| "the transformer's timestep input is not f32".to_string())
+            });
+        if let Some(why) = why_not {
+            if strict {
+                return Err(Error::model(format!("--device-loop on: {why}"))
+                    .with_hint("use --device-loop auto or off with this transformer graph"));
+            }
+            self.last_loop.1 = Some(why);
+            return Ok(false);
+        }
+        if timesteps.is_empty() {
+            return Ok(false);
+        }
+        let step = match self.step_graphs.iter().position(|g| *g.spec() == spec) {
+            Some(i) => Ok(self.step_graphs.swap_remove(i)),
+            None => StepGraph::build(&spec, &self.session),
+        };
+        let slot = self
+            .slots
+            .get_mut(&Role::Transformer)
+            .expect("every pipeline graph has a slot");
+        let mut transient = None;
+        let graph = match slot.graph.as_mut() {
+            Some(g) => g,
+            None => transient.insert(Graph::load(
+                &gspec.path,
+                Role::Transformer.name(),
+                &self.session,
+            )?),
+        };
+        let guidance = guidance.map(|g| ndarray::Array1::from_elem(rows, g).into_dyn());
+        let mut constants: Vec<(String, TensorIn)> = vec![
+            (n("encoder_hidden_states"), TensorIn::F32(txt.view())),
+            (n("pooled_projections"), TensorIn::F32(pooled.view())),
+            (n("img_ids"), TensorIn::F32(img_ids.view())),
+            (n("txt_ids"), TensorIn::F32(txt_ids.view())),
+        ];
+        if let Some(g) = guidance.as_ref() {
+            constants.push((n("guidance"), TensorIn::F32(g.view())));
+        }
+        for (name, value) in &self.transformer_extra {
+            constants.push((name.clone(), TensorIn::F32(value.view())));
+        }
+        let constants: Vec<(&str, TensorIn)> = constants
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.clone()))
+            .collect();
+        let device_id = self.session.ep.gpu_id();
+        let setup = step.and_then(|step| {
+            DeviceDenoise::new(
+                graph,
+                step,
+                names,
+                x.view().into_dyn(),
+                &constants,
+                scale,
+                device_id,
+            )
+        });
+        let mut dd = match setup {
+            Ok(dd) => dd,
+            Err(e) if !strict && e.kind != crate::ErrorKind::Cancelled => {
+                self.last_loop.1 = Some(e.to_string());
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        // Set now so a failed step (the NaN guard) still reports which loop ran.
+        self.last_loop.0 = runtime::LoopKind::Device;
+        let ort_before = graph.ort_time();
+        let mut step_time = Duration::ZERO;
+        let steps = timesteps.len();
+        let shape = x.raw_dim();
+        let mut last = None;
+        let mut run = || -> Result<()> {
+            for i in 0..steps {
+                let t0 = Instant::now();
+                let want = i + 1 == steps || tr.is_some();
+                let r = dd.step(
+                    graph,
+                    schedule::model_timestep(timesteps[i]),
+                    sigmas[i + 1] - sigmas[i],
+                    want,
+                    cancel,
+                )?;
+                step_time += r.ort_time;
+                if r.bad_velocity > 0 {
+                    return Err(non_finite(
+                        &format!("transformer output (velocity) at step {}", i + 1),
+                        r.bad_velocity as usize,
+                        r.latents_len,
+                    ));
+                }
+                if r.bad_latents > 0 {
+                    return Err(non_finite(
+                        &format!("latents after step {}", i + 1),
+                        r.bad_latents as usize,
+                        r.latents_len,
+                    ));
+                }
+                if let (Some(tr), Some(l)) = (tr.as_mut(), r.latents.as_ref()) {
+                    tr.latents.push(
+                        Array3::from_shape_vec(shape, l.clone()).expect("latents keep their shape"),
+                    );
+                }
+                last = r.latents;
+                t.denoise.push(t0.elapsed());
+                progress.step(i + 1, steps);
+            }
+            Ok(())
+        };
+        let result = run();
+        self.ort_busy += graph.ort_time() - ort_before + step_time;
+        self.step_graphs.push(dd.into_step_graph());
+        result?;
+        // The latents come back to the host once, from the last step.
+        let last = last.ok_or_else(|| Error::runtime("the device loop returned no latents"))?;
+        x.as_slice_mut()
+            .expect("packed latents are contiguous")
+            .copy_from_slice(&last);
+        self.last_loop.1 = None;
+        Ok(true)
+    }
+
     /// Runs a text encoder on [B, L] token ids; returns its embedding and the run time.
     pub(crate) fn encode(
         &mut self,
@@ -1043,7 +1376,7 @@ impl Pipeline {
             let feed = names
                 .iter()
                 .zip(inputs)
-                .map(|(n, (_, t))| (n.as_str(), slice_batch(t, i, batch)))
+                .map(|(n, (_, t))| (n.as_str(), slice_input(n, t, i, batch)))
                 .collect();
             let part = run_one(graph, feed);
             if part.is_err() {
@@ -1062,6 +1395,16 @@ fn tensor_batch(t: &TensorIn) -> usize {
     match t {
         TensorIn::F32(a) => a.shape().first().copied().unwrap_or(1),
         TensorIn::I64(a) => a.shape().first().copied().unwrap_or(1),
+    }
+}
+
+/// Image i's part of a graph input: [`slice_batch`], except LoRA factors (the model's, not an image's: an `[in, r]`
+/// factor whose `in` happens to equal the batch must not be cut).
+fn slice_input<'a>(name: &str, t: &TensorIn<'a>, i: usize, batch: usize) -> TensorIn<'a> {
+    if crate::lora::is_slot_input(name) {
+        t.clone()
+    } else {
+        slice_batch(t, i, batch)
     }
 }
 
@@ -1220,10 +1563,15 @@ pub fn ensure_finite(stage: &str, data: &[f32]) -> Result<()> {
     if bad == 0 {
         return Ok(());
     }
-    Err(Error::numerics(format!("{stage} contains {bad} NaN/Inf values of {}", data.len())).with_hint(
+    Err(non_finite(stage, bad, data.len()))
+}
+
+/// The error of [`ensure_finite`], from a count (the device loop counts on the device).
+fn non_finite(stage: &str, bad: usize, len: usize) -> Error {
+    Error::numerics(format!("{stage} contains {bad} NaN/Inf values of {len}")).with_hint(
         "fp16 overflow is the usual cause: use a graph exported with fp32 islands (python -m export --precision fp16 \
          keeps them), an fp32 or bf16 export, or another execution provider",
-    ))
+    )
 }
 
 #[cfg(test)]
@@ -1301,5 +1649,11 @@ mod tests {
         assert_eq!(tensor_batch(&s), 1);
         let s = slice_batch(&TensorIn::F32(ids.view()), 1, 2);
         assert_eq!(tensor_batch(&s), 3);
+        // A LoRA factor [in, r] with in == batch stays whole; a same-shaped ordinary input is cut.
+        let factor = ndarray::Array2::<f32>::zeros((2, 4)).into_dyn();
+        let s = slice_input("x_embedder.lora_A", &TensorIn::F32(factor.view()), 1, 2);
+        assert_eq!(tensor_batch(&s), 2);
+        let s = slice_input("pooled_projections", &TensorIn::F32(factor.view()), 1, 2);
+        assert_eq!(tensor_batch(&s), 1);
     }
 }

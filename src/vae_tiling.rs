@@ -139,6 +139,37 @@ impl VaeTiling {
         }
     }
 
+    /// The distinct (width, height) in pixels of the tiles a `width` x `height` image is decoded (and encoded) in,
+    /// or `None` when tiling does not apply: the tiles the VAE graphs see, for TensorRT profile checks. Edge tiles
+    /// are cut to the image, so they may be smaller than the tile size.
+    pub fn tile_sizes(
+        &self,
+        width: u32,
+        height: u32,
+        vae_factor: usize,
+    ) -> Option<Vec<(u32, u32)>> {
+        if !self.applies(width, height) || vae_factor == 0 {
+            return None;
+        }
+        let g = self.grid(vae_factor);
+        let extents = |px: u32| -> Vec<u32> {
+            let n = px as usize / vae_factor;
+            let mut v: Vec<u32> = (0..n)
+                .step_by(g.stride())
+                .map(|i| (g.tile.min(n - i) * vae_factor) as u32)
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let (ws, hs) = (extents(width), extents(height));
+        Some(
+            hs.iter()
+                .flat_map(|&h| ws.iter().map(move |&w| (w, h)))
+                .collect(),
+        )
+    }
+
     fn grid(&self, vae_factor: usize) -> Grid {
         let tile = (self.tile_size as usize / vae_factor).max(1);
         // int(T * o) as diffusers; at least one latent of stride.
@@ -348,6 +379,23 @@ mod tests {
         assert_eq!(
             (g.tile * 8, g.stride() * 8, g.overlap, g.stride()),
             (1024, 768, 32, 96)
+        );
+    }
+
+    #[test]
+    fn tile_sizes_follow_the_grid() {
+        let t = VaeTiling::with_mode(TilingMode::On);
+        // 2048 px = 256 latents: tiles at 0, 96, 192 of 128, 128, 64 latents; 1024 px = 128 latents: tiles at 0
+        // and 96 of 128 and 32 latents (diffusers' range(0, h, stride)).
+        assert_eq!(
+            t.tile_sizes(2048, 1024, 8),
+            Some(vec![(512, 256), (1024, 256), (512, 1024), (1024, 1024)])
+        );
+        assert_eq!(t.tile_sizes(1024, 1024, 8), None, "fits one tile");
+        assert_eq!(
+            VaeTiling::default().tile_sizes(2048, 1024, 8),
+            None,
+            "auto: 2 MP"
         );
     }
 

@@ -65,8 +65,11 @@ def feeds_for(path, seed=0):
     """Random inputs for a graph, keyed by its input names, at the DIMS sizes."""
     rng = np.random.default_rng(seed)
     m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
     feeds = []
     for v in m.graph.input:
+        if v.name in inits:  # overridable initializers (the transformer's LoRA slots) keep their defaults
+            continue
         t = v.type.tensor_type
         shape = [DIMS[d.dim_param] if d.dim_param else d.dim_value for d in t.shape.dim]
         if t.elem_type == onnx.TensorProto.INT32:

@@ -64,6 +64,9 @@ pub struct Args {
     /// Run the denoising loop with plain runs instead of an I/O binding.
     #[arg(long)]
     no_io_binding: bool,
+    /// The device-resident denoising loop: auto (on for GPU providers), on, off.
+    #[arg(long, default_value = "auto", value_name = "auto|on|off")]
+    device_loop: runtime::DeviceLoop,
     /// Save the images of the last timed run of each provider and size into DIR.
     #[arg(long, value_name = "DIR")]
     save_images: Option<PathBuf>,
@@ -101,6 +104,7 @@ pub fn run(a: Args) -> Result<()> {
         o.optimized_cache = Some(dir.clone());
     }
     o.io_binding = !a.no_io_binding;
+    o.device_loop = a.device_loop;
     o.save_images = a.save_images.clone();
     o.max_pixels = a.max_pixels;
     o.low_memory = a.low_memory;

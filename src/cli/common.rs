@@ -33,6 +33,10 @@ pub struct RuntimeArgs {
     /// flags given here override it.
     #[arg(long, value_name = "FILE", env = "FLUXRT_CONFIG")]
     pub config: Option<PathBuf>,
+    /// The device-resident denoising loop (latents, embeddings and ids stay in GPU memory; the Euler step runs
+    /// there): auto (on for GPU providers), on, off.
+    #[arg(long, default_value = "auto", value_name = "auto|on|off")]
+    pub device_loop: runtime::DeviceLoop,
     #[command(flatten)]
     pub ep: ProviderFlags,
 }
@@ -63,6 +67,7 @@ impl RuntimeArgs {
         let c = self.provider_config()?;
         opts.ep = c.ep;
         opts.transformer_precision = c.transformer_precision;
+        opts.device_loop = self.device_loop;
         Ok(())
     }
 }

@@ -84,6 +84,14 @@ pub struct Args {
     /// VAE tile side in pixels (a multiple of 8; default 1024, diffusers').
     #[arg(long, value_name = "PX", default_value_t = fluxrt::vae_tiling::DEFAULT_TILE_SIZE)]
     vae_tile_size: u32,
+    /// Apply a LoRA at run time: a .safetensors file, optionally with its scale (FILE or FILE:SCALE, default
+    /// 1.0, negative allowed; the export's --lora syntax). Repeat to stack LoRAs (applied together, in order).
+    /// Loads diffusers/PEFT names (transformer.<module>.lora_A/lora_B, optional .alpha) and kohya / sd-scripts
+    /// names (lora_unet_double_blocks_0_img_attn_qkv.lora_down/lora_up/alpha). Needs a model exported with
+    /// LoRA slots (python -m export CHECKPOINT OUT --lora-slots); transformer layers only: a LoRA with
+    /// CLIP/T5 text-encoder layers must be fused at export (python -m export ... --lora FILE:SCALE).
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    lora: Vec<String>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -140,6 +148,21 @@ pub fn run(a: Args) -> Result<()> {
         ..VaeTiling::default()
     };
     tiling.validate(8)?;
+    // LoRA specs: the syntax and the files' presence are checked before the model loads, the weights after.
+    let lora_specs = a
+        .lora
+        .iter()
+        .map(|s| fluxrt::lora::parse_spec(s))
+        .collect::<Result<Vec<_>>>()?;
+    for (path, _) in &lora_specs {
+        if !path.is_file() {
+            return Err(
+                Error::input(format!("LoRA file {} does not exist", path.display())).with_hint(
+                    "pass --lora FILE or --lora FILE:SCALE with a LoRA .safetensors file",
+                ),
+            );
+        }
+    }
 
     let mut opts = LoadOptions::new(model_path(a.model.clone()));
     opts.providers = providers;
@@ -174,6 +197,10 @@ pub fn run(a: Args) -> Result<()> {
     req.steps = a.steps.unwrap_or(req.steps);
     req.num_images = a.num_images;
     req.max_pixels = a.max_pixels;
+    for (path, scale) in &lora_specs {
+        req.loras
+            .push(fluxrt::lora::LoraChoice::new(pipe.load_lora(path)?, *scale));
+    }
     if a.guidance.is_some() {
         if pipe.variant() == fluxrt::model::Variant::Schnell {
             eprintln!(
@@ -227,6 +254,8 @@ pub fn run(a: Args) -> Result<()> {
             provider: provider.clone(),
             sampler: "Euler (flow match)".into(),
             version: format!("fluxrt {}", env!("CARGO_PKG_VERSION")),
+            denoising_strength: req.init_image.is_some().then_some(req.strength),
+            loras: image_out::LoraParam::from_choices(&req.loras),
         };
         let png = image_out::encode_png(&img.rgb, &image_out::a1111_parameters(&params))?;
         image_out::write_atomically(path, &png, a.overwrite)?;
@@ -246,12 +275,22 @@ pub fn run(a: Args) -> Result<()> {
             "guidance": req.guidance,
             "providers": pipe.providers().active.iter().map(|p| p.name()).collect::<Vec<_>>(),
             "graph_providers": pipe.graph_providers(),
+            "device_loop": pipe.device_loop().name(),
+            "denoise_loop": pipe.denoise_loop().name(),
+            "device_loop_fallback": pipe.device_loop_fallback(),
             "warnings": out.warnings,
             "init_image": a.init_image,
             "strength": req.init_image.is_some().then_some(req.strength),
             "steps_run": out.timings.denoise.len(),
             "negative_prompt": req.negative_prompt,
             "true_cfg": fluxrt::guidance::active(&req).then_some(req.true_cfg),
+            "loras": req.loras.iter().map(|c| json!({
+                "file": c.lora.name,
+                "sha256": c.lora.sha256,
+                "naming": c.lora.naming.name(),
+                "layers": c.lora.modules.len(),
+                "scale": c.scale,
+            })).collect::<Vec<_>>(),
             "vae_tiling": {
                 "mode": req.vae_tiling.mode.name(),
                 "tile_size": req.vae_tiling.tile_size,

@@ -58,6 +58,12 @@ pub struct Args {
     /// Load one graph at a time for its stage (slower, less memory).
     #[arg(long)]
     low_memory: bool,
+    /// A run-time LoRA clients may ask for by name: NAME=FILE (repeatable). Requests pick LoRAs with
+    /// "loras": [{"name": "NAME", "scale": 0.8}] on POST /v1/generate. Every file is loaded and checked against
+    /// the model at startup (a bad one stops the server); the model needs LoRA slots
+    /// (python -m export CHECKPOINT OUT --lora-slots).
+    #[arg(long = "lora", value_name = "NAME=FILE")]
+    lora: Vec<String>,
     #[command(flatten)]
     runtime: RuntimeArgs,
 }
@@ -104,6 +110,11 @@ pub fn run(a: Args) -> Result<()> {
     config.body_timeout = seconds("body-timeout", a.body_timeout)?;
     config.cache_bytes = a.cache_bytes;
     config.warmup = !a.no_warmup;
+    config.loras = a
+        .lora
+        .iter()
+        .map(|s| fluxrt::lora::parse_named(s))
+        .collect::<Result<_>>()?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

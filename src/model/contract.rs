@@ -174,6 +174,10 @@ pub fn check(
         .map(|p| actual_name(p.name))
         .collect();
     for io in graph_inputs {
+        // Run-time LoRA slots (crate::lora) are fed only when a LoRA is active.
+        if role == Role::Transformer && crate::lora::is_slot_input(&io.name) {
+            continue;
+        }
         if !known.contains(&io.name) {
             problems.push(format!("{role}: unexpected input `{}` ({io})", io.name));
         }
@@ -249,6 +253,34 @@ mod tests {
         let p = check(Role::Transformer, true, &ins, &outs, &same);
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains("guidance"));
+    }
+
+    #[test]
+    fn lora_slot_inputs_are_accepted_on_the_transformer_only() {
+        let mut ins: Vec<IoInfo> = inputs(Role::Transformer, false)
+            .iter()
+            .map(|p| io(p.name, ElemType::F32, p.rank))
+            .collect();
+        ins.push(io("x_embedder.lora_A", ElemType::F32, 2));
+        ins.push(io("x_embedder.lora_B", ElemType::F32, 2));
+        let outs = vec![io("latent", ElemType::F32, 3)];
+        assert!(check(Role::Transformer, false, &ins, &outs, &same).is_empty());
+        let ins = vec![
+            io("latent", ElemType::F32, 4),
+            io("conv.lora_A", ElemType::F32, 2),
+        ];
+        let p = check(
+            Role::VaeDecoder,
+            false,
+            &ins,
+            &[io("images", ElemType::F32, 4)],
+            &same,
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.contains("unexpected input `conv.lora_A`")),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 pub use contract::Role;
 pub use manifest::{Defaults, Manifest, VaeConfig, Variant};
 
+use crate::runtime::Provider;
 use crate::schedule::SchedulerConfig;
 use crate::text::{TokenizerSettings, TokenizerSource};
 use crate::{Error, Result};
@@ -169,15 +170,32 @@ impl ModelSpec {
             .find(|p| *p == dir)
     }
 
-    /// Chooses the BFL transformer folder for the active provider: `wanted` when given, else the first present of
-    /// fp32, fp16, bf16, and with TensorRT then fp8, fp4. The fp8/fp4 graphs (TensorRT quantization) are refused with
-    /// an [`ErrorKind::Provider`](crate::ErrorKind::Provider) error unless `tensorrt` is active. Other layouts keep
-    /// their transformer; `wanted` is an input error for them.
+    /// [`select_transformer_precision_for`](Self::select_transformer_precision_for) with TensorRT alone (`tensorrt`)
+    /// or the CPU.
     pub fn select_transformer_precision(
         &mut self,
         tensorrt: bool,
         wanted: Option<&str>,
     ) -> Result<()> {
+        let active: &[Provider] = if tensorrt {
+            &[Provider::TensorRt]
+        } else {
+            &[Provider::Cpu]
+        };
+        self.select_transformer_precision_for(active, wanted)
+    }
+
+    /// Chooses the BFL transformer folder for the active providers (priority order): `wanted` when given, else the
+    /// first present in [`preferred_precisions`] of the first provider. The fp8/fp4 graphs (TensorRT quantization)
+    /// are refused with an [`ErrorKind::Provider`](crate::ErrorKind::Provider) error unless TensorRT is active.
+    /// Other layouts keep their transformer (its precision was chosen at export: `python -m export --precision`,
+    /// fp16 with fp32 islands); `wanted` is an input error for them.
+    pub fn select_transformer_precision_for(
+        &mut self,
+        active: &[Provider],
+        wanted: Option<&str>,
+    ) -> Result<()> {
+        let tensorrt = active.contains(&Provider::TensorRt);
         if self.layout != Layout::Bfl {
             return match wanted {
                 Some(w) => Err(Error::input(format!(
@@ -195,6 +213,7 @@ impl ModelSpec {
             .copied()
             .filter(|p| tdir.join(p).join("model.onnx").is_file())
             .collect();
+        let order = preferred_precisions(active);
         let chosen = match wanted {
             Some(w) => match present.iter().copied().find(|p| *p == w) {
                 Some(p) => p,
@@ -207,10 +226,10 @@ impl ModelSpec {
                     .with_hint("pick a precision the model has, or download that folder of the FLUX.1 ONNX repository"))
                 }
             },
-            None => match present
+            None => match order
                 .iter()
                 .copied()
-                .find(|p| tensorrt || !TENSORRT_ONLY_PRECISIONS.contains(p))
+                .find(|p| present.contains(p))
                 .or_else(|| present.first().copied())
             {
                 Some(p) => p,
@@ -340,6 +359,25 @@ fn folder_name(root: &Path) -> String {
 pub const BFL_TRANSFORMER_PRECISIONS: [&str; 5] = ["fp32", "fp16", "bf16", "fp8", "fp4"];
 /// The BFL transformer precisions only TensorRT runs (its fp8/fp4 quantization).
 pub const TENSORRT_ONLY_PRECISIONS: [&str; 2] = ["fp8", "fp4"];
+
+/// The transformer precisions to prefer, best first, for the first (highest-priority) provider of `active`:
+/// - CPU (and OpenVINO): fp32 (ONNX Runtime's CPU kernels are fp32; fp16/bf16 graphs are cast or slow), then fp16,
+///   bf16;
+/// - CUDA, ROCm, MIGraphX: bf16 (half the memory, fp32's range: no fp16 overflow), fp16, fp32;
+/// - TensorRT: bf16, fp16, fp32, then its quantized fp8, fp4 (lossy: only when nothing else is there, or asked for);
+/// - DirectML and CoreML: fp16 (their fast path; bf16 is poorly supported), fp32, bf16.
+pub fn preferred_precisions(active: &[Provider]) -> &'static [&'static str] {
+    const CPU: &[&str] = &["fp32", "fp16", "bf16"];
+    const GPU: &[&str] = &["bf16", "fp16", "fp32"];
+    const TRT: &[&str] = &["bf16", "fp16", "fp32", "fp8", "fp4"];
+    const HALF: &[&str] = &["fp16", "fp32", "bf16"];
+    match active.first() {
+        Some(Provider::TensorRt) => TRT,
+        Some(Provider::Cuda | Provider::Rocm | Provider::MiGraphX) => GPU,
+        Some(Provider::DirectMl | Provider::CoreMl) => HALF,
+        Some(Provider::Cpu | Provider::OpenVino) | None => CPU,
+    }
+}
 
 fn from_bfl(root: &Path) -> Result<ModelSpec> {
     let mut graphs = BTreeMap::new();
@@ -539,6 +577,41 @@ mod tests {
             e.message.contains("fp16") && e.message.contains("bf16, fp8, fp4"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn transformer_precision_per_provider() {
+        use Provider::*;
+        let (_d, mut s) = bfl_with(&["fp32", "fp16", "bf16", "fp8"]);
+        for (active, want) in [
+            (vec![Cpu], "fp32"),
+            (vec![OpenVino, Cpu], "fp32"),
+            (vec![Cuda, Cpu], "bf16"),
+            (vec![TensorRt, Cuda, Cpu], "bf16"),
+            (vec![Rocm, Cpu], "bf16"),
+            (vec![DirectMl, Cpu], "fp16"),
+            (vec![CoreMl, Cpu], "fp16"),
+        ] {
+            s.select_transformer_precision_for(&active, None).unwrap();
+            assert_eq!(s.transformer_precision(), Some(want), "{active:?}");
+        }
+        // Only what the model has: CUDA with fp32 + fp8 takes fp32 (fp8 needs TensorRT); TensorRT takes fp32 over
+        // its lossy fp8 too.
+        let (_d, mut s) = bfl_with(&["fp32", "fp8"]);
+        s.select_transformer_precision_for(&[Cuda, Cpu], None)
+            .unwrap();
+        assert_eq!(s.transformer_precision(), Some("fp32"));
+        s.select_transformer_precision_for(&[TensorRt, Cpu], None)
+            .unwrap();
+        assert_eq!(s.transformer_precision(), Some("fp32"));
+        let (_d, mut s) = bfl_with(&["fp16", "bf16"]);
+        s.select_transformer_precision_for(&[Cpu], None).unwrap();
+        assert_eq!(
+            s.transformer_precision(),
+            Some("fp16"),
+            "CPU: fp16 before bf16"
+        );
+        assert_eq!(preferred_precisions(&[]), preferred_precisions(&[Cpu]));
     }
 
     #[test]

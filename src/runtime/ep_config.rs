@@ -958,6 +958,11 @@ impl EpSettings {
         self.device_id.map_or(0, |d| d as i32)
     }
 
+    /// The GPU the providers run on (0 unless a device id is set), for device memory.
+    pub fn gpu_id(&self) -> i32 {
+        self.gpu()
+    }
+
     fn static_shapes(&self) -> bool {
         self.shapes.as_ref().is_some_and(ShapeRange::is_static)
     }
@@ -1105,6 +1110,19 @@ impl EpSettings {
     ) -> Result<()> {
         match self.request_range(active) {
             Some((range, what)) => range.check_request(width, height, batch, what),
+            None => Ok(()),
+        }
+    }
+
+    /// Like [`check_request`](Self::check_request) for every graph call of a request: true CFG's 2B transformer
+    /// rows and the VAE's tiles ([`trt_profile::RequestShape`]).
+    pub fn check_request_shape(
+        &self,
+        active: &[Provider],
+        req: &trt_profile::RequestShape,
+    ) -> Result<()> {
+        match self.request_range(active) {
+            Some((range, what)) => range.check_shape(req, what),
             None => Ok(()),
         }
     }
@@ -1817,6 +1835,13 @@ mod tests {
         s.cuda.cuda_graph = true;
         let e = s.check_request(&[Provider::Cuda], 512, 512, 1).unwrap_err();
         assert!(e.message.contains("CUDA graphs"), "{e}");
+        // True CFG doubles the transformer batch: one image is two rows, outside a static batch of 1.
+        let mut q = trt_profile::RequestShape::new(1024, 1024, 1);
+        assert!(s.check_request_shape(&[Provider::Cuda], &q).is_ok());
+        q.true_cfg = true;
+        let e = s.check_request_shape(&[Provider::Cuda], &q).unwrap_err();
+        assert!(e.message.contains("2 rows"), "{e}");
+        assert!(s.check_request_shape(&[Provider::Cpu], &q).is_ok());
     }
 
     #[test]

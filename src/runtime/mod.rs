@@ -7,6 +7,8 @@
 //!   and the options each provider receives per graph; [`trt_profile`]: TensorRT shape profiles from a size range.
 //! - [`session`]: [`Graph`], one loaded ONNX graph, run with f32/i64 arrays that are converted to the graph's
 //!   declared element types (f16, bf16, i32, ...) and back to f32; [`Canceller`] stops runs from another thread.
+//! - [`step_graph`]: the device-resident denoising loop (the Euler step as a run-time ONNX graph on the
+//!   transformer's provider; [`DeviceLoop`], [`LoopKind`]).
 //!
 //! Typical use:
 //! ```no_run
@@ -25,6 +27,7 @@ pub mod ep_config;
 pub mod library;
 pub mod providers;
 pub mod session;
+pub mod step_graph;
 pub mod trt_profile;
 
 pub use ep_config::{EpSettings, ProviderConfig, ProvidersLayer};
@@ -34,3 +37,4 @@ pub use session::{
     optimized_cache_dir, optimized_cache_key, physical_cores, Binding, CacheUse, Canceller, Dim,
     ElemType, Graph, IoInfo, Optimization, Outputs, SessionConfig, TensorIn,
 };
+pub use step_graph::{DeviceLoop, LoopKind};

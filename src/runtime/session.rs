@@ -364,6 +364,9 @@ pub struct Graph {
     role: String,
     path: PathBuf,
     inputs: Vec<IoInfo>,
+    /// Inputs a run may leave out: initializers that are also graph inputs ("overridable initializers", e.g. the
+    /// run-time LoRA slots of a transformer export, whose defaults are zero-rank).
+    optional: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
     providers: Vec<Provider>,
     /// Time spent inside ONNX Runtime's run calls of this graph, summed.
@@ -470,6 +473,11 @@ impl Graph {
             .iter()
             .map(|o| IoInfo::from_outlet(o.name(), o.dtype()))
             .collect();
+        let optional = session
+            .overridable_initializers()
+            .iter()
+            .map(|o| IoInfo::from_outlet(o.name(), o.dtype()))
+            .collect();
         let outputs = session
             .outputs()
             .iter()
@@ -480,6 +488,7 @@ impl Graph {
             role: role.to_string(),
             path: path.to_path_buf(),
             inputs,
+            optional,
             outputs,
             providers,
             ort_time: Duration::ZERO,
@@ -516,8 +525,16 @@ impl Graph {
     pub fn outputs(&self) -> &[IoInfo] {
         &self.outputs
     }
+    /// Inputs a run may leave out (overridable initializers), with their declared types and shapes.
+    pub fn optional_inputs(&self) -> &[IoInfo] {
+        &self.optional
+    }
+    /// A required or optional input by name.
     pub fn input(&self, name: &str) -> Option<&IoInfo> {
-        self.inputs.iter().find(|i| i.name == name)
+        self.inputs
+            .iter()
+            .chain(&self.optional)
+            .find(|i| i.name == name)
     }
     pub fn output(&self, name: &str) -> Option<&IoInfo> {
         self.outputs.iter().find(|o| o.name == name)
@@ -618,6 +635,22 @@ impl Graph {
         for info in &self.inputs {
             let Some((_, t)) = given.iter().find(|(n, _)| *n == info.name) else {
                 return Err(self.model_error(format!("required input {info} was not given")));
+            };
+            self.check_shape(info, t.shape())?;
+            let value = convert_input(t, &info.dtype).map_err(|why| {
+                self.model_error(format!(
+                    "input {} ({} {}): {why}",
+                    info.name,
+                    info.dtype,
+                    shape_str(&info.shape)
+                ))
+            })?;
+            values.push((Cow::Owned(info.name.clone()), value));
+        }
+        // Optional inputs (overridable initializers) that were given replace their defaults for this run.
+        for info in &self.optional {
+            let Some((_, t)) = given.iter().find(|(n, _)| *n == info.name) else {
+                continue;
             };
             self.check_shape(info, t.shape())?;
             let value = convert_input(t, &info.dtype).map_err(|why| {
@@ -1126,6 +1159,73 @@ impl Graph {
         }
     }
 
+    /// The session, for the device loop's allocator and bindings ([`super::step_graph`]).
+    pub(crate) fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// An input checked as [`Graph::run`] checks it and converted to the declared element type, as an owned value
+    /// (to bind; binding copies it to the device).
+    pub(crate) fn input_value(&self, name: &str, t: &TensorIn) -> Result<DynValue> {
+        let info = self
+            .input(name)
+            .ok_or_else(|| self.model_error(format!("has no input named {name:?}")))?
+            .clone();
+        self.check_shape(&info, t.shape())?;
+        let fail = |e: ort::Error| self.model_error(format!("input {}: {e}", info.name));
+        match (t, &info.dtype) {
+            (TensorIn::F32(a), ElemType::F32) => {
+                Tensor::from_array(a.as_standard_layout().into_owned())
+                    .map(|v| v.into_dyn())
+                    .map_err(fail)
+            }
+            (TensorIn::I64(a), ElemType::I64) => {
+                Tensor::from_array(a.as_standard_layout().into_owned())
+                    .map(|v| v.into_dyn())
+                    .map_err(fail)
+            }
+            _ => match convert_input(t, &info.dtype) {
+                Ok(SessionInputValue::Owned(v)) => Ok(v),
+                Ok(_) => {
+                    Err(self.model_error(format!("input {name}: cannot bind a borrowed value")))
+                }
+                Err(why) => {
+                    Err(self.model_error(format!("input {} ({}): {why}", info.name, info.dtype)))
+                }
+            },
+        }
+    }
+
+    /// Runs with an ort binding whose inputs and outputs the caller manages (the device loop); cancellable.
+    pub(crate) fn run_io(
+        &mut self,
+        io: &ort::session::IoBinding,
+        cancel: &Canceller,
+    ) -> Result<()> {
+        if cancel.is_cancelled() {
+            return Err(self.cancelled());
+        }
+        let Some(opts) = cancel.begin()? else {
+            return Err(self.cancelled());
+        };
+        let t0 = Instant::now();
+        let result = self
+            .session
+            .run_binding_with_options(io, opts.as_ref())
+            .map(drop);
+        self.ort_time += t0.elapsed();
+        cancel.end(&opts);
+        match result {
+            Ok(()) => Ok(()),
+            Err(_) if cancel.is_cancelled() => Err(self.cancelled()),
+            Err(e) => Err(Error::runtime(format!(
+                "running the {} graph {} failed: {e}",
+                self.role,
+                self.path.display()
+            ))),
+        }
+    }
+
     fn check_shape(&self, info: &IoInfo, shape: &[usize]) -> Result<()> {
         if shape.len() != info.shape.len() {
             return Err(self.model_error(format!(
@@ -1492,6 +1592,50 @@ mod tests {
 
         let err = Graph::load(dir.path(), "transformer", &cfg).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Model, "{err}");
+    }
+
+    #[test]
+    fn optional_inputs_may_be_left_out_or_given_in_runs_and_bindings() {
+        // y = x + (x @ A) @ B, A and B overridable initializers defaulting to zero rank (like LoRA slots).
+        let mut g = load("lora_slot.onnx");
+        assert_eq!(g.inputs().len(), 1);
+        let names: Vec<&str> = g
+            .optional_inputs()
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect();
+        assert_eq!(names, ["lin.lora_A", "lin.lora_B"]);
+        assert_eq!(g.input("lin.lora_A").unwrap().shape[0], Dim::Fixed(3));
+        let x = arr2(&[[1.0f32, 2.0, 3.0], [0.0, 1.0, 0.0]]).into_dyn();
+        let outs = g.run(&[("x", x.view().into())]).unwrap();
+        assert_eq!(out(&outs, "y"), &x);
+        let a = arr2(&[[1.0f32], [0.0], [0.0]]).into_dyn();
+        let b = arr2(&[[1.0f32, 10.0, 0.0]]).into_dyn();
+        let want = arr2(&[[2.0f32, 12.0, 3.0], [0.0, 1.0, 0.0]]).into_dyn();
+        let feed = [
+            ("x", TensorIn::F32(x.view())),
+            ("lin.lora_A", TensorIn::F32(a.view())),
+            ("lin.lora_B", TensorIn::F32(b.view())),
+        ];
+        assert_eq!(out(&g.run(&feed).unwrap(), "y"), &want);
+        // The fixed dimension of an optional input is checked like any other.
+        let bad = Array2::<f32>::zeros((4, 1)).into_dyn();
+        let e = g
+            .run(&[
+                ("x", x.view().into()),
+                ("lin.lora_A", bad.view().into()),
+                ("lin.lora_B", b.view().into()),
+            ])
+            .unwrap_err();
+        assert!(e.message.contains("lin.lora_A"), "{e}");
+        // Bound: the same, through an I/O binding.
+        let mut bind = g.binding().unwrap();
+        for (n, t) in &feed {
+            g.bind_input(&mut bind, n, t.clone()).unwrap();
+        }
+        g.bind_output(&mut bind, "y", &[2, 3]).unwrap();
+        g.run_binding(&mut bind, &Canceller::new()).unwrap();
+        assert_eq!(bind.output("y").unwrap(), want.as_slice().unwrap());
     }
 
     #[test]

@@ -234,6 +234,29 @@ impl ShapeRange {
         ))
     }
 
+    /// Like [`check_request`](Self::check_request), for every graph call a request makes: the transformer's
+    /// rows (2B with true CFG), the text encoders' B, and the VAE's tiles when tiling applies (each tile is one
+    /// decoder call of B images; img2img encodes each image alone, tile by tile). The error names the graph call
+    /// that falls outside the range.
+    pub fn check_shape(&self, req: &RequestShape, what: &str) -> Result<()> {
+        for call in req.calls() {
+            let batch32 = u32::try_from(call.batch).unwrap_or(u32::MAX);
+            if self.contains(call.width, call.height, batch32) {
+                continue;
+            }
+            return Err(Error::input(format!(
+                "{}x{} with {} image(s) {} is outside {what}: {}",
+                req.width,
+                req.height,
+                req.images,
+                call.describe(),
+                self.describe()
+            ))
+            .with_hint(call.hint()));
+        }
+        Ok(())
+    }
+
     /// e.g. `width and height 512-1024 px, batch 1-4`.
     pub fn describe(&self) -> String {
         let s = &self.sizes;
@@ -246,6 +269,132 @@ impl ShapeRange {
             )
         };
         format!("{sizes}, batch {}-{}", self.batch.min, self.batch.max)
+    }
+}
+
+/// The graph calls of one request, for checking them against a shape range before anything runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestShape {
+    pub width: u32,
+    pub height: u32,
+    /// Images in the batch (B).
+    pub images: usize,
+    /// True CFG: the transformer runs the prompt and negative rows together (2B).
+    pub true_cfg: bool,
+    /// The VAE's tiles in pixels (distinct sizes) when tiling applies; `None`: one pass over the whole image.
+    pub vae_tiles: Option<Vec<(u32, u32)>>,
+    /// img2img: the VAE encoder runs too (one image per call).
+    pub encodes: bool,
+}
+
+impl RequestShape {
+    /// A plain text-to-image request of `images` images.
+    pub fn new(width: u32, height: u32, images: usize) -> RequestShape {
+        RequestShape {
+            width,
+            height,
+            images,
+            true_cfg: false,
+            vae_tiles: None,
+            encodes: false,
+        }
+    }
+
+    /// Every distinct graph call: (what, width, height, batch).
+    fn calls(&self) -> Vec<GraphCall> {
+        let (w, h, b) = (self.width, self.height, self.images);
+        let mut calls = vec![
+            GraphCall {
+                graph: CallKind::Transformer { cfg: self.true_cfg },
+                width: w,
+                height: h,
+                batch: if self.true_cfg { 2 * b } else { b },
+            },
+            GraphCall {
+                graph: CallKind::TextEncoders,
+                width: w,
+                height: h,
+                batch: b,
+            },
+        ];
+        let tiles = self.vae_tiles.clone();
+        let vae = |graph: fn(bool) -> CallKind, batch: usize| -> Vec<GraphCall> {
+            match &tiles {
+                Some(t) => t
+                    .iter()
+                    .map(|&(tw, th)| GraphCall {
+                        graph: graph(true),
+                        width: tw,
+                        height: th,
+                        batch,
+                    })
+                    .collect(),
+                None => vec![GraphCall {
+                    graph: graph(false),
+                    width: w,
+                    height: h,
+                    batch,
+                }],
+            }
+        };
+        calls.extend(vae(|tiled| CallKind::VaeDecoder { tiled }, b));
+        if self.encodes {
+            calls.extend(vae(|tiled| CallKind::VaeEncoder { tiled }, 1));
+        }
+        calls
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallKind {
+    Transformer { cfg: bool },
+    TextEncoders,
+    VaeDecoder { tiled: bool },
+    VaeEncoder { tiled: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GraphCall {
+    graph: CallKind,
+    width: u32,
+    height: u32,
+    batch: usize,
+}
+
+impl GraphCall {
+    fn describe(&self) -> String {
+        match self.graph {
+            CallKind::Transformer { cfg: true } => format!(
+                "runs the transformer on {} rows (true CFG doubles the batch), which",
+                self.batch
+            ),
+            CallKind::VaeDecoder { tiled: true } => format!(
+                "decodes in VAE tiles of {}x{} px ({} per call), which",
+                self.width, self.height, self.batch
+            ),
+            CallKind::VaeEncoder { tiled: true } => format!(
+                "encodes the init image in VAE tiles of {}x{} px, which",
+                self.width, self.height
+            ),
+            CallKind::VaeEncoder { tiled: false } => {
+                "encodes the init image one per call, which".to_string()
+            }
+            _ => "per call".to_string(),
+        }
+    }
+
+    fn hint(&self) -> &'static str {
+        match self.graph {
+            CallKind::Transformer { cfg: true } => {
+                "true CFG runs 2 x images rows per transformer call: ask for fewer images, or rebuild the engines                  with a larger batch range (fluxrt build-engines --trt-batch MIN-MAX) and restart with the same flags"
+            }
+            CallKind::VaeDecoder { tiled: true } | CallKind::VaeEncoder { tiled: true } => {
+                "tiled VAE calls see tiles as small as the image's edge remainder: rebuild the engines with a range                  down to the smallest tile (fluxrt build-engines --trt-sizes MIN-MAX), or use --vae-tiling off or                  another --vae-tile-size"
+            }
+            _ => {
+                "ask for a size and image count within that range, or rebuild the engines for a wider range                  (fluxrt build-engines --trt-sizes MIN-MAX --trt-batch MIN-MAX) and restart with the same flags"
+            }
+        }
     }
 }
 
@@ -368,6 +517,18 @@ enum Axis {
     Width,
 }
 
+/// A run-time LoRA slot input (crate::lora: `M.lora_A` / `M.lora_B`, rank dimension `lora_rank_<i>`). These are
+/// overridable initializers, not required inputs: ONNX Runtime's TensorRT provider sees them as weights (their
+/// zero-rank defaults), so they get no profile.
+fn is_lora_slot(io: &IoInfo) -> bool {
+    io.name.ends_with(".lora_A")
+        || io.name.ends_with(".lora_B")
+        || io
+            .shape
+            .iter()
+            .any(|d| matches!(d, Dim::Symbolic(s) if s.starts_with("lora_rank_")))
+}
+
 /// The axes of a contract input (contract names), `None` for an input the contract does not define.
 fn contract_axes(role: Role, name: &str) -> Option<&'static [Axis]> {
     use Axis::*;
@@ -446,7 +607,7 @@ pub fn derive(
     };
     let mut out = Profile::default();
     for io in inputs {
-        if io.shape.iter().all(|d| matches!(d, Dim::Fixed(_))) {
+        if io.shape.iter().all(|d| matches!(d, Dim::Fixed(_))) || is_lora_slot(io) {
             continue;
         }
         let axes = role.and_then(|r| contract_axes(r, &contract_name(r, &io.name)));
@@ -1007,6 +1168,46 @@ mod tests {
         assert!(e.message.contains("5 image(s)"), "{e}");
     }
 
+    #[test]
+    fn true_cfg_and_vae_tiles_are_checked_per_graph_call() {
+        let r = range("256-2048", "1-4");
+        let mut q = RequestShape::new(1024, 1024, 2);
+        assert!(r.check_shape(&q, "the profile").is_ok());
+        // True CFG: 2 images run as 4 transformer rows (fits), 3 as 6 (refused, naming CFG).
+        q.true_cfg = true;
+        assert!(r.check_shape(&q, "the profile").is_ok());
+        q.images = 3;
+        let e = r.check_shape(&q, "the TensorRT profile").unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::InvalidInput);
+        assert!(
+            e.message.contains("6 rows") && e.message.contains("true CFG"),
+            "{e}"
+        );
+        assert!(e.hint.unwrap().contains("--trt-batch"));
+        // Tiled VAE: the whole image fits the range, but a 256 px edge tile does not fit 512-2048.
+        let r = range("512-2048", "1-4");
+        let mut q = RequestShape::new(2048, 1024, 1);
+        assert!(r.check_shape(&q, "the profile").is_ok());
+        q.vae_tiles = crate::vae_tiling::VaeTiling::with_mode(crate::vae_tiling::TilingMode::On)
+            .tile_sizes(2048, 1024, 8);
+        let e = r.check_shape(&q, "the TensorRT profile").unwrap_err();
+        assert!(e.message.contains("VAE tiles of 512x256 px"), "{e}");
+        assert!(e.hint.unwrap().contains("--vae-tiling off"));
+        // Tiles inside the range: accepted even when the image itself is above it.
+        let r = range("256-1024", "1-4");
+        assert!(
+            r.check_shape(&q, "the profile").is_err(),
+            "2048 > 1024 for the transformer"
+        );
+        let r2 = range("256-2048", "1-1");
+        q.encodes = true;
+        assert!(r2.check_shape(&q, "the profile").is_ok());
+        q.images = 2;
+        let e = r2.check_shape(&q, "the profile").unwrap_err();
+        assert!(e.message.contains("2 image(s) per call"), "{e}");
+        let _ = r;
+    }
+
     fn bundled(model: &str, file: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("models")
@@ -1036,6 +1237,18 @@ mod tests {
                         (i.name.clone(), dims)
                     })
                     .collect();
+                // Run-time LoRA slot inputs (crate::lora) are not in the manifest's input list.
+                let (slots, got): (Vec<IoInfo>, Vec<IoInfo>) = got
+                    .into_iter()
+                    .partition(|i| i.name.ends_with(".lora_A") || i.name.ends_with(".lora_B"));
+                for s in &slots {
+                    assert!(
+                        s.shape
+                            .iter()
+                            .any(|d| d.to_string().starts_with("lora_rank_")),
+                        "{model}/{name}: {s}"
+                    );
+                }
                 let got_names: Vec<(String, Vec<String>)> = got
                     .iter()
                     .map(|i| (i.name.clone(), i.shape.iter().map(Dim::to_string).collect()))
@@ -1066,6 +1279,7 @@ mod tests {
         let r = range("128-256", "1-2");
         let all = model_profiles(&spec, &r, &m).unwrap();
         let get = |role: Role| all.iter().find(|(r, _)| *r == role).unwrap().1.clone();
+        // LoRA slot inputs (in exports with them) get no profile: they are overridable initializers.
         assert_eq!(
             get(Role::Transformer).max_shapes(),
             "hidden_states:2x256x64,encoder_hidden_states:2x256x16,pooled_projections:2x8,timestep:2,\

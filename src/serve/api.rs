@@ -218,6 +218,105 @@ pub struct NativeRequest {
     /// `"auto"` (default), `"on"` or `"off"` (`--vae-tiling`).
     #[serde(default)]
     pub vae_tiling: Option<crate::vae_tiling::TilingMode>,
+    /// Run-time LoRAs by the names the server was started with (`--lora NAME=FILE`), stacked in order.
+    #[serde(default)]
+    pub loras: Option<Vec<LoraRequest>>,
+}
+
+/// One entry of `"loras"`: a LoRA the server loaded, and its scale (default 1.0).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRequest {
+    pub name: String,
+    #[serde(default)]
+    pub scale: Option<f32>,
+}
+
+/// Most LoRAs one request may stack.
+pub const MAX_LORAS: usize = 8;
+
+/// The LoRAs a server offers, by name (loaded once at startup, shared by every request).
+#[derive(Debug, Clone, Default)]
+pub struct LoraCatalog(pub Vec<(String, std::sync::Arc<crate::lora::Lora>)>);
+
+impl LoraCatalog {
+    pub fn names(&self) -> Vec<&str> {
+        self.0.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// The catalog name of a loaded LoRA.
+    pub fn name_of(&self, lora: &std::sync::Arc<crate::lora::Lora>) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(_, l)| std::sync::Arc::ptr_eq(l, lora))
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// What `/v1/models` and `/ready` say about each LoRA (no server paths).
+    pub fn describe(&self) -> Vec<serde_json::Value> {
+        self.0
+            .iter()
+            .map(|(name, l)| {
+                json!({
+                    "name": name,
+                    "file": l.name,
+                    "sha256": l.sha256,
+                    "naming": l.naming.name(),
+                    "layers": l.modules.len(),
+                })
+            })
+            .collect()
+    }
+
+    /// The request's `"loras"` as choices; 422 on `loras` for an unknown name, a bad scale or too many.
+    pub fn resolve(
+        &self,
+        wanted: &[LoraRequest],
+    ) -> Result<Vec<crate::lora::LoraChoice>, ApiError> {
+        if wanted.len() > MAX_LORAS {
+            return Err(ApiError::invalid(
+                "loras",
+                format!(
+                    "at most {MAX_LORAS} LoRAs may be stacked, got {}",
+                    wanted.len()
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(wanted.len());
+        for w in wanted {
+            let Some((_, lora)) = self.0.iter().find(|(n, _)| *n == w.name) else {
+                let names = self.names();
+                return Err(ApiError::invalid(
+                    "loras",
+                    if names.is_empty() {
+                        format!(
+                            "unknown LoRA {:?}: this server has no LoRAs (it is started with --lora NAME=FILE)",
+                            truncate(&w.name, 60)
+                        )
+                    } else {
+                        format!(
+                            "unknown LoRA {:?}; this server has: {}",
+                            truncate(&w.name, 60),
+                            names.join(", ")
+                        )
+                    },
+                )
+                .code("unknown_lora"));
+            };
+            let scale = w.scale.unwrap_or(1.0);
+            if !scale.is_finite() || scale.abs() > 100.0 {
+                return Err(ApiError::invalid(
+                    "loras",
+                    format!(
+                        "the scale of LoRA {} must be a number between -100 and 100, got {scale}",
+                        w.name
+                    ),
+                ));
+            }
+            out.push(crate::lora::LoraChoice::new(lora.clone(), scale));
+        }
+        Ok(out)
+    }
 }
 
 /// A checked request, ready to queue, and the notes for the client (e.g. an ignored guidance).
@@ -458,14 +557,26 @@ pub fn parse_openai(
     )
 }
 
-/// Parses and validates a native `/v1/generate` body.
+/// Parses and validates a native `/v1/generate` body (on a server without LoRAs).
 pub fn parse_native(
     body: &[u8],
     limits: &Limits,
     model: &ModelInfo,
     random_seed: u64,
 ) -> Result<Parsed, ApiError> {
+    parse_native_with(body, limits, model, random_seed, &LoraCatalog::default())
+}
+
+/// [`parse_native`] on a server offering `loras`.
+pub fn parse_native_with(
+    body: &[u8],
+    limits: &Limits,
+    model: &ModelInfo,
+    random_seed: u64,
+    loras: &LoraCatalog,
+) -> Result<Parsed, ApiError> {
     let r: NativeRequest = from_json(body)?;
+    let chosen = loras.resolve(r.loras.as_deref().unwrap_or(&[]))?;
     let init = match r.init_image.as_deref() {
         Some(b64) => Some(decode_init_image(b64)?),
         None => None,
@@ -510,6 +621,7 @@ pub fn parse_native(
     req.negative_prompt = r.negative_prompt;
     req.true_cfg = r.true_cfg.unwrap_or(req.true_cfg);
     req.vae_tiling.mode = r.vae_tiling.unwrap_or(req.vae_tiling.mode);
+    req.loras = chosen;
     req.validate(model.vae_factor).map_err(|e| {
         let param = if e.message.starts_with("strength") {
             "strength"
@@ -553,6 +665,75 @@ mod tests {
             vae_factor: 8,
             providers: vec!["cpu".into()],
         }
+    }
+
+    fn catalog() -> LoraCatalog {
+        let lora = |name: &str| {
+            std::sync::Arc::new(crate::lora::Lora {
+                name: format!("{name}.safetensors"),
+                sha256: "00".into(),
+                naming: crate::lora::Naming::Diffusers,
+                modules: Default::default(),
+            })
+        };
+        LoraCatalog(vec![
+            ("style".into(), lora("s")),
+            ("detail".into(), lora("d")),
+        ])
+    }
+
+    #[test]
+    fn native_loras_resolve_by_name_with_scales() {
+        let c = catalog();
+        let body =
+            br#"{"prompt": "x", "loras": [{"name": "detail", "scale": 0.5}, {"name": "style"}]}"#;
+        let p = parse_native_with(body, &Limits::default(), &model(), 1, &c).unwrap();
+        let r = &p.request;
+        assert_eq!(r.loras.len(), 2);
+        assert!(std::sync::Arc::ptr_eq(&r.loras[0].lora, &c.0[1].1));
+        assert_eq!((r.loras[0].scale, r.loras[1].scale), (0.5, 1.0));
+        assert_eq!(c.name_of(&r.loras[1].lora), Some("style"));
+        // Without "loras": none; and a request with LoRAs does not batch with one without.
+        let plain =
+            parse_native_with(br#"{"prompt": "x"}"#, &Limits::default(), &model(), 1, &c).unwrap();
+        assert!(plain.request.loras.is_empty());
+        assert!(!plain.request.batches_with(r));
+        assert!(r.batches_with(&r.clone()));
+        let d = c.describe();
+        assert_eq!(d[0]["name"], "style");
+        assert_eq!(d[0]["file"], "s.safetensors");
+    }
+
+    #[test]
+    fn native_loras_errors_are_422_on_loras() {
+        let c = catalog();
+        let parse =
+            |b: &[u8]| parse_native_with(b, &Limits::default(), &model(), 1, &c).unwrap_err();
+        let e = parse(br#"{"prompt": "x", "loras": [{"name": "nope"}]}"#);
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(e.param.as_deref(), Some("loras"));
+        assert!(e.message.contains("style, detail"), "{}", e.message);
+        // 1e40 does not fit an f32: infinite.
+        let e = parse(br#"{"prompt": "x", "loras": [{"name": "style", "scale": 1e40}]}"#);
+        assert_eq!(
+            (e.status, e.param.as_deref()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("loras"))
+        );
+        let e = parse(br#"{"prompt": "x", "loras": [{"name": "style", "scale": "strong"}]}"#);
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        let e = parse(br#"{"prompt": "x", "loras": [{"name": "style", "path": "/etc/passwd"}]}"#);
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        let e = parse(br#"{"prompt": "x", "loras": "style"}"#);
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        // A server without LoRAs says how to offer them.
+        let e = parse_native(
+            br#"{"prompt": "x", "loras": [{"name": "style"}]}"#,
+            &Limits::default(),
+            &model(),
+            1,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("--lora NAME=FILE"), "{}", e.message);
     }
 
     #[test]

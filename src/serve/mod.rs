@@ -77,6 +77,9 @@ pub struct Config {
     pub warmup: bool,
     /// Print startup, shutdown and server-error lines to stderr.
     pub log: bool,
+    /// Run-time LoRAs clients may ask for by name (`--lora NAME=FILE`): loaded and checked against the model at
+    /// startup (a bad one stops the server), never read from a client-given path.
+    pub loras: Vec<(String, std::path::PathBuf)>,
 }
 
 impl Config {
@@ -96,6 +99,7 @@ impl Config {
             cache_bytes: 256 * 1024 * 1024,
             warmup: true,
             log: true,
+            loras: Vec::new(),
         }
     }
 }
@@ -118,6 +122,8 @@ struct App {
     workers_ready: AtomicUsize,
     shutting_down: AtomicBool,
     cache: Option<Arc<EmbeddingCache>>,
+    /// The `--lora` catalog, loaded by the first worker that has the model.
+    loras: OnceLock<api::LoraCatalog>,
 }
 
 impl App {
@@ -219,6 +225,18 @@ pub async fn start(
             "--workers, --max-queue and --max-batch must be at least 1",
         ));
     }
+    for (i, (name, path)) in config.loras.iter().enumerate() {
+        if config.loras[..i].iter().any(|(n, _)| n == name) {
+            return Err(Error::input(format!("--lora {name} is given twice"))
+                .with_hint("give each LoRA its own NAME"));
+        }
+        if !path.is_file() {
+            return Err(Error::input(format!(
+                "--lora {name}={}: the file does not exist",
+                path.display()
+            )));
+        }
+    }
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
         .map_err(|e| {
@@ -250,6 +268,7 @@ pub async fn start(
         workers_ready: AtomicUsize::new(0),
         shutting_down: AtomicBool::new(false),
         cache,
+        loras: OnceLock::new(),
     });
 
     // Workers: each loads its own pipeline on its own thread, warms it up, reports, then serves the queue.
@@ -438,6 +457,25 @@ fn load_and_warm(index: usize, app: &App) -> Result<Pipeline> {
             app.log(format_args!("provider {p} not used: {why}"));
         }
     }
+    // The LoRA catalog is the model's, not a worker's: the first worker loads it (before the warm-up, to fail
+    // fast); the factors are shared by every request and worker.
+    if app.loras.get().is_none() {
+        let mut catalog = Vec::new();
+        for (name, path) in &app.config.loras {
+            let lora = pipe.load_lora(path).map_err(|e| Error {
+                message: format!("--lora {name}: {}", e.message),
+                ..e
+            })?;
+            app.log(format_args!(
+                "LoRA {name}: {} ({} naming, {} layers)",
+                lora.name,
+                lora.naming.name(),
+                lora.modules.len()
+            ));
+            catalog.push((name.clone(), lora));
+        }
+        let _ = app.loras.set(api::LoraCatalog(catalog));
+    }
     if app.config.warmup {
         let d = pipe.spec.defaults();
         let req = Request {
@@ -599,6 +637,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
         "max_batch": cfg.max_batch,
         "max_queue": cfg.max_queue,
         "queue_depth": app.sched.queue_depth(),
+        "loras": app.loras.get().map(|c| c.describe()),
     });
     let code = if status == "ready" {
         StatusCode::OK
@@ -623,6 +662,7 @@ async fn models(State(app): State<Arc<App>>) -> Response {
             "default_size": format!("{}x{}", m.width, m.height),
             "default_steps": m.steps,
             "providers": m.providers,
+            "loras": app.loras.get().map(|c| c.describe()).unwrap_or_default(),
         }]
     }))
     .into_response()
@@ -766,7 +806,9 @@ async fn generate(
     let params = GenerationParams {
         prompt: req.prompt.clone(),
         prompt_2: req.prompt_2.clone(),
-        negative_prompt: None,
+        negative_prompt: crate::guidance::active(&req)
+            .then(|| req.negative_prompt.clone())
+            .flatten(),
         steps: req.steps,
         seed: 0,
         width: req.width,
@@ -776,6 +818,8 @@ async fn generate(
         provider: model.providers.join(","),
         sampler: "Euler (flow match)".into(),
         version: format!("fluxrt {}", env!("CARGO_PKG_VERSION")),
+        denoising_strength: req.init_image.is_some().then_some(req.strength),
+        loras: image_out::LoraParam::from_choices(&req.loras),
     };
     let metrics = app.metrics.clone();
     let encoded = tokio::task::spawn_blocking(move || {
@@ -859,7 +903,9 @@ async fn native_inner(
     let arrived = Instant::now();
     let model = app.serving_model()?.clone();
     let bytes = read_body(app, headers, body).await?;
-    let parsed = api::parse_native(&bytes, &app.config.limits, &model, random_seed())?;
+    let empty = api::LoraCatalog::default();
+    let loras = app.loras.get().unwrap_or(&empty);
+    let parsed = api::parse_native_with(&bytes, &app.config.limits, &model, random_seed(), loras)?;
     let png = wants_png(headers);
     if png && parsed.request.num_images != 1 {
         return Err(ApiError::bad_request(
@@ -901,6 +947,10 @@ async fn native_inner(
         "height": req.height,
         "steps": req.steps,
         "guidance": req.guidance,
+        "loras": req.loras.iter().map(|c| json!({
+            "name": loras.name_of(&c.lora),
+            "scale": c.scale,
+        })).collect::<Vec<_>>(),
         "providers": model.providers,
         "batch": {"requests": done.batch_requests, "images": done.batch_images},
         "warnings": warnings,

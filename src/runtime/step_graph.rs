@@ -1,0 +1,1028 @@
+//! The device-resident denoising loop: the Euler update `x + dt * v` as a tiny ONNX graph (built at run time
+//! with ONNX Runtime's Model Editor API) on the transformer's execution provider, so latents, embeddings and ids
+//! stay in device memory for the whole loop and only a NaN/Inf count comes back per step.
+//!
+//! - [`StepGraph`]: the update graph. Inputs `x` f32 `[B, S, C]`, `v` (the transformer output's element type),
+//!   `dt` f32 `[1]`, and with true CFG `scale` f32 `[1]`. Outputs `x_next = x + dt * v` (f32, Mul then Add, the
+//!   order of [`crate::schedule::euler_step`], so CPU results are bit-identical), `x_model` (`x_next` cast to the
+//!   transformer's `hidden_states` type, doubled to `[x; x]` with CFG; absent when that is `x_next` itself),
+//!   `bad_v` / `bad_x` (int64 counts of NaN/Inf in the velocity and the new latents) and `x_host` (a copy of
+//!   `x_next`, bound to host memory only when the latents must come back).
+//! - [`DeviceDenoise`]: the I/O bindings of the transformer and the step graph over two ping-pong latent buffers,
+//!   one velocity buffer and host-bound scalars, driven one step at a time by the pipeline.
+//! - [`DeviceLoop`] (`--device-loop auto|on|off`) and [`LoopKind`] (which loop ran, for reports).
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use ndarray::ArrayViewD;
+use ort::editor::{Graph as EditorGraph, Model, Node, Opset, ONNX_DOMAIN};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::operator::Attribute;
+use ort::session::{IoBinding, Session};
+use ort::value::{
+    DynTensor, DynValue, Outlet, Shape, SymbolicDimensions, Tensor, TensorElementType, ValueType,
+};
+
+use super::library;
+use super::providers::{self, Provider};
+use super::session::{ElemType, Graph, SessionConfig, TensorIn};
+use crate::{Error, Result};
+
+/// `--device-loop`: whether the denoising loop keeps its tensors in device memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceLoop {
+    /// On for GPU providers (CUDA, TensorRT, DirectML, ROCm, MIGraphX, CoreML), off on CPU, where the host I/O
+    /// binding loop already allocates nothing per step.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl DeviceLoop {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceLoop::Auto => "auto",
+            DeviceLoop::On => "on",
+            DeviceLoop::Off => "off",
+        }
+    }
+
+    /// Whether the device loop should run with these active providers (in priority order).
+    pub fn wanted(self, active: &[Provider]) -> bool {
+        match self {
+            DeviceLoop::On => true,
+            DeviceLoop::Off => false,
+            DeviceLoop::Auto => gpu_provider(active).is_some(),
+        }
+    }
+}
+
+impl FromStr for DeviceLoop {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceLoop::Auto),
+            "on" | "true" | "1" => Ok(DeviceLoop::On),
+            "off" | "false" | "0" => Ok(DeviceLoop::Off),
+            other => Err(Error::input(format!(
+                "device loop must be auto, on or off, got {other:?}"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for DeviceLoop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which denoising loop a generation ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoopKind {
+    /// One plain run per step, latents and velocity through host arrays.
+    #[default]
+    Plain,
+    /// Host I/O binding: inputs bound once, the Euler step on the host.
+    HostBound,
+    /// Device I/O binding: tensors stay on the device, the Euler step in [`StepGraph`].
+    Device,
+}
+
+impl LoopKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            LoopKind::Plain => "plain",
+            LoopKind::HostBound => "host-bound",
+            LoopKind::Device => "device",
+        }
+    }
+}
+
+/// The first active provider with its own device memory or accelerator, which [`DeviceLoop::Auto`] turns on for.
+pub fn gpu_provider(active: &[Provider]) -> Option<Provider> {
+    active.iter().copied().find(|p| {
+        matches!(
+            p,
+            Provider::Cuda
+                | Provider::TensorRt
+                | Provider::DirectMl
+                | Provider::Rocm
+                | Provider::MiGraphX
+                | Provider::CoreMl
+        )
+    })
+}
+
+/// Where the loop's buffers live, by ONNX Runtime allocator name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceMemory {
+    /// Host memory: the CPU provider, and CoreML / OpenVINO, whose tensors ONNX Runtime keeps on the host.
+    Host,
+    /// CUDA device memory (CUDA and TensorRT).
+    Cuda,
+    /// DirectML device memory.
+    DirectMl,
+    /// HIP device memory (ROCm and MIGraphX).
+    Hip,
+}
+
+impl DeviceMemory {
+    /// The memory of the first provider that has its own, else host memory.
+    pub fn of(active: &[Provider]) -> DeviceMemory {
+        for p in active {
+            match p {
+                Provider::Cuda | Provider::TensorRt => return DeviceMemory::Cuda,
+                Provider::DirectMl => return DeviceMemory::DirectMl,
+                Provider::Rocm | Provider::MiGraphX => return DeviceMemory::Hip,
+                _ => {}
+            }
+        }
+        DeviceMemory::Host
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceMemory::Host => "host",
+            DeviceMemory::Cuda => "cuda",
+            DeviceMemory::DirectMl => "directml",
+            DeviceMemory::Hip => "hip",
+        }
+    }
+
+    fn memory_info(self, device_id: i32) -> ort::Result<MemoryInfo<'static>> {
+        let device = match self {
+            DeviceMemory::Host => AllocationDevice::CPU,
+            DeviceMemory::Cuda => AllocationDevice::CUDA,
+            DeviceMemory::DirectMl => AllocationDevice::DIRECTML,
+            DeviceMemory::Hip => AllocationDevice::HIP,
+        };
+        let id = if self == DeviceMemory::Host {
+            0
+        } else {
+            device_id
+        };
+        MemoryInfo::new(device, id, AllocatorType::Device, MemoryType::Default)
+    }
+}
+
+/// The providers the step graph is built with: the transformer's, with TensorRT replaced by CUDA where this build
+/// has it (same device memory; a TensorRT engine for four element-wise nodes is not worth building).
+pub fn step_providers(active: &[Provider]) -> Vec<Provider> {
+    let mut out = Vec::new();
+    for &p in active {
+        let p = if p == Provider::TensorRt && providers::compiled_in(Provider::Cuda) {
+            Provider::Cuda
+        } else {
+            p
+        };
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    if out.is_empty() {
+        out.push(Provider::Cpu);
+    }
+    out
+}
+
+/// What a step graph is built for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepSpec {
+    /// The transformer's `hidden_states` element type (`x_model`'s type).
+    pub model_in: ElemType,
+    /// The transformer's velocity output element type (`v`'s type).
+    pub velocity: ElemType,
+    /// True CFG: `v` is `[2B, S, C]` (prompt rows, then negative rows), combined as `v_neg + scale * (v_pos - v_neg)`
+    /// before the step, and `x_model` is `[x; x]`.
+    pub cfg: bool,
+}
+
+impl StepSpec {
+    /// Whether the graph has an `x_model` output (otherwise the transformer reads `x_next` itself).
+    pub fn has_x_model(&self) -> bool {
+        self.cfg || self.model_in != ElemType::F32
+    }
+}
+
+/// The ONNX `TensorProto.DataType` of a float element type the step graph supports.
+fn onnx_type(t: &ElemType) -> Option<(i64, TensorElementType)> {
+    match t {
+        ElemType::F32 => Some((1, TensorElementType::Float32)),
+        ElemType::F16 => Some((10, TensorElementType::Float16)),
+        ElemType::BF16 => Some((16, TensorElementType::Bfloat16)),
+        _ => None,
+    }
+}
+
+/// Why a transformer cannot run the device loop (`None`: it can): latents and velocity must be f32, f16 or bf16.
+pub fn unsupported(spec: &StepSpec) -> Option<String> {
+    for (what, t) in [
+        ("hidden_states", &spec.model_in),
+        ("velocity output", &spec.velocity),
+    ] {
+        if onnx_type(t).is_none() {
+            return Some(format!(
+                "the transformer's {what} is {t}; the device loop needs f32, f16 or bf16"
+            ));
+        }
+    }
+    None
+}
+
+fn tensor_type(ty: TensorElementType, dims: &[&str]) -> ValueType {
+    ValueType::Tensor {
+        ty,
+        shape: Shape::new(dims.iter().map(|_| -1i64)),
+        dimension_symbols: SymbolicDimensions::new(dims.iter().map(|s| s.to_string())),
+    }
+}
+
+fn scalar_i64() -> ValueType {
+    ValueType::Tensor {
+        ty: TensorElementType::Int64,
+        shape: Shape::new([]),
+        dimension_symbols: SymbolicDimensions::empty(0),
+    }
+}
+
+/// The step graph's model, node by node.
+fn build_model(spec: &StepSpec) -> ort::Result<Model> {
+    let (_, vty) = onnx_type(&spec.velocity).ok_or_else(|| ort::Error::new("velocity type"))?;
+    let (mto, mty) = onnx_type(&spec.model_in).ok_or_else(|| ort::Error::new("latent type"))?;
+    let f32_t = TensorElementType::Float32;
+    let mut g = EditorGraph::new()?;
+    let mut inputs = vec![
+        Outlet::new("x", tensor_type(f32_t, &["B", "S", "C"])),
+        Outlet::new(
+            "v",
+            tensor_type(vty, &[if spec.cfg { "B2" } else { "B" }, "S", "C"]),
+        ),
+        Outlet::new("dt", tensor_type(f32_t, &["one"])),
+    ];
+    if spec.cfg {
+        inputs.push(Outlet::new("scale", tensor_type(f32_t, &["one"])));
+    }
+    g.set_inputs(inputs)?;
+    let mut outputs = vec![Outlet::new("x_next", tensor_type(f32_t, &["B", "S", "C"]))];
+    if spec.has_x_model() {
+        outputs.push(Outlet::new(
+            "x_model",
+            tensor_type(mty, &[if spec.cfg { "B2" } else { "B" }, "S", "C"]),
+        ));
+    }
+    outputs.push(Outlet::new("bad_v", scalar_i64()));
+    outputs.push(Outlet::new("bad_x", scalar_i64()));
+    outputs.push(Outlet::new("x_host", tensor_type(f32_t, &["B", "S", "C"])));
+    g.set_outputs(outputs)?;
+
+    let node = |op: &str, name: &str, ins: &[&str], outs: &[&str], attrs: Vec<Attribute>| {
+        Node::new(op, ONNX_DOMAIN, name, ins, outs, attrs)
+    };
+    let int = |k: &str, v: i64| Attribute::new(k, v);
+    // The velocity in f32, as the plain loop converts it on the host.
+    let v32 = if spec.velocity == ElemType::F32 {
+        "v"
+    } else {
+        g.add_node(node(
+            "Cast",
+            "cast_v",
+            &["v"],
+            &["v32"],
+            vec![int("to", 1)?],
+        )?)?;
+        "v32"
+    };
+    // True CFG: v_neg + scale * (v_pos - v_neg), crate::guidance::combine's order.
+    let v = if spec.cfg {
+        g.add_node(node(
+            "Split",
+            "split_cfg",
+            &[v32],
+            &["v_pos", "v_neg"],
+            vec![int("axis", 0)?, int("num_outputs", 2)?],
+        )?)?;
+        g.add_node(node(
+            "Sub",
+            "cfg_diff",
+            &["v_pos", "v_neg"],
+            &["v_diff"],
+            vec![],
+        )?)?;
+        g.add_node(node(
+            "Mul",
+            "cfg_scale",
+            &["scale", "v_diff"],
+            &["v_scaled"],
+            vec![],
+        )?)?;
+        g.add_node(node(
+            "Add",
+            "cfg_add",
+            &["v_neg", "v_scaled"],
+            &["v_cfg"],
+            vec![],
+        )?)?;
+        "v_cfg"
+    } else {
+        v32
+    };
+    // x + dt * v: Mul, then Add, as schedule::euler_step.
+    g.add_node(node("Mul", "dt_v", &["dt", v], &["dv"], vec![])?)?;
+    g.add_node(node("Add", "step", &["x", "dv"], &["x_next"], vec![])?)?;
+    if spec.has_x_model() {
+        let both = if spec.cfg {
+            g.add_node(node(
+                "Concat",
+                "cfg_both",
+                &["x_next", "x_next"],
+                &["x_both"],
+                vec![int("axis", 0)?],
+            )?)?;
+            "x_both"
+        } else {
+            "x_next"
+        };
+        if spec.model_in == ElemType::F32 {
+            g.add_node(node(
+                "Identity",
+                "x_model_id",
+                &[both],
+                &["x_model"],
+                vec![],
+            )?)?;
+        } else {
+            g.add_node(node(
+                "Cast",
+                "cast_x",
+                &[both],
+                &["x_model"],
+                vec![int("to", mto)?],
+            )?)?;
+        }
+    }
+    // NaN/Inf counts, the only values read back every step.
+    for (t, out) in [(v, "bad_v"), ("x_next", "bad_x")] {
+        let p = |s: &str| format!("{out}_{s}");
+        g.add_node(node("IsNaN", &p("nan"), &[t], &[&p("nan")], vec![])?)?;
+        g.add_node(node("IsInf", &p("inf"), &[t], &[&p("inf")], vec![])?)?;
+        g.add_node(node(
+            "Or",
+            &p("or"),
+            &[&p("nan"), &p("inf")],
+            &[&p("or")],
+            vec![],
+        )?)?;
+        g.add_node(node(
+            "Cast",
+            &p("cast"),
+            &[&p("or")],
+            &[&p("i64")],
+            vec![int("to", 7)?],
+        )?)?;
+        g.add_node(node(
+            "ReduceSum",
+            &p("sum"),
+            &[&p("i64")],
+            &[out],
+            vec![int("keepdims", 0)?],
+        )?)?;
+    }
+    g.add_node(node(
+        "Identity",
+        "x_host_id",
+        &["x_next"],
+        &["x_host"],
+        vec![],
+    )?)?;
+    let mut model = Model::new([Opset::new(ONNX_DOMAIN, 18)?])?;
+    model.set_graph(g)?;
+    Ok(model)
+}
+
+/// The Euler update as an ONNX Runtime session on the transformer's providers.
+pub struct StepGraph {
+    session: Session,
+    spec: StepSpec,
+    providers: Vec<Provider>,
+}
+
+impl fmt::Debug for StepGraph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StepGraph")
+            .field("spec", &self.spec)
+            .field("providers", &self.providers)
+            .finish()
+    }
+}
+
+/// One host run of a step graph (tests and diagnostics).
+#[derive(Debug, Clone)]
+pub struct StepOut {
+    pub x_next: Vec<f32>,
+    /// `x_model` as f32 (empty when the graph has none).
+    pub x_model: Vec<f32>,
+    pub bad_v: i64,
+    pub bad_x: i64,
+}
+
+impl StepGraph {
+    /// Builds the step graph for `spec` on `cfg`'s providers ([`step_providers`]).
+    pub fn build(spec: &StepSpec, cfg: &SessionConfig) -> Result<StepGraph> {
+        if let Some(why) = unsupported(spec) {
+            return Err(Error::model(why));
+        }
+        let lib = library::init(None)?;
+        let active = step_providers(&cfg.providers.active);
+        let mut eps = Vec::new();
+        for p in active.iter().copied().filter(|p| *p != Provider::Cpu) {
+            match providers::dispatch(p, &cfg.ep, None)? {
+                Some(d) => eps.push(d),
+                None => {
+                    return Err(Error::provider(format!(
+                        "the denoising step graph: execution provider {p} is not compiled into this fluxrt binary"
+                    ))
+                    .with_hint("rebuild with the provider's feature, or run with --device-loop off"))
+                }
+            }
+        }
+        let needs = super::ep_config::session_overrides(&active);
+        let threads = cfg
+            .threads
+            .filter(|&t| t > 0)
+            .unwrap_or_else(super::session::physical_cores);
+        let make = || -> ort::Result<Session> {
+            let mut b = Session::builder(lib.env())?.with_intra_threads(threads)?;
+            if needs.no_memory_pattern {
+                b = b.with_memory_pattern(false)?;
+            }
+            if needs.sequential_execution {
+                b = b.with_parallel_execution(false)?;
+            }
+            if !eps.is_empty() {
+                b = b.with_execution_providers(eps.clone())?;
+            }
+            build_model(spec)?.into_session(&b)
+        };
+        let session = make().map_err(|e| {
+            Error::runtime(format!(
+                "cannot build the denoising step graph ({spec:?}) with ONNX Runtime's model editor on {}: {e}",
+                active
+                    .iter()
+                    .map(|p| p.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .with_hint("run with --device-loop off to use the host loop")
+        })?;
+        Ok(StepGraph {
+            session,
+            spec: spec.clone(),
+            providers: active,
+        })
+    }
+
+    pub fn spec(&self) -> &StepSpec {
+        &self.spec
+    }
+
+    pub fn providers(&self) -> &[Provider] {
+        &self.providers
+    }
+
+    /// One plain run on host arrays: `x` `[B, S, C]`, `v` (f32 values, converted to the velocity type) `[B or 2B,
+    /// S, C]`, `dt`, and the CFG `scale` (ignored without CFG).
+    pub fn run_host(
+        &mut self,
+        x: ArrayViewD<f32>,
+        v: ArrayViewD<f32>,
+        dt: f32,
+        scale: f32,
+    ) -> Result<StepOut> {
+        let fail =
+            |e: ort::Error| Error::runtime(format!("running the denoising step graph failed: {e}"));
+        let mut feed: Vec<(&str, DynValue)> = vec![
+            (
+                "x",
+                Tensor::from_array(x.to_owned()).map_err(fail)?.into_dyn(),
+            ),
+            ("v", host_value(&self.spec.velocity, v).map_err(fail)?),
+            (
+                "dt",
+                Tensor::from_array(([1usize], vec![dt]))
+                    .map_err(fail)?
+                    .into_dyn(),
+            ),
+        ];
+        if self.spec.cfg {
+            feed.push((
+                "scale",
+                Tensor::from_array(([1usize], vec![scale]))
+                    .map_err(fail)?
+                    .into_dyn(),
+            ));
+        }
+        let outs = self.session.run(feed).map_err(fail)?;
+        let f32s = |name: &str| -> Result<Vec<f32>> {
+            let Some(v) = outs.get(name) else {
+                return Ok(Vec::new());
+            };
+            let ty = match v.dtype() {
+                ValueType::Tensor { ty, .. } => *ty,
+                _ => TensorElementType::Float32,
+            };
+            Ok(match ty {
+                TensorElementType::Float16 => v
+                    .try_extract_tensor::<half::f16>()
+                    .map_err(fail)?
+                    .1
+                    .iter()
+                    .map(|h| h.to_f32())
+                    .collect(),
+                TensorElementType::Bfloat16 => v
+                    .try_extract_tensor::<half::bf16>()
+                    .map_err(fail)?
+                    .1
+                    .iter()
+                    .map(|h| h.to_f32())
+                    .collect(),
+                _ => v.try_extract_tensor::<f32>().map_err(fail)?.1.to_vec(),
+            })
+        };
+        let count = |name: &str| -> Result<i64> {
+            Ok(outs[name].try_extract_tensor::<i64>().map_err(fail)?.1[0])
+        };
+        Ok(StepOut {
+            x_next: f32s("x_next")?,
+            x_model: if self.spec.has_x_model() {
+                f32s("x_model")?
+            } else {
+                Vec::new()
+            },
+            bad_v: count("bad_v")?,
+            bad_x: count("bad_x")?,
+        })
+    }
+}
+
+fn host_value(t: &ElemType, a: ArrayViewD<f32>) -> ort::Result<DynValue> {
+    Ok(match t {
+        ElemType::F16 => Tensor::from_array(a.mapv(half::f16::from_f32))?.into_dyn(),
+        ElemType::BF16 => Tensor::from_array(a.mapv(half::bf16::from_f32))?.into_dyn(),
+        _ => Tensor::from_array(a.as_standard_layout().into_owned())?.into_dyn(),
+    })
+}
+
+/// A host tensor of `shape` (the last values of the loop's bound outputs land here).
+fn host_tensor<T>(shape: &[usize]) -> ort::Result<Tensor<T>>
+where
+    T: ort::value::PrimitiveTensorElementType + fmt::Debug,
+{
+    Tensor::<T>::new(&Allocator::default(), shape.to_vec())
+}
+
+/// Names of the transformer's inputs and output the device loop drives (the graph's own names).
+#[derive(Debug, Clone)]
+pub struct LoopNames {
+    pub latents: String,
+    pub timestep: String,
+    pub velocity: String,
+}
+
+/// What one device step reports.
+#[derive(Debug, Clone, Default)]
+pub struct StepReport {
+    /// NaN/Inf values in the (combined) velocity and in the new latents.
+    pub bad_velocity: u64,
+    pub bad_latents: u64,
+    /// Values in the latents (for messages).
+    pub latents_len: usize,
+    /// The new latents, when they were asked for (trace or last step).
+    pub latents: Option<Vec<f32>>,
+    /// Time inside the step graph's run (the transformer's is counted by its [`Graph`]).
+    pub ort_time: Duration,
+}
+
+/// The denoising loop's I/O bindings in device memory: the transformer reads `x_model` (or `x_next`) from one of
+/// two ping-pong buffers and writes the velocity into a device buffer; the step graph reads both and writes the
+/// other latent buffer. Constant inputs (text embeddings, pooled vector, ids, guidance, extra inputs) are bound
+/// once, which copies them to the device once; the timestep and `dt` are rebound each step (a few bytes each). On
+/// the CPU provider the "device" is host memory and the same code runs.
+pub struct DeviceDenoise {
+    step: StepGraph,
+    names: LoopNames,
+    memory: DeviceMemory,
+    tio: IoBinding,
+    sio: IoBinding,
+    /// f32 latents `[B, S, C]`, ping-pong.
+    x: [DynTensor; 2],
+    /// The transformer's latents in its own type (`[2B, S, C]` with CFG), ping-pong; `None` when it reads `x`.
+    xm: Option<[DynTensor; 2]>,
+    v: DynTensor,
+    timestep: Tensor<f32>,
+    dt: Tensor<f32>,
+    bad_v: Tensor<i64>,
+    bad_x: Tensor<i64>,
+    x_host: Tensor<f32>,
+    /// Which buffer holds the current latents; `None` before the first step (they are still on the host).
+    cur: Option<usize>,
+    /// The starting latents, until the first step has copied them to the device.
+    x0: Option<(Tensor<f32>, DynValue)>,
+    latents_len: usize,
+}
+
+impl fmt::Debug for DeviceDenoise {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceDenoise")
+            .field("step", &self.step)
+            .field("memory", &self.memory)
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
+impl DeviceDenoise {
+    /// Binds the transformer's constant inputs once and allocates the loop's device buffers. `x0` is the starting
+    /// latents `[B, S, C]`; `constants` every other transformer input except the latents and the timestep (graph
+    /// names); `cfg_scale` turns on true CFG (the step graph must be built for it); `device_id` is the GPU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        transformer: &Graph,
+        step: StepGraph,
+        names: LoopNames,
+        x0: ArrayViewD<f32>,
+        constants: &[(&str, TensorIn)],
+        cfg_scale: Option<f32>,
+        device_id: i32,
+    ) -> Result<DeviceDenoise> {
+        let spec = step.spec.clone();
+        if spec.cfg != cfg_scale.is_some() {
+            return Err(Error::runtime(
+                "the step graph and the loop disagree about true CFG",
+            ));
+        }
+        let shape = x0.shape().to_vec();
+        if shape.len() != 3 {
+            return Err(Error::runtime(format!(
+                "the device loop needs latents [B, S, C], got {shape:?}"
+            )));
+        }
+        let rows = if spec.cfg { 2 * shape[0] } else { shape[0] };
+        let model_shape = [rows, shape[1], shape[2]];
+        let memory = DeviceMemory::of(&step.providers);
+        let err = |what: &str| {
+            let mem = memory.name();
+            let what = what.to_string();
+            move |e: ort::Error| {
+                Error::runtime(format!("device loop ({mem} memory): {what}: {e}"))
+                    .with_hint("run with --device-loop off to use the host loop")
+            }
+        };
+        let info = memory
+            .memory_info(device_id)
+            .map_err(err("cannot describe device memory"))?;
+        let alloc = Allocator::new(transformer.session(), info)
+            .map_err(err("cannot get the transformer's device allocator"))?;
+        let (_, mty) = onnx_type(&spec.model_in).expect("checked by StepGraph::build");
+        let (_, vty) = onnx_type(&spec.velocity).expect("checked by StepGraph::build");
+        let new = |ty: TensorElementType, s: &[usize]| {
+            DynTensor::new(&alloc, ty, s.to_vec()).map_err(err("cannot allocate a device buffer"))
+        };
+        let x = [
+            new(TensorElementType::Float32, &shape)?,
+            new(TensorElementType::Float32, &shape)?,
+        ];
+        let xm = if spec.has_x_model() {
+            Some([new(mty, &model_shape)?, new(mty, &model_shape)?])
+        } else {
+            None
+        };
+        let mut v = new(vty, &model_shape)?;
+
+        let mut tio = transformer
+            .session()
+            .create_binding()
+            .map_err(err("cannot create the transformer's binding"))?;
+        for (name, t) in constants {
+            let value = transformer.input_value(name, t)?;
+            tio.bind_input(*name, &value)
+                .map_err(err(&format!("cannot bind input {name}")))?;
+        }
+        tio.bind_output(names.velocity.as_str(), &mut v)
+            .map_err(err("cannot bind the velocity output"))?;
+        let sio = step
+            .session
+            .create_binding()
+            .map_err(err("cannot create the step graph's binding"))?;
+        let mut x0_host =
+            host_tensor::<f32>(&shape).map_err(err("cannot allocate a host buffer"))?;
+        x0_host
+            .extract_tensor_mut()
+            .1
+            .iter_mut()
+            .zip(x0.iter())
+            .for_each(|(d, &s)| *d = s);
+        // The transformer's first input, in its own type (doubled with CFG), from the host.
+        let first = if spec.cfg {
+            ndarray::concatenate(ndarray::Axis(0), &[x0.view(), x0.view()])
+                .map_err(|e| Error::runtime(format!("cannot join the CFG batch: {e}")))?
+        } else {
+            x0.to_owned()
+        };
+        let x0_model = transformer.input_value(&names.latents, &TensorIn::F32(first.view()))?;
+        let mut dd = DeviceDenoise {
+            timestep: host_tensor::<f32>(&[rows]).map_err(err("cannot allocate a host buffer"))?,
+            dt: host_tensor::<f32>(&[1]).map_err(err("cannot allocate a host buffer"))?,
+            bad_v: host_tensor::<i64>(&[]).map_err(err("cannot allocate a host buffer"))?,
+            bad_x: host_tensor::<i64>(&[]).map_err(err("cannot allocate a host buffer"))?,
+            x_host: host_tensor::<f32>(&shape).map_err(err("cannot allocate a host buffer"))?,
+            step,
+            names,
+            memory,
+            tio,
+            sio,
+            x,
+            xm,
+            v,
+            cur: None,
+            x0: Some((x0_host, x0_model)),
+            latents_len: shape.iter().product(),
+        };
+        if let Some(s) = cfg_scale {
+            let mut scale =
+                host_tensor::<f32>(&[1]).map_err(err("cannot allocate a host buffer"))?;
+            scale.extract_tensor_mut().1[0] = s;
+            dd.sio
+                .bind_input("scale", &scale)
+                .map_err(err("cannot bind the CFG scale"))?;
+        }
+        Ok(dd)
+    }
+
+    /// Gives the step graph back (to keep for the next generation), dropping the buffers and bindings.
+    pub fn into_step_graph(self) -> StepGraph {
+        self.step
+    }
+
+    /// Where the loop's buffers live.
+    pub fn memory(&self) -> DeviceMemory {
+        self.memory
+    }
+
+    /// The step graph's providers.
+    pub fn step_providers(&self) -> &[Provider] {
+        &self.step.providers
+    }
+
+    /// One denoising step: the transformer at `timestep` (already in the model's scale), then `x + dt * v` on the
+    /// device. `want_latents` copies the new latents to the host (trace, last step).
+    pub fn step(
+        &mut self,
+        transformer: &mut Graph,
+        timestep: f32,
+        dt: f32,
+        want_latents: bool,
+        cancel: &super::Canceller,
+    ) -> Result<StepReport> {
+        let mem = self.memory.name();
+        let err = |what: &'static str| {
+            move |e: ort::Error| {
+                Error::runtime(format!("device loop ({mem} memory): {what}: {e}"))
+                    .with_hint("run with --device-loop off to use the host loop")
+            }
+        };
+        let next = self.cur.map_or(0, |c| 1 - c);
+        // Transformer inputs: the latents (host on the first step, then the current device buffer) and the timestep.
+        match (self.cur, &self.x0, &self.xm) {
+            (None, Some((_, x0m)), _) => self.tio.bind_input(self.names.latents.as_str(), x0m),
+            (Some(c), _, Some(xm)) => self.tio.bind_input(self.names.latents.as_str(), &xm[c]),
+            (Some(c), _, None) => self.tio.bind_input(self.names.latents.as_str(), &self.x[c]),
+            (None, None, _) => return Err(Error::runtime("device loop: no starting latents")),
+        }
+        .map_err(err("cannot bind the latents"))?;
+        self.timestep.extract_tensor_mut().1.fill(timestep);
+        self.tio
+            .bind_input(self.names.timestep.as_str(), &self.timestep)
+            .map_err(err("cannot bind the timestep"))?;
+        transformer.run_io(&self.tio, cancel)?;
+
+        // Step graph: x (host on the first step), v, dt -> the other buffers.
+        match (self.cur, &self.x0) {
+            (None, Some((x0, _))) => self.sio.bind_input("x", x0),
+            (Some(c), _) => self.sio.bind_input("x", &self.x[c]),
+            (None, None) => return Err(Error::runtime("device loop: no starting latents")),
+        }
+        .map_err(err("cannot bind the latents to the step"))?;
+        self.sio
+            .bind_input("v", &self.v)
+            .map_err(err("cannot bind the velocity to the step"))?;
+        self.dt.extract_tensor_mut().1[0] = dt;
+        self.sio
+            .bind_input("dt", &self.dt)
+            .map_err(err("cannot bind dt"))?;
+        self.sio.clear_outputs();
+        self.sio
+            .bind_output("x_next", &mut self.x[next])
+            .map_err(err("cannot bind the new latents"))?;
+        if let Some(xm) = self.xm.as_mut() {
+            self.sio
+                .bind_output("x_model", &mut xm[next])
+                .map_err(err("cannot bind the model latents"))?;
+        }
+        self.sio
+            .bind_output("bad_v", &mut self.bad_v)
+            .map_err(err("cannot bind the NaN count"))?;
+        self.sio
+            .bind_output("bad_x", &mut self.bad_x)
+            .map_err(err("cannot bind the NaN count"))?;
+        if want_latents {
+            self.sio
+                .bind_output("x_host", &mut self.x_host)
+                .map_err(err("cannot bind the host latents"))?;
+        }
+        let t0 = Instant::now();
+        let run = self
+            .step
+            .session
+            .run_binding(&self.sio)
+            .map(drop)
+            .map_err(err("running the denoising step graph failed"));
+        let ort_time = t0.elapsed();
+        run?;
+        self.cur = Some(next);
+        self.x0 = None;
+        Ok(StepReport {
+            bad_velocity: self.bad_v.extract_tensor().1[0].max(0) as u64,
+            bad_latents: self.bad_x.extract_tensor().1[0].max(0) as u64,
+            latents_len: self.latents_len,
+            latents: want_latents.then(|| self.x_host.extract_tensor().1.to_vec()),
+            ort_time,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::library::tests::test_library;
+    use crate::schedule;
+    use ndarray::{Array3, ArrayD, IxDyn};
+
+    fn cpu() -> SessionConfig {
+        SessionConfig {
+            threads: Some(1),
+            ..Default::default()
+        }
+    }
+
+    fn spec(model_in: ElemType, velocity: ElemType, cfg: bool) -> StepSpec {
+        StepSpec {
+            model_in,
+            velocity,
+            cfg,
+        }
+    }
+
+    /// Deterministic values with a wide spread of magnitudes and signs.
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(12345);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32 - 0.5) * 7.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn step_is_bit_identical_to_euler_step() {
+        test_library();
+        let mut g = StepGraph::build(&spec(ElemType::F32, ElemType::F32, false), &cpu()).unwrap();
+        assert!(!g.spec().has_x_model());
+        let (b, s, c) = (2, 5, 8);
+        let x = values(b * s * c, 1);
+        let v = values(b * s * c, 2);
+        for (sigma, sigma_next) in [(1.0f32, 0.75), (0.9884086, 0.97622246), (0.1047209, 0.0)] {
+            let xa = ArrayD::from_shape_vec(IxDyn(&[b, s, c]), x.clone()).unwrap();
+            let va = ArrayD::from_shape_vec(IxDyn(&[b, s, c]), v.clone()).unwrap();
+            let out = g
+                .run_host(xa.view(), va.view(), sigma_next - sigma, 0.0)
+                .unwrap();
+            let mut want = x.clone();
+            schedule::euler_step(&mut want, &v, sigma, sigma_next);
+            assert_eq!(out.x_next, want, "sigma {sigma} -> {sigma_next}");
+            assert_eq!((out.bad_v, out.bad_x), (0, 0));
+            assert!(out.x_model.is_empty());
+        }
+    }
+
+    #[test]
+    fn f16_velocity_and_latents_are_cast_like_the_host_loop() {
+        test_library();
+        let mut g = StepGraph::build(&spec(ElemType::F16, ElemType::F16, false), &cpu()).unwrap();
+        let x = values(24, 3);
+        let v = values(24, 4);
+        let xa = ArrayD::from_shape_vec(IxDyn(&[1, 3, 8]), x.clone()).unwrap();
+        let va = ArrayD::from_shape_vec(IxDyn(&[1, 3, 8]), v.clone()).unwrap();
+        let out = g.run_host(xa.view(), va.view(), -0.25, 0.0).unwrap();
+        // The host loop: the f16 velocity read back as f32, the f32 step, then the latents fed as f16.
+        let v16: Vec<f32> = v.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect();
+        let mut want = x.clone();
+        schedule::euler_step(&mut want, &v16, 1.0, 0.75);
+        assert_eq!(out.x_next, want);
+        let want_model: Vec<f32> = want
+            .iter()
+            .map(|&a| half::f16::from_f32(a).to_f32())
+            .collect();
+        assert_eq!(out.x_model, want_model);
+    }
+
+    #[test]
+    fn cfg_combines_like_guidance_then_steps() {
+        test_library();
+        let mut g = StepGraph::build(&spec(ElemType::BF16, ElemType::F32, true), &cpu()).unwrap();
+        let (b, s, c) = (2, 3, 4);
+        let x = values(b * s * c, 5);
+        let v = values(2 * b * s * c, 6);
+        let xa = ArrayD::from_shape_vec(IxDyn(&[b, s, c]), x.clone()).unwrap();
+        let va = ArrayD::from_shape_vec(IxDyn(&[2 * b, s, c]), v.clone()).unwrap();
+        let half_len = v.len() / 2;
+        let guided = crate::guidance::combine(&v[..half_len], &v[half_len..], 4.0);
+        // dt as the caller computes it (sigma_next - sigma), then the host loop's x += dt * v.
+        let mut want2 = x.clone();
+        schedule::euler_step(&mut want2, &guided, 0.6, 0.5);
+        let dt = 0.5f32 - 0.6f32;
+        let out = g.run_host(xa.view(), va.view(), dt, 4.0).unwrap();
+        assert_eq!(out.x_next, want2);
+        // x_model is [x; x] in bf16.
+        assert_eq!(out.x_model.len(), 2 * want2.len());
+        let as_bf16: Vec<f32> = want2
+            .iter()
+            .map(|&a| half::bf16::from_f32(a).to_f32())
+            .collect();
+        assert_eq!(&out.x_model[..want2.len()], &as_bf16[..]);
+        assert_eq!(&out.x_model[want2.len()..], &as_bf16[..]);
+    }
+
+    #[test]
+    fn nan_and_inf_are_counted() {
+        test_library();
+        let mut g = StepGraph::build(&spec(ElemType::F32, ElemType::F32, false), &cpu()).unwrap();
+        let x = Array3::<f32>::from_shape_vec((1, 2, 2), vec![0.0, f32::NAN, 1.0, 2.0])
+            .unwrap()
+            .into_dyn();
+        let v = Array3::<f32>::from_shape_vec((1, 2, 2), vec![f32::INFINITY, 0.0, 1.0, 2.0])
+            .unwrap()
+            .into_dyn();
+        let out = g.run_host(x.view(), v.view(), -0.5, 0.0).unwrap();
+        assert_eq!(out.bad_v, 1);
+        assert_eq!(out.bad_x, 2, "{:?}", out.x_next);
+    }
+
+    #[test]
+    fn loop_choice_per_provider() {
+        use Provider::*;
+        for (active, auto) in [
+            (vec![Cpu], false),
+            (vec![OpenVino, Cpu], false),
+            (vec![Cuda, Cpu], true),
+            (vec![TensorRt, Cuda, Cpu], true),
+            (vec![DirectMl, Cpu], true),
+            (vec![CoreMl, Cpu], true),
+            (vec![Rocm, Cpu], true),
+            (vec![MiGraphX, Cpu], true),
+        ] {
+            assert_eq!(DeviceLoop::Auto.wanted(&active), auto, "{active:?}");
+            assert!(DeviceLoop::On.wanted(&active));
+            assert!(!DeviceLoop::Off.wanted(&active));
+        }
+        assert_eq!(DeviceMemory::of(&[Cpu]), DeviceMemory::Host);
+        assert_eq!(DeviceMemory::of(&[CoreMl, Cpu]), DeviceMemory::Host);
+        assert_eq!(DeviceMemory::of(&[TensorRt, Cuda, Cpu]), DeviceMemory::Cuda);
+        assert_eq!(DeviceMemory::of(&[DirectMl, Cpu]), DeviceMemory::DirectMl);
+        assert_eq!(DeviceMemory::of(&[MiGraphX, Cpu]), DeviceMemory::Hip);
+        assert_eq!(step_providers(&[Cpu]), vec![Cpu]);
+        let trt = step_providers(&[TensorRt, Cuda, Cpu]);
+        if providers::compiled_in(Cuda) {
+            assert_eq!(trt, vec![Cuda, Cpu]);
+        } else {
+            assert_eq!(trt, vec![TensorRt, Cuda, Cpu]);
+        }
+        assert_eq!("ON".parse::<DeviceLoop>().unwrap(), DeviceLoop::On);
+        assert!("sometimes".parse::<DeviceLoop>().is_err());
+        assert_eq!(LoopKind::HostBound.name(), "host-bound");
+        assert_eq!(
+            serde_json::to_string(&LoopKind::HostBound).unwrap(),
+            "\"host-bound\""
+        );
+        assert!(unsupported(&spec(ElemType::I64, ElemType::F32, false)).is_some());
+        assert!(unsupported(&spec(ElemType::BF16, ElemType::F16, true)).is_none());
+    }
+}

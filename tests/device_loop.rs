@@ -1,0 +1,244 @@
+//! The device-resident denoising loop (issue 7): on CPU the "device" is host memory and the same code path runs, so
+//! it must give the plain loop's image (and the host-bound loop's) for schnell and dev, batch 2, and true CFG; the
+//! CLI reports which loop ran.
+
+mod common;
+
+use common::*;
+use fluxrt::pipeline::{LoadOptions, Pipeline, Quiet, Request};
+use fluxrt::runtime::{Canceller, DeviceLoop, LoopKind};
+
+/// The issue's tolerance; on CPU the step graph computes the same f32 operations, so it is usually exactly 0.
+const TOL: f32 = 1e-6;
+
+fn load(name: &str) -> Pipeline {
+    let mut o = LoadOptions::new(model(name));
+    o.threads = Some(1);
+    Pipeline::load(&o).expect("bundled model loads")
+}
+
+fn request(pipe: &Pipeline, images: usize, cfg: bool) -> Request {
+    let mut r = Request::new(pipe, "a red fox in the snow", 11);
+    r.width = 128;
+    r.height = 128;
+    r.steps = 3;
+    r.num_images = images;
+    if cfg {
+        r.negative_prompt = Some("blurry".into());
+        r.true_cfg = 3.0;
+    }
+    r
+}
+
+/// Runs `req` with each loop; returns (loop that ran, final latents, images as floats).
+fn generate_with(
+    pipe: &mut Pipeline,
+    req: &Request,
+    mode: DeviceLoop,
+    io_binding: bool,
+) -> (LoopKind, Vec<f32>, Vec<f32>) {
+    pipe.set_device_loop(mode);
+    pipe.set_io_binding(io_binding);
+    let out = pipe
+        .generate(req, &mut Quiet, &Canceller::new(), true)
+        .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
+    let tr = out.trace.unwrap();
+    assert_eq!(tr.latents.len(), req.steps, "one latent trace per step");
+    let last = tr.latents.last().unwrap().as_slice().unwrap().to_vec();
+    let img = tr.images.unwrap().as_slice().unwrap().to_vec();
+    (pipe.denoise_loop(), last, img)
+}
+
+fn check(name: &str, images: usize, cfg: bool) {
+    let mut pipe = load(name);
+    let req = request(&pipe, images, cfg);
+    let (plain_kind, plain_x, plain_img) = generate_with(&mut pipe, &req, DeviceLoop::Off, false);
+    assert_eq!(plain_kind, LoopKind::Plain);
+    let (dev_kind, dev_x, dev_img) = generate_with(&mut pipe, &req, DeviceLoop::On, false);
+    assert_eq!(dev_kind, LoopKind::Device, "{name}: the device loop ran");
+    assert_eq!(pipe.device_loop_fallback(), None);
+    let what = format!("{name} batch {images} cfg {cfg}");
+    let dx = max_abs_diff(&format!("{what}: latents"), &dev_x, &plain_x);
+    let di = max_abs_diff(&format!("{what}: image"), &dev_img, &plain_img);
+    assert!(dx <= TOL && di <= TOL, "{what}: latents {dx}, image {di}");
+    // Auto is off on CPU: the host-bound loop (or plain runs with CFG) runs.
+    let (auto_kind, _, auto_img) = generate_with(&mut pipe, &req, DeviceLoop::Auto, true);
+    let want = if cfg {
+        LoopKind::Plain
+    } else {
+        LoopKind::HostBound
+    };
+    assert_eq!(auto_kind, want);
+    assert!(max_abs_diff(&what, &auto_img, &plain_img) <= TOL);
+    // Every step's trace matches too (the latents come back per step only with a trace).
+    let (_, again_x, _) = generate_with(&mut pipe, &req, DeviceLoop::On, false);
+    assert_eq!(
+        again_x, dev_x,
+        "{what}: the cached step graph gives the same result"
+    );
+}
+
+#[test]
+fn schnell_device_loop_matches_plain_loop() {
+    check("tiny-flux-schnell", 1, false);
+    check("tiny-flux-schnell", 2, false);
+}
+
+#[test]
+fn dev_device_loop_matches_plain_loop() {
+    check("tiny-flux-dev", 2, false);
+}
+
+#[test]
+fn true_cfg_runs_in_the_device_loop() {
+    check("tiny-flux-dev", 2, true);
+}
+
+#[test]
+fn generate_json_reports_the_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let m = model("tiny-flux-schnell");
+    let o = run_cli(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "a fox",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--output",
+        out.to_str().unwrap(),
+        "--device-loop",
+        "on",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON on stdout");
+    assert_eq!(v["device_loop"], "on", "{v}");
+    assert_eq!(v["denoise_loop"], "device", "{v}");
+
+    let out2 = dir.path().join("y.png");
+    let o = run_cli(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "a fox",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--output",
+        out2.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["device_loop"], "auto", "{v}");
+    assert_eq!(v["denoise_loop"], "host-bound", "{v}");
+
+    let o = run_cli(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "a fox",
+        "--output",
+        out.to_str().unwrap(),
+        "--device-loop",
+        "sometimes",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("auto, on or off"), "{}", stderr(&o));
+}
+
+fn run_cli(args: &[&str]) -> std::process::Output {
+    run(args)
+}
+
+#[test]
+fn nan_guard_names_the_step() {
+    // A guidance of 3e38 overflows the guidance embedding (g * 1000), so the velocity is NaN at the first step.
+    let mut pipe = load("tiny-flux-dev");
+    let mut req = request(&pipe, 1, false);
+    req.guidance = Some(3e38);
+    for mode in [DeviceLoop::On, DeviceLoop::Off] {
+        pipe.set_device_loop(mode);
+        let e = pipe
+            .generate(&req, &mut Quiet, &Canceller::new(), false)
+            .unwrap_err();
+        assert_eq!(e.kind, fluxrt::ErrorKind::Numerics, "{mode:?}: {e}");
+        assert!(e.message.contains("NaN/Inf"), "{e}");
+        if mode == DeviceLoop::On {
+            assert_eq!(pipe.denoise_loop(), LoopKind::Device);
+            assert!(
+                e.message
+                    .starts_with("transformer output (velocity) at step 1 contains"),
+                "{e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bench_json_reports_the_loop() {
+    let m = model("tiny-flux-schnell");
+    let o = run_cli(&[
+        "bench",
+        "--model",
+        m.to_str().unwrap(),
+        "--sizes",
+        "64x64",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--runs",
+        "1",
+        "--device-loop",
+        "on",
+        "--no-optimized-cache",
+        "--quiet",
+        "--json",
+        "-",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON on stdout");
+    assert_eq!(v["settings"]["device_loop"], "on", "{v}");
+    assert_eq!(v["results"][0]["sizes"][0]["denoise_loop"], "device", "{v}");
+}
+
+#[test]
+fn device_loop_with_a_lora_and_in_low_memory_mode() {
+    // Run-time LoRA factors are extra transformer inputs: bound once with the embeddings.
+    let mut pipe = load("tiny-flux-schnell");
+    let lora = pipe
+        .load_lora(&root().join("tests/data/lora/tiny-flux-schnell-diffusers.safetensors"))
+        .expect("the LoRA fixture loads");
+    let mut req = request(&pipe, 2, false);
+    req.loras = vec![fluxrt::lora::LoraChoice::new(lora, 0.8)];
+    let (_, _, plain) = generate_with(&mut pipe, &req, DeviceLoop::Off, false);
+    let (kind, _, dev) = generate_with(&mut pipe, &req, DeviceLoop::On, false);
+    assert_eq!(kind, LoopKind::Device);
+    assert!(max_abs_diff("lora", &dev, &plain) <= TOL);
+    let bare = request(&pipe, 2, false);
+    let (_, _, no_lora) = generate_with(&mut pipe, &bare, DeviceLoop::On, false);
+    assert!(
+        max_abs_diff("lora effect", &no_lora, &plain) > 0.0,
+        "the LoRA changes the image"
+    );
+
+    // Low-memory mode loads the transformer for the loop only; the device loop runs the same.
+    let mut o = LoadOptions::new(model("tiny-flux-schnell"));
+    o.threads = Some(1);
+    o.low_memory = true;
+    let mut low = Pipeline::load(&o).unwrap();
+    let req = request(&low, 1, false);
+    let (_, _, plain) = generate_with(&mut low, &req, DeviceLoop::Off, false);
+    let (kind, _, dev) = generate_with(&mut low, &req, DeviceLoop::On, false);
+    assert_eq!(kind, LoopKind::Device);
+    assert!(max_abs_diff("low memory", &dev, &plain) <= TOL);
+}
