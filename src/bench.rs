@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::image_out;
 use crate::latents;
 use crate::pipeline::{LoadOptions, Pipeline, Quiet, Request, DEFAULT_MAX_PIXELS, MAX_STEPS};
-use crate::runtime::{self, Canceller, Optimization, Provider};
+use crate::runtime::{self, Canceller, Provider};
 use crate::{Error, Result};
 
 /// Version of the JSON report layout; bumped on any incompatible change.
@@ -24,7 +24,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// What to benchmark.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    pub model: PathBuf,
+    /// How each provider's pipeline is loaded: model, threads, session tuning, caches, denoising loop, provider
+    /// settings. Its `providers` is replaced by each entry of [`BenchOptions::providers`] in turn.
+    pub load: LoadOptions,
     /// Each provider is benchmarked in turn (CPU takes the nodes another provider cannot run).
     pub providers: Vec<Provider>,
     /// Image sizes (width, height); empty = the model's default size.
@@ -39,28 +41,15 @@ pub struct BenchOptions {
     pub runs: usize,
     pub prompt: String,
     pub seed: u64,
-    pub threads: Option<usize>,
-    pub ort_lib: Option<PathBuf>,
-    pub optimization: Optimization,
-    pub memory_pattern: bool,
-    pub cpu_arena: bool,
-    /// The optimized-graph cache folder; `None` = off.
-    pub optimized_cache: Option<PathBuf>,
-    pub io_binding: bool,
-    /// `--device-loop`: the device-resident denoising loop (auto = on for GPU providers).
-    pub device_loop: crate::runtime::DeviceLoop,
     pub max_pixels: u64,
     /// Write the images of the last timed run of each provider and size here as PNG files.
     pub save_images: Option<PathBuf>,
-    /// Load each graph for its stage only (less memory, sessions re-created every run).
-    pub low_memory: bool,
 }
 
 impl BenchOptions {
     pub fn new(model: impl Into<PathBuf>) -> BenchOptions {
-        let d = LoadOptions::new(model);
         BenchOptions {
-            model: d.model,
+            load: LoadOptions::new(model),
             providers: vec![Provider::Cpu],
             sizes: Vec::new(),
             steps: None,
@@ -69,17 +58,8 @@ impl BenchOptions {
             runs: 3,
             prompt: "a photo of a cat".into(),
             seed: 0,
-            threads: None,
-            ort_lib: None,
-            optimization: d.optimization,
-            memory_pattern: d.memory_pattern,
-            cpu_arena: d.cpu_arena,
-            optimized_cache: d.optimized_cache,
-            io_binding: d.io_binding,
-            device_loop: d.device_loop,
             max_pixels: DEFAULT_MAX_PIXELS,
             save_images: None,
-            low_memory: false,
         }
     }
 
@@ -402,8 +382,9 @@ fn machine() -> Machine {
 /// Runs the benchmark. `log` gets one line per loaded provider and per run (for a progress display).
 pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
     opts.validate()?;
-    let lib = runtime::init(opts.ort_lib.as_deref())?;
+    let lib = runtime::init(opts.load.ort_lib.as_deref())?;
     let threads = opts
+        .load
         .threads
         .filter(|&t| t > 0)
         .unwrap_or_else(runtime::physical_cores);
@@ -430,17 +411,8 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             continue;
         }
         let scoped = reset_peak_rss();
-        let mut lo = LoadOptions::new(&opts.model);
+        let mut lo = opts.load.clone();
         lo.providers = vec![p];
-        lo.threads = opts.threads;
-        lo.ort_lib = opts.ort_lib.clone();
-        lo.optimization = opts.optimization;
-        lo.memory_pattern = opts.memory_pattern;
-        lo.cpu_arena = opts.cpu_arena;
-        lo.optimized_cache = opts.optimized_cache.clone();
-        lo.io_binding = opts.io_binding;
-        lo.device_loop = opts.device_loop;
-        lo.low_memory = opts.low_memory;
         let mut pipe = Pipeline::load(&lo)?;
         let cache: BTreeMap<String, String> = pipe
             .graph_cache_use()
@@ -510,7 +482,7 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         Some(m) => m,
         None => {
             // No provider could run: describe the model from its folder alone.
-            let spec = crate::model::ModelSpec::resolve(&opts.model)?;
+            let spec = crate::model::ModelSpec::resolve(&opts.load.model)?;
             ModelInfo {
                 path: spec.root.display().to_string(),
                 name: spec.name.clone(),
@@ -537,16 +509,17 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             warmup: opts.warmup,
             runs: opts.runs,
             threads,
-            optimization: format!("{:?}", opts.optimization).to_lowercase(),
-            memory_pattern: opts.memory_pattern,
-            cpu_arena: opts.cpu_arena,
-            io_binding: opts.io_binding,
-            device_loop: opts.device_loop.name().to_string(),
+            optimization: format!("{:?}", opts.load.optimization).to_lowercase(),
+            memory_pattern: opts.load.memory_pattern,
+            cpu_arena: opts.load.cpu_arena,
+            io_binding: opts.load.io_binding,
+            device_loop: opts.load.device_loop.name().to_string(),
             optimized_cache: opts
+                .load
                 .optimized_cache
                 .as_ref()
                 .map(|p| p.display().to_string()),
-            low_memory: opts.low_memory,
+            low_memory: opts.load.low_memory,
         },
         results,
     })

@@ -8,7 +8,7 @@ use fluxrt::pipeline::DEFAULT_MAX_PIXELS;
 use fluxrt::runtime::{self, Optimization};
 use fluxrt::{Error, Result};
 
-use super::common::model_path;
+use super::common::{model_path, SessionArgs};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
@@ -40,12 +40,6 @@ pub struct Args {
     prompt: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Threads per graph (default: physical cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// ONNX Runtime library (file or folder).
-    #[arg(long, value_name = "PATH")]
-    ort_lib: Option<PathBuf>,
     /// Graph optimization level: disable, basic, extended, all.
     #[arg(long, default_value = "all")]
     optimization: String,
@@ -64,9 +58,6 @@ pub struct Args {
     /// Run the denoising loop with plain runs instead of an I/O binding.
     #[arg(long)]
     no_io_binding: bool,
-    /// The device-resident denoising loop: auto (on for GPU providers), on, off.
-    #[arg(long, default_value = "auto", value_name = "auto|on|off")]
-    device_loop: runtime::DeviceLoop,
     /// Save the images of the last timed run of each provider and size into DIR.
     #[arg(long, value_name = "DIR")]
     save_images: Option<PathBuf>,
@@ -79,6 +70,8 @@ pub struct Args {
     /// No per-run progress lines on stderr.
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    session: SessionArgs,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -93,21 +86,19 @@ pub fn run(a: Args) -> Result<()> {
     o.runs = a.runs;
     o.prompt = a.prompt.clone();
     o.seed = a.seed;
-    o.threads = a.threads;
-    o.ort_lib = a.ort_lib.clone();
-    o.optimization = a.optimization.parse::<Optimization>()?;
-    o.memory_pattern = !a.no_memory_pattern;
-    o.cpu_arena = !a.no_cpu_arena;
+    a.session.apply(&mut o.load)?;
+    o.load.optimization = a.optimization.parse::<Optimization>()?;
+    o.load.memory_pattern = !a.no_memory_pattern;
+    o.load.cpu_arena = !a.no_cpu_arena;
     if a.no_optimized_cache {
-        o.optimized_cache = None;
+        o.load.optimized_cache = None;
     } else if let Some(dir) = &a.optimized_cache {
-        o.optimized_cache = Some(dir.clone());
+        o.load.optimized_cache = Some(dir.clone());
     }
-    o.io_binding = !a.no_io_binding;
-    o.device_loop = a.device_loop;
+    o.load.io_binding = !a.no_io_binding;
+    o.load.low_memory = a.low_memory;
     o.save_images = a.save_images.clone();
     o.max_pixels = a.max_pixels;
-    o.low_memory = a.low_memory;
     // Bad input fails here, before anything is loaded.
     o.validate()?;
 

@@ -29,7 +29,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let config = a.runtime.provider_config()?;
+    let config = a.runtime.session.provider_config()?;
     let requested = a.runtime.providers()?;
     if !requested.contains(&Provider::TensorRt) {
         return Err(Error::input(
@@ -49,7 +49,7 @@ pub fn run(a: Args) -> Result<()> {
         .with_hint("drop --trt-engine-cache=false (or engine_cache = false in the config file)"));
     }
     let mut spec = ModelSpec::resolve(&model_path(a.model.clone()))?;
-    let lib = runtime::init(a.runtime.ort_lib.as_deref())?;
+    let lib = runtime::init(a.runtime.session.ort_lib.as_deref())?;
     let plan = runtime::probe(&requested, false)?;
     if !plan.active.contains(&Provider::TensorRt) {
         let why = plan
@@ -78,7 +78,7 @@ pub fn run(a: Args) -> Result<()> {
     let host = HostInfo::detect(lib.version());
     let before = engine_cache_status(&spec, &ep, &host)?;
     let session = SessionConfig {
-        threads: a.runtime.threads,
+        threads: a.runtime.session.threads,
         providers: plan.clone(),
         ep: ep.clone(),
         ..Default::default()

@@ -13,19 +13,28 @@ use super::provider_flags::ProviderFlags;
 /// The bundled default model, looked up where a checkout or an install keeps it.
 pub const DEFAULT_MODEL: &str = "tiny-flux-schnell";
 
+/// The model and the prompts, as `generate` and `tokenize` take them.
 #[derive(Args, Debug, Clone)]
-pub struct RuntimeArgs {
+pub struct PromptArgs {
+    /// Model folder (fluxrt manifest, BFL ONNX or optimum layout). Default: the bundled tiny-flux-schnell.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The prompt (CLIP; also T5 unless --prompt-2). May be empty.
+    #[arg(long)]
+    pub prompt: String,
+    /// A separate prompt for T5 (default: --prompt).
+    #[arg(long)]
+    pub prompt_2: Option<String>,
+}
+
+/// Session settings shared by every subcommand that loads graphs: the ONNX Runtime library, threads, the
+/// provider settings (config file and flags) and the denoising loop.
+#[derive(Args, Debug, Clone)]
+pub struct SessionArgs {
     /// ONNX Runtime library (file or folder). Default: ORT_DYLIB_PATH, beside the executable, the Python
     /// onnxruntime package, system paths.
     #[arg(long, value_name = "PATH", global = true)]
     pub ort_lib: Option<PathBuf>,
-    /// Execution providers in priority order, e.g. `tensorrt,cuda,cpu`. CPU is appended as a fallback.
-    /// Default: `order` in the config file's [providers], else cpu.
-    #[arg(long, value_name = "LIST")]
-    pub provider: Option<String>,
-    /// Fail instead of falling back to CPU when a requested provider cannot be used.
-    #[arg(long)]
-    pub no_fallback: bool,
     /// Threads per graph (default: physical cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -41,18 +50,7 @@ pub struct RuntimeArgs {
     pub ep: ProviderFlags,
 }
 
-impl RuntimeArgs {
-    /// `--provider`, else the config file's `order`, else CPU.
-    pub fn providers(&self) -> Result<Vec<Provider>> {
-        match &self.provider {
-            Some(list) => runtime::parse_list(list),
-            None => Ok(self
-                .provider_config()?
-                .order
-                .unwrap_or_else(|| vec![Provider::Cpu])),
-        }
-    }
-
+impl SessionArgs {
     /// The provider settings: defaults, then the config file, then the flags.
     pub fn provider_config(&self) -> Result<ProviderConfig> {
         let file = match &self.config {
@@ -62,13 +60,52 @@ impl RuntimeArgs {
         ProvidersLayer::resolve(&[&file, &self.ep.layer()])
     }
 
-    /// Puts the provider settings (and the transformer precision) into `opts`.
-    pub fn apply_provider_settings(&self, opts: &mut LoadOptions) -> Result<()> {
+    /// Puts these settings (library, threads, provider settings, transformer precision, loop) into `opts`.
+    pub fn apply(&self, opts: &mut LoadOptions) -> Result<()> {
         let c = self.provider_config()?;
+        opts.ort_lib = self.ort_lib.clone();
+        opts.threads = self.threads;
         opts.ep = c.ep;
         opts.transformer_precision = c.transformer_precision;
         opts.device_loop = self.device_loop;
         Ok(())
+    }
+}
+
+/// [`SessionArgs`] plus the provider priority list of one pipeline.
+#[derive(Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// Execution providers in priority order, e.g. `tensorrt,cuda,cpu`. CPU is appended as a fallback.
+    /// Default: `order` in the config file's [providers], else cpu.
+    #[arg(long, value_name = "LIST")]
+    pub provider: Option<String>,
+    /// Fail instead of falling back to CPU when a requested provider cannot be used.
+    #[arg(long)]
+    pub no_fallback: bool,
+    #[command(flatten)]
+    pub session: SessionArgs,
+}
+
+impl RuntimeArgs {
+    /// `--provider`, else the config file's `order`, else CPU.
+    pub fn providers(&self) -> Result<Vec<Provider>> {
+        match &self.provider {
+            Some(list) => runtime::parse_list(list),
+            None => Ok(self
+                .session
+                .provider_config()?
+                .order
+                .unwrap_or_else(|| vec![Provider::Cpu])),
+        }
+    }
+
+    /// Load options for `model` with every runtime setting applied.
+    pub fn load_options(&self, model: PathBuf) -> Result<LoadOptions> {
+        let mut opts = LoadOptions::new(model);
+        opts.providers = self.providers()?;
+        opts.no_fallback = self.no_fallback;
+        self.session.apply(&mut opts)?;
+        Ok(opts)
     }
 }
 

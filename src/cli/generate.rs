@@ -6,26 +6,19 @@ use std::time::Instant;
 use clap::Args as ClapArgs;
 use fluxrt::image_out::{self, GenerationParams};
 use fluxrt::img2img::InitImage;
-use fluxrt::pipeline::{LoadOptions, Pipeline, Progress, Request, DEFAULT_MAX_PIXELS};
+use fluxrt::pipeline::{Pipeline, Progress, Request, DEFAULT_MAX_PIXELS};
 use fluxrt::runtime::Canceller;
 use fluxrt::vae_tiling::VaeTiling;
 use fluxrt::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::common::{model_path, print_json, RuntimeArgs};
+use super::common::{model_path, print_json, PromptArgs, RuntimeArgs};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// Model folder (fluxrt manifest, BFL ONNX or optimum layout). Default: the bundled tiny-flux-schnell.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// The prompt (CLIP; also T5 unless --prompt-2). May be empty.
-    #[arg(long)]
-    prompt: String,
-    /// A separate prompt for T5.
-    #[arg(long)]
-    prompt_2: Option<String>,
+    #[command(flatten)]
+    input: PromptArgs,
     /// Image width in pixels, a multiple of 16 (default: the model's).
     #[arg(long)]
     width: Option<u32>,
@@ -120,7 +113,8 @@ pub fn run(a: Args) -> Result<()> {
     // Refuse unwritable or existing outputs before any model is loaded.
     let paths = image_out::output_paths(&a.output, a.num_images, &seeds)?;
     image_out::check_writable(&paths, a.overwrite)?;
-    let providers = a.runtime.providers()?;
+    // Bad provider names fail before any model is loaded.
+    a.runtime.providers()?;
     // Size checks that need no model: zero, not a multiple of 16, too large.
     if let (Some(w), Some(h)) = (a.width, a.height) {
         fluxrt::latents::validate_size(w, h, a.max_pixels, 8)?;
@@ -164,13 +158,8 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
 
-    let mut opts = LoadOptions::new(model_path(a.model.clone()));
-    opts.providers = providers;
-    opts.no_fallback = a.runtime.no_fallback;
-    opts.threads = a.runtime.threads;
+    let mut opts = a.runtime.load_options(model_path(a.input.model.clone()))?;
     opts.low_memory = a.low_memory;
-    opts.ort_lib = a.runtime.ort_lib.clone();
-    a.runtime.apply_provider_settings(&mut opts)?;
     let mut pipe = Pipeline::load(&opts)?;
     for (p, why) in &pipe.providers().rejected {
         eprintln!("warning: provider {p} not used: {why}");
@@ -179,8 +168,8 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("warning: {w}");
     }
 
-    let mut req = Request::new(&pipe, a.prompt.clone(), seed);
-    req.prompt_2 = a.prompt_2.clone();
+    let mut req = Request::new(&pipe, a.input.prompt.clone(), seed);
+    req.prompt_2 = a.input.prompt_2.clone();
     if let Some(init) = &init {
         // diffusers' default size for img2img: the init image's, floored to the size multiple.
         let (w, h) = init.default_size(pipe.spec.vae.downsample_factor)?;

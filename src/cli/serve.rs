@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args as ClapArgs;
-use fluxrt::pipeline::LoadOptions;
 use fluxrt::serve::{self, Config, Limits};
 use fluxrt::{Error, Result};
 
@@ -80,13 +79,8 @@ fn seconds(name: &str, v: f64) -> Result<Duration> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let mut load = LoadOptions::new(model_path(a.model.clone()));
-    load.providers = a.runtime.providers()?;
-    load.no_fallback = a.runtime.no_fallback;
-    load.threads = a.runtime.threads;
+    let mut load = a.runtime.load_options(model_path(a.model.clone()))?;
     load.low_memory = a.low_memory;
-    load.ort_lib = a.runtime.ort_lib.clone();
-    a.runtime.apply_provider_settings(&mut load)?;
     // A batch never exceeds the batch range TensorRT engines are built for (requests outside it are refused).
     let max_batch = match load.ep.shapes.as_ref() {
         Some(s) => a.max_batch.min(s.batch.max as usize),

@@ -1,32 +1,24 @@
 //! `fluxrt tokenize`: both tokenizers' ids, lengths and truncation, as JSON.
 
-use std::path::PathBuf;
-
 use clap::Args as ClapArgs;
 use fluxrt::model::ModelSpec;
 use fluxrt::text::{PromptTokenizer, Tokenized};
 use fluxrt::Result;
 use serde_json::json;
 
-use super::common::{model_path, print_json};
+use super::common::{model_path, print_json, PromptArgs};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// Model folder. Default: the bundled tiny-flux-schnell.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    #[arg(long)]
-    prompt: String,
-    /// A separate prompt for T5 (default: --prompt).
-    #[arg(long)]
-    prompt_2: Option<String>,
+    #[command(flatten)]
+    input: PromptArgs,
     /// T5 sequence length (default: the model's, 256 for schnell and 512 for dev).
     #[arg(long)]
     t5_max_length: Option<usize>,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let spec = ModelSpec::resolve(&model_path(a.model))?;
+    let spec = ModelSpec::resolve(&model_path(a.input.model.clone()))?;
     let clip = PromptTokenizer::from_file(
         &spec.clip_tokenizer.path,
         spec.clip_tokenizer.settings.clone(),
@@ -36,8 +28,8 @@ pub fn run(a: Args) -> Result<()> {
         t5_settings.max_length = n;
     }
     let t5 = PromptTokenizer::from_file(&spec.t5_tokenizer.path, t5_settings)?;
-    let c = clip.encode(&a.prompt)?;
-    let t = t5.encode(a.prompt_2.as_deref().unwrap_or(&a.prompt))?;
+    let c = clip.encode(&a.input.prompt)?;
+    let t = t5.encode(a.input.prompt_2.as_deref().unwrap_or(&a.input.prompt))?;
     print_json(&json!({
         "model": spec.name,
         "clip": describe(&c, clip.max_length()),
