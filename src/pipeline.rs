@@ -290,6 +290,9 @@ pub struct Pipeline {
     last_loop: (runtime::LoopKind, Option<String>),
     /// Step graphs built for the device loop, kept between generations.
     step_graphs: Vec<runtime::step_graph::StepGraph>,
+    /// The device loop's buffers and bindings, kept between generations so the transformer keeps reading and
+    /// writing the same device addresses (what a session with CUDA graphs replays).
+    device_state: Option<runtime::step_graph::DeviceDenoise>,
     /// Time inside ONNX Runtime's run calls, summed over every graph and run.
     ort_busy: Duration,
     /// Prompt embeddings kept between runs (see [`Pipeline::set_embedding_cache`]).
@@ -390,6 +393,7 @@ impl Pipeline {
             device_loop: opts.device_loop,
             last_loop: (runtime::LoopKind::Plain, None),
             step_graphs: Vec::new(),
+            device_state: None,
             ort_busy: Duration::ZERO,
             embed_cache: None,
             transformer_extra: Vec::new(),
@@ -458,6 +462,19 @@ impl Pipeline {
     /// Why the last generation did not run the device loop although it was wanted (`None` when it ran or was off).
     pub fn device_loop_fallback(&self) -> Option<&str> {
         self.last_loop.1.as_deref()
+    }
+
+    /// The device addresses the transformer reads and writes in the kept device loop, by graph input/output name
+    /// (`None` when no device loop is kept). They stay the same over steps and over generations that reuse it.
+    pub fn device_loop_buffers(&self) -> Option<Vec<(String, usize)>> {
+        self.device_state.as_ref().map(|d| d.transformer_buffers())
+    }
+
+    /// Whether the transformer's session captures CUDA graphs (then only the device loop may run it).
+    pub fn transformer_cuda_graphs(&self) -> bool {
+        self.session
+            .ep
+            .cuda_graphs(&self.session.providers.active, Role::Transformer.name())
     }
 
     pub fn variant(&self) -> Variant {
@@ -697,10 +714,17 @@ impl Pipeline {
             ),
             Variant::Schnell => None,
         };
-        // The device loop first (GPU providers by default), then the host I/O binding, then plain runs.
+        // The device loop first (GPU providers by default; required with CUDA graphs, which only its fixed buffers
+        // can drive), then the host I/O binding, then plain runs.
         self.last_loop.1 = None;
-        let device = self.device_loop.wanted(&self.session.providers.active)
+        let plan = runtime::step_graph::loop_plan(
+            self.device_loop,
+            &self.session.providers.active,
+            self.transformer_cuda_graphs(),
+        )?;
+        let device = plan.device
             && self.denoise_device(
+                plan,
                 &mut x,
                 cfg.as_ref().map(|c| c.batch_inputs()),
                 (&txt, &pooled),
@@ -995,17 +1019,20 @@ impl Pipeline {
         Ok(true)
     }
 
-    /// The denoising loop in device memory ([`runtime::step_graph`]): the text embeddings, pooled vector, ids,
-    /// guidance and extra inputs bound (copied to the device) once, the latents ping-ponging between two device
-    /// buffers, the velocity written into a device buffer, the Euler step (and the true-CFG combination, when
-    /// `cfg` gives the joined 2B prompt/negative rows and the scale) in a step graph on the same provider. Per step
-    /// only the timestep and `dt` go to the device and two NaN/Inf counts come back; the latents come back once at
-    /// the end (every step with a trace). Returns `Ok(false)`, having done nothing, when the transformer cannot be
-    /// driven this way (or, with `DeviceLoop::Auto`, the step graph or device buffers cannot be set up: the reason
-    /// is kept for [`Pipeline::device_loop_fallback`]); `DeviceLoop::On` makes a setup failure an error.
+    /// The denoising loop in device memory ([`runtime::step_graph`]): the transformer reads its latents, timestep,
+    /// text embeddings, pooled vector, ids, guidance and extra inputs from fixed device buffers and writes the
+    /// velocity into a fixed device buffer, for every step and every later generation that fits the same buffers
+    /// (they are kept in `device_state`); the Euler step (and the true-CFG combination, when `cfg` gives the joined
+    /// 2B prompt/negative rows and the scale) runs in a step graph on the same provider, which also refreshes the
+    /// transformer's latents and timestep in place. Per step only `dt` and the next timestep go to the device and two
+    /// NaN/Inf counts come back; the latents come back once at the end (every step with a trace). Returns
+    /// `Ok(false)`, having done nothing, when the transformer cannot be driven this way (or, with `DeviceLoop::Auto`,
+    /// the step graph or device buffers cannot be set up: the reason is kept for [`Pipeline::device_loop_fallback`]);
+    /// when `plan.required` (`DeviceLoop::On`, or CUDA graphs) every such reason is an error instead.
     #[allow(clippy::too_many_arguments)]
     fn denoise_device(
         &mut self,
+        plan: runtime::step_graph::LoopPlan,
         x: &mut Array3<f32>,
         cfg: Option<(&ArrayD<f32>, &ArrayD<f32>, f32)>,
         (txt, pooled): (&ArrayD<f32>, &ArrayD<f32>),
@@ -1017,7 +1044,20 @@ impl Pipeline {
         (t, tr): (&mut Timings, &mut Option<Trace>),
     ) -> Result<bool> {
         use runtime::step_graph::{DeviceDenoise, LoopNames, StepGraph, StepSpec};
-        let strict = self.device_loop == runtime::DeviceLoop::On;
+        let strict = plan.required;
+        // Why the device loop cannot run, as the error when it is required.
+        let required_error = |why: &str| {
+            if plan.cuda_graphs {
+                Error::model(format!(
+                    "the transformer's session captures CUDA graphs, which only the device loop can drive, and \
+                     the device loop cannot run: {why}"
+                ))
+                .with_hint(runtime::step_graph::CUDA_GRAPH_HINT)
+            } else {
+                Error::model(format!("--device-loop on: {why}"))
+                    .with_hint("use --device-loop auto or off with this transformer graph")
+            }
+        };
         let gspec = self.spec.graph(Role::Transformer)?.clone();
         let n = |c: &str| gspec.actual_name(c);
         let names = LoopNames {
@@ -1054,6 +1094,12 @@ impl Pipeline {
                 velocity,
                 cfg: scale.is_some(),
             },
+            _ if strict => {
+                return Err(required_error(&format!(
+                    "the transformer has no input {} or no output {}",
+                    names.latents, names.velocity
+                )))
+            }
             _ => return Ok(false),
         };
         let why_not = runtime::step_graph::unsupported(&spec)
@@ -1067,23 +1113,20 @@ impl Pipeline {
             });
         if let Some(why) = why_not {
             if strict {
-                return Err(Error::model(format!("--device-loop on: {why}"))
-                    .with_hint("use --device-loop auto or off with this transformer graph"));
+                return Err(required_error(&why));
             }
             self.last_loop.1 = Some(why);
             return Ok(false);
         }
         if timesteps.is_empty() {
+            // Nothing to run: no loop touches the transformer.
             return Ok(false);
         }
-        let step = match self.step_graphs.iter().position(|g| *g.spec() == spec) {
-            Some(i) => Ok(self.step_graphs.swap_remove(i)),
-            None => StepGraph::build(&spec, &self.session),
-        };
         let slot = self
             .slots
             .get_mut(&Role::Transformer)
             .expect("every pipeline graph has a slot");
+        let is_transient = slot.graph.is_none();
         let mut transient = None;
         let graph = match slot.graph.as_mut() {
             Some(g) => g,
@@ -1110,23 +1153,74 @@ impl Pipeline {
             .iter()
             .map(|(n, t)| (n.as_str(), t.clone()))
             .collect();
-        let device_id = self.session.ep.gpu_id();
-        let setup = step.and_then(|step| {
-            DeviceDenoise::new(
-                graph,
-                step,
-                names,
-                x.view().into_dyn(),
-                &constants,
-                scale,
-                device_id,
-            )
-        });
+        let constants = match DeviceDenoise::constants(graph, &constants) {
+            Ok(c) => c,
+            Err(e) if !strict && e.kind != crate::ErrorKind::Cancelled => {
+                self.last_loop.1 = Some(e.to_string());
+                return Ok(false);
+            }
+            Err(e) if plan.cuda_graphs => return Err(required_error(&e.to_string())),
+            Err(e) => return Err(e),
+        };
+        // The kept loop when its buffers fit (the same addresses as before); a transient transformer (low-memory
+        // mode) is a new session, which captures anew.
+        let kept = if is_transient {
+            None
+        } else {
+            self.device_state.take()
+        };
+        let (reuse, old) = match kept {
+            Some(d) if d.fits(graph, &spec, x.shape(), &constants) => (Some(d), None),
+            other => (None, other),
+        };
+        let setup = match reuse {
+            Some(mut dd) => dd
+                .restart(graph, x.view().into_dyn(), &constants, scale)
+                .map(|()| dd),
+            None => {
+                if let Some(old) = old {
+                    // A session that captured CUDA graphs replays the old buffers' addresses: new ones would be
+                    // read stale. (Static shapes make this rare: a different batch, CFG or LoRA set.) The old loop
+                    // stays, for the requests that fit it.
+                    if graph.cuda_graphs() && old.transformer_runs() > 0 {
+                        self.device_state = Some(old);
+                        return Err(Error::input(
+                            "this request needs other device buffers than the transformer's captured CUDA graphs \
+                             (another batch size, true CFG or LoRA set than the first request of this pipeline)",
+                        )
+                        .with_hint(format!(
+                            "keep those the same for every request of a pipeline, load a new pipeline, or {}",
+                            runtime::step_graph::CUDA_GRAPH_HINT
+                        )));
+                    }
+                    self.step_graphs.push(old.into_step_graph());
+                }
+                let step = match self.step_graphs.iter().position(|g| *g.spec() == spec) {
+                    Some(i) => Ok(self.step_graphs.swap_remove(i)),
+                    None => StepGraph::build(&spec, &self.session),
+                };
+                let device_id = self.session.ep.gpu_id();
+                step.and_then(|step| {
+                    DeviceDenoise::new(
+                        graph,
+                        step,
+                        names,
+                        x.view().into_dyn(),
+                        &constants,
+                        scale,
+                        device_id,
+                    )
+                })
+            }
+        };
         let mut dd = match setup {
             Ok(dd) => dd,
             Err(e) if !strict && e.kind != crate::ErrorKind::Cancelled => {
                 self.last_loop.1 = Some(e.to_string());
                 return Ok(false);
+            }
+            Err(e) if plan.cuda_graphs && e.kind != crate::ErrorKind::Cancelled => {
+                return Err(required_error(&e.to_string()))
             }
             Err(e) => return Err(e),
         };
@@ -1144,6 +1238,7 @@ impl Pipeline {
                 let r = dd.step(
                     graph,
                     schedule::model_timestep(timesteps[i]),
+                    timesteps.get(i + 1).map(|&t| schedule::model_timestep(t)),
                     sigmas[i + 1] - sigmas[i],
                     want,
                     cancel,
@@ -1176,7 +1271,12 @@ impl Pipeline {
         };
         let result = run();
         self.ort_busy += graph.ort_time() - ort_before + step_time;
-        self.step_graphs.push(dd.into_step_graph());
+        // Kept for the next generation (same addresses); a transient transformer's loop goes with it.
+        if !is_transient {
+            self.device_state = Some(dd);
+        } else {
+            self.step_graphs.push(dd.into_step_graph());
+        }
         result?;
         // The latents come back to the host once, from the last step.
         let last = last.ok_or_else(|| Error::runtime("the device loop returned no latents"))?;

@@ -242,3 +242,47 @@ fn device_loop_with_a_lora_and_in_low_memory_mode() {
     assert_eq!(kind, LoopKind::Device);
     assert!(max_abs_diff("low memory", &dev, &plain) <= TOL);
 }
+
+#[test]
+fn later_generations_reuse_the_same_transformer_buffers() {
+    // CUDA graphs replay the device addresses of their capture run, so the loop keeps the transformer's buffers
+    // (latents, timestep, velocity, embeddings, ids, guidance) between generations and rewrites them in place.
+    // On CPU the addresses are host memory, checked the same way; every image still equals the plain loop's.
+    let mut pipe = load("tiny-flux-dev");
+    assert!(!pipe.transformer_cuda_graphs());
+    assert_eq!(pipe.device_loop_buffers(), None);
+    for (images, cfg) in [(2, false), (1, true)] {
+        let req = request(&pipe, images, cfg);
+        let mut other = req.clone();
+        other.prompt = "a blue bird on a branch".into();
+        other.seed = 5;
+        let (_, plain_x, plain_img) = generate_with(&mut pipe, &req, DeviceLoop::Off, false);
+        let (_, other_x, other_img) = generate_with(&mut pipe, &other, DeviceLoop::Off, false);
+        let (kind, x, img) = generate_with(&mut pipe, &req, DeviceLoop::On, false);
+        assert_eq!(kind, LoopKind::Device);
+        let buffers = pipe.device_loop_buffers().expect("the device loop is kept");
+        assert!(
+            buffers.iter().any(|(n, _)| n == "encoder_hidden_states"),
+            "{buffers:?}"
+        );
+        assert_eq!(
+            (x, img),
+            (plain_x.clone(), plain_img.clone()),
+            "images {images} cfg {cfg}"
+        );
+        // Another prompt and seed in the same buffers, then the first request again.
+        let (_, x, img) = generate_with(&mut pipe, &other, DeviceLoop::On, false);
+        assert_eq!(pipe.device_loop_buffers().as_ref(), Some(&buffers));
+        assert_eq!(
+            (x, img),
+            (other_x, other_img),
+            "images {images} cfg {cfg}: second prompt"
+        );
+        let (_, x, img) = generate_with(&mut pipe, &req, DeviceLoop::Auto, false);
+        assert_eq!(pipe.denoise_loop(), LoopKind::Plain, "auto is off on CPU");
+        assert_eq!((x, img), (plain_x.clone(), plain_img.clone()));
+        let (_, x, _) = generate_with(&mut pipe, &req, DeviceLoop::On, false);
+        assert_eq!(pipe.device_loop_buffers().as_ref(), Some(&buffers));
+        assert_eq!(x, plain_x);
+    }
+}

@@ -54,7 +54,7 @@ pub struct ProviderFlags {
     /// TensorRT: builder workspace limit, e.g. 8GiB [default: TensorRT's].
     #[arg(long, value_name = "BYTES")]
     pub trt_workspace: Option<ByteSize>,
-    /// TensorRT: capture CUDA graphs (static shapes only) [default: false].
+    /// TensorRT: capture CUDA graphs of the transformer (static shapes only; runs the device loop) [default: false].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub trt_cuda_graph: Option<bool>,
 
@@ -70,7 +70,7 @@ pub struct ProviderFlags {
     /// CUDA: TF32 math for fp32 matmuls and convolutions [default: true].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub cuda_tf32: Option<bool>,
-    /// CUDA: capture CUDA graphs (static shapes only) [default: false].
+    /// CUDA: capture CUDA graphs of the transformer (static shapes only; runs the device loop) [default: false].
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub cuda_graph: Option<bool>,
 

@@ -926,6 +926,15 @@ impl ProviderOptions {
     }
 }
 
+/// Whether the graph with pipeline role `role` may capture CUDA graphs: only the transformer. A captured graph
+/// replays the device addresses of its capture run, so every input and output must stay in the same device buffer
+/// for the session's lifetime; only the denoising loop's transformer is driven that way (fixed buffers of the
+/// device loop, [`super::step_graph::DeviceDenoise`]). The text encoders and the VAE run once per request through
+/// plain runs, whose inputs and outputs ONNX Runtime allocates anew, and gain little from a graph anyway.
+pub fn captures_cuda_graphs(role: &str) -> bool {
+    role == Role::Transformer.name()
+}
+
 /// Session settings a provider needs from ONNX Runtime's session options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SessionOverrides {
@@ -1014,7 +1023,9 @@ impl EpSettings {
             engine_cache_dir: None,
             timing_cache_dir: None,
             profile,
-            cuda_graph: t.cuda_graph && self.static_shapes(),
+            cuda_graph: t.cuda_graph
+                && self.static_shapes()
+                && graph.is_some_and(|g| captures_cuda_graphs(&g.role)),
         };
         if let Some(g) = graph {
             let root = self.tensorrt_cache_root();
@@ -1028,7 +1039,14 @@ impl EpSettings {
         Ok(o)
     }
 
+    /// The CUDA options of a session that is not the transformer's (probing, the step graph): CUDA graphs off.
     pub fn cuda_options(&self) -> CudaOptions {
+        self.cuda_options_for(None)
+    }
+
+    /// The CUDA options of the graph with pipeline role `role` (CUDA graphs only for the transformer, see
+    /// [`captures_cuda_graphs`]).
+    pub fn cuda_options_for(&self, role: Option<&str>) -> CudaOptions {
         let c = &self.cuda;
         CudaOptions {
             device_id: self.gpu(),
@@ -1036,8 +1054,21 @@ impl EpSettings {
             arena_extend_strategy: c.arena_extend_strategy,
             memory_limit: c.memory_limit,
             tf32: c.tf32,
-            cuda_graph: c.cuda_graph && self.static_shapes(),
+            cuda_graph: c.cuda_graph
+                && self.static_shapes()
+                && role.is_some_and(captures_cuda_graphs),
         }
+    }
+
+    /// Whether a session of the graph with pipeline role `role` on `active` captures CUDA graphs (CUDA's
+    /// `enable_cuda_graph` or TensorRT's `trt_cuda_graph_enable`). Such a session replays the device addresses of
+    /// its captured run, so it must always be run through the device loop's fixed buffers
+    /// ([`super::step_graph::loop_plan`]).
+    pub fn cuda_graphs(&self, active: &[Provider], role: &str) -> bool {
+        captures_cuda_graphs(role)
+            && self.static_shapes()
+            && ((active.contains(&Provider::TensorRt) && self.tensorrt.cuda_graph)
+                || (active.contains(&Provider::Cuda) && self.cuda.cuda_graph))
     }
 
     pub fn directml_options(&self) -> DirectMlOptions {
@@ -1070,16 +1101,28 @@ impl EpSettings {
         }
     }
 
-    /// What provider `p` receives for `graph`.
+    /// What provider `p` receives for `graph` (its role decides CUDA graphs; none without a graph).
     pub fn provider_options(
         &self,
         p: Provider,
         graph: Option<&GraphInfo>,
         host: &HostInfo,
     ) -> Result<ProviderOptions> {
+        self.provider_options_for(p, graph.map(|g| g.role.as_str()), graph, host)
+    }
+
+    /// What provider `p` receives for the graph with pipeline role `role`; `graph` is read only for TensorRT and
+    /// CoreML (profiles, caches), so a CUDA session passes its role alone.
+    pub fn provider_options_for(
+        &self,
+        p: Provider,
+        role: Option<&str>,
+        graph: Option<&GraphInfo>,
+        host: &HostInfo,
+    ) -> Result<ProviderOptions> {
         Ok(match p {
             Provider::TensorRt => ProviderOptions::TensorRt(self.tensorrt_options(graph, host)?),
-            Provider::Cuda => ProviderOptions::Cuda(self.cuda_options()),
+            Provider::Cuda => ProviderOptions::Cuda(self.cuda_options_for(role)),
             Provider::DirectMl => ProviderOptions::DirectMl(self.directml_options()),
             Provider::CoreMl => ProviderOptions::CoreMl(self.coreml_options(graph, host)),
             other => ProviderOptions::Defaults(other),
@@ -1533,20 +1576,79 @@ mod tests {
         )]);
         s.model = Some(ModelShapes::default());
         assert!(s.shapes.unwrap().is_static());
+        // Only the transformer's session captures CUDA graphs: it alone runs with fixed device buffers (the device
+        // loop); every other graph, the step graph and probing (no graph) keep them off.
+        let transformer = GraphInfo {
+            role: "transformer".into(),
+            ..vae_graph()
+        };
+        let trt = |g: &GraphInfo| {
+            let l = opts(
+                &s.provider_options(Provider::TensorRt, Some(g), &host())
+                    .unwrap(),
+            );
+            let p = get(&l, "trt_profile_min_shapes").unwrap().to_string();
+            assert_eq!(Some(p.as_str()), get(&l, "trt_profile_max_shapes"));
+            get(&l, "trt_cuda_graph_enable").unwrap().to_string()
+        };
+        assert_eq!(trt(&transformer), "true");
+        for role in ["clip", "t5", "vae_decoder", "vae_encoder", "step"] {
+            let g = GraphInfo {
+                role: role.into(),
+                ..vae_graph()
+            };
+            assert_eq!(trt(&g), "false", "{role}");
+        }
         let t = opts(
-            &s.provider_options(Provider::TensorRt, Some(&vae_graph()), &host())
+            &s.provider_options(Provider::TensorRt, None, &host())
                 .unwrap(),
         );
-        assert_eq!(get(&t, "trt_cuda_graph_enable"), Some("true"));
-        let p = get(&t, "trt_profile_min_shapes").unwrap();
-        assert_eq!(Some(p), get(&t, "trt_profile_max_shapes"));
-        let c = opts(&s.provider_options(Provider::Cuda, None, &host()).unwrap());
-        assert_eq!(get(&c, "enable_cuda_graph"), Some("true"));
+        assert_eq!(get(&t, "trt_cuda_graph_enable"), Some("false"));
+        let cuda = |role: Option<&str>| {
+            let l = opts(
+                &s.provider_options_for(Provider::Cuda, role, None, &host())
+                    .unwrap(),
+            );
+            get(&l, "enable_cuda_graph").unwrap().to_string()
+        };
+        assert_eq!(cuda(Some("transformer")), "true");
+        for role in [
+            Some("clip"),
+            Some("t5"),
+            Some("vae_decoder"),
+            Some("vae_encoder"),
+            None,
+        ] {
+            assert_eq!(cuda(role), "false", "{role:?}");
+        }
+        assert_eq!(
+            get(
+                &opts(&s.provider_options(Provider::Cuda, None, &host()).unwrap()),
+                "enable_cuda_graph"
+            ),
+            Some("false")
+        );
+        assert!(!s.cuda_options().cuda_graph);
+        // Per session: the transformer on CUDA or TensorRT, nothing else.
+        for active in [
+            vec![Provider::Cuda],
+            vec![Provider::TensorRt, Provider::Cuda],
+        ] {
+            assert!(s.cuda_graphs(&active, "transformer"), "{active:?}");
+            assert!(!s.cuda_graphs(&active, "vae_decoder"), "{active:?}");
+            assert!(!s.cuda_graphs(&active, "t5"), "{active:?}");
+        }
+        assert!(!s.cuda_graphs(&[Provider::Cpu], "transformer"));
+        assert!(!s.cuda_graphs(&[Provider::DirectMl], "transformer"));
         assert!(s.warnings(&[Provider::TensorRt, Provider::Cuda]).is_empty());
         // Without a declared shape there is nothing static.
         let s = resolve(&[&layer("[providers.cuda]\ncuda_graph = true\n")]);
-        let c = opts(&s.provider_options(Provider::Cuda, None, &host()).unwrap());
+        let c = opts(
+            &s.provider_options_for(Provider::Cuda, Some("transformer"), None, &host())
+                .unwrap(),
+        );
         assert_eq!(get(&c, "enable_cuda_graph"), Some("false"));
+        assert!(!s.cuda_graphs(&[Provider::Cuda], "transformer"));
         assert_eq!(s.warnings(&[Provider::Cuda]).len(), 1);
     }
 

@@ -341,7 +341,8 @@ fn register_on_throwaway(
 
 /// The `ort` provider object for `p` with `settings`, for the graph `(role, path)` (its TensorRT profile and
 /// the cache folders keyed by it; `None` when probing), if compiled in. Registered with `error_on_failure`. Creates
-/// the provider's cache folders. The options come from [`EpSettings::provider_options`].
+/// the provider's cache folders. The options come from [`EpSettings::provider_options_for`]; without a graph (probing,
+/// the device loop's step graph) CUDA graphs stay off.
 pub(crate) fn dispatch(
     p: Provider,
     settings: &EpSettings,
@@ -361,7 +362,8 @@ pub(crate) fn dispatch(
         }
         _ => None,
     };
-    let opts = settings.provider_options(p, info.as_ref(), &host)?;
+    let opts =
+        settings.provider_options_for(p, graph.map(|(role, _)| role), info.as_ref(), &host)?;
     if let Some(g) = &info {
         ep_config::prepare_cache_dirs(&opts, g, &host)?;
     }

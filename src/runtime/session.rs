@@ -369,6 +369,8 @@ pub struct Graph {
     optional: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
     providers: Vec<Provider>,
+    /// Whether the session captures CUDA graphs ([`EpSettings::cuda_graphs`](super::ep_config::EpSettings::cuda_graphs)).
+    cuda_graphs: bool,
     /// Time spent inside ONNX Runtime's run calls of this graph, summed.
     ort_time: Duration,
     load_time: Duration,
@@ -483,6 +485,7 @@ impl Graph {
             .iter()
             .map(|o| IoInfo::from_outlet(o.name(), o.dtype()))
             .collect();
+        let cuda_graphs = cfg.ep.cuda_graphs(&providers, role);
         Ok(Graph {
             session,
             role: role.to_string(),
@@ -491,6 +494,7 @@ impl Graph {
             optional,
             outputs,
             providers,
+            cuda_graphs,
             ort_time: Duration::ZERO,
             load_time: started.elapsed(),
             cache,
@@ -544,6 +548,29 @@ impl Graph {
         &self.providers
     }
 
+    /// A captured CUDA graph would replay the device addresses of an earlier run, and plain runs and the host
+    /// binding put inputs and outputs at new addresses: refuse instead of returning a stale result.
+    fn refuse_cuda_graphs(&self, what: &str) -> Result<()> {
+        if !self.cuda_graphs {
+            return Ok(());
+        }
+        Err(Error::runtime(format!(
+            "the {} graph {} captures CUDA graphs and cannot be run through {what}: a replayed graph reads and \
+             writes the device buffers of its capture run",
+            self.role,
+            self.path.display()
+        ))
+        .with_hint(
+            "turn CUDA graphs off (--cuda-graph false, --trt-cuda-graph false), or use --device-loop on or auto",
+        ))
+    }
+
+    /// Whether the session captures CUDA graphs (only a transformer's, with CUDA graphs asked for and static
+    /// shapes): it replays its captured device addresses, so only the device loop's fixed buffers may drive it.
+    pub fn cuda_graphs(&self) -> bool {
+        self.cuda_graphs
+    }
+
     /// Runs the graph. Every declared input must be given once; outputs come back in the graph's order, as f32.
     pub fn run(&mut self, inputs: &[(&str, TensorIn)]) -> Result<Outputs> {
         self.run_inner(inputs, None)
@@ -563,6 +590,7 @@ impl Graph {
         if cancel.is_some_and(Canceller::is_cancelled) {
             return Err(self.cancelled());
         }
+        self.refuse_cuda_graphs("a plain run")?;
         let values = self.prepare(inputs)?;
         let opts = match cancel {
             Some(c) => match c.begin()? {
@@ -1126,6 +1154,7 @@ impl Graph {
         if cancel.is_cancelled() {
             return Err(self.cancelled());
         }
+        self.refuse_cuda_graphs("the host I/O binding")?;
         for info in &self.inputs {
             if !b.inputs.iter().any(|(n, _, _)| *n == info.name) {
                 return Err(self.model_error(format!("required input {info} was not bound")));
