@@ -380,11 +380,13 @@ def fuse_loras(parts, specs: list[LoraSpec], log=print) -> list[dict]:
 # ------------------------------------------------------------------ random LoRAs for tests
 
 
-def _kohya_targets(transformer, single_linear1: bool, top_level: bool) -> list[tuple[str, list[str]]]:
-    """(kohya name, the diffusers modules it covers, in order) for every block layer of this model, plus the input
-    and output layers when top_level."""
+def _kohya_targets(transformer, single_linear1: bool, top_level: bool, blocks: bool = True,
+                   all_top_level: bool = False) -> list[tuple[str, list[str]]]:
+    """(kohya name, the diffusers modules it covers, in order) for every block layer of this model (when blocks),
+    plus the input and output layers when top_level; all_top_level adds time_in's out layer, vector_in and (models
+    with a guidance embedder) guidance_in."""
     out = []
-    for i, _ in enumerate(transformer.transformer_blocks):
+    for i, _ in enumerate(transformer.transformer_blocks if blocks else []):
         d = f"transformer_blocks.{i}"
         for side, attn, proj, ff, mod in (("img", ("to_q", "to_k", "to_v"), "to_out.0", "ff", "norm1"),
                                            ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out",
@@ -395,7 +397,7 @@ def _kohya_targets(transformer, single_linear1: bool, top_level: bool) -> list[t
                     (f"{k}_mlp_0", [f"{d}.{ff}.net.0.proj"]),
                     (f"{k}_mlp_2", [f"{d}.{ff}.net.2"]),
                     (f"{k}_mod_lin", [f"{d}.{mod}.linear"])]
-    for i, _ in enumerate(transformer.single_transformer_blocks):
+    for i, _ in enumerate(transformer.single_transformer_blocks if blocks else []):
         s = f"single_transformer_blocks.{i}"
         k = f"lora_unet_single_blocks_{i}"
         if single_linear1:
@@ -406,6 +408,14 @@ def _kohya_targets(transformer, single_linear1: bool, top_level: bool) -> list[t
                 ("lora_unet_time_in_in_layer", ["time_text_embed.timestep_embedder.linear_1"]),
                 ("lora_unet_final_layer_linear", ["proj_out"]),
                 ("lora_unet_final_layer_adaLN_modulation_1", ["norm_out.linear"])]
+    if all_top_level:
+        emb = "time_text_embed"
+        out += [("lora_unet_time_in_out_layer", [f"{emb}.timestep_embedder.linear_2"]),
+                ("lora_unet_vector_in_in_layer", [f"{emb}.text_embedder.linear_1"]),
+                ("lora_unet_vector_in_out_layer", [f"{emb}.text_embedder.linear_2"])]
+        if hasattr(transformer.time_text_embed, "guidance_embedder"):
+            out += [("lora_unet_guidance_in_in_layer", [f"{emb}.guidance_embedder.linear_1"]),
+                    ("lora_unet_guidance_in_out_layer", [f"{emb}.guidance_embedder.linear_2"])]
     return out
 
 
@@ -417,24 +427,28 @@ def diffusers_targets(transformer) -> list[str]:
 
 
 def make_random_lora(transformer, path: Path, naming: str = "diffusers", rank: int = 4, seed: int = 0,
-                     single_linear1: bool = True, top_level: bool = True, up_std: float = 0.2) -> Path:
+                     single_linear1: bool = True, top_level: bool = True, up_std: float = 0.2,
+                     blocks: bool = True, all_top_level: bool = False, targets: list[str] | None = None) -> Path:
     """Writes a random LoRA for `transformer` (fixed seed): `naming` "diffusers" (transformer.X.lora_A/B, no alpha)
     or "kohya" (lora_unet_*.lora_down/lora_up/alpha with alpha = rank / 2, fused qkv and linear1 layers).
     lora_up/lora_B are random too (trained-looking), so the LoRA visibly changes the model. Kohya files without
-    single_linear1 and top_level hold only layers that diffusers 0.42.1 itself loads on a non-FLUX.1-sized model."""
+    single_linear1 and top_level hold only layers that diffusers 0.42.1 itself loads on a non-FLUX.1-sized model.
+    Other layer sets (the defaults keep the files above unchanged): `targets` lists the diffusers modules of a
+    diffusers file; for kohya, blocks=False leaves the block layers out and all_top_level adds the remaining
+    embedder layers (time_in out, vector_in, guidance_in)."""
     from safetensors.torch import save_file
 
     g = torch.Generator("cpu").manual_seed(seed)
     modules = dict(transformer.named_modules())
     sd: dict[str, torch.Tensor] = {}
     if naming == "diffusers":
-        for name in diffusers_targets(transformer):
+        for name in targets if targets is not None else diffusers_targets(transformer):
             m = modules[name]
             sd[f"transformer.{name}{LORA_A}"] = torch.randn(rank, m.in_features, generator=g) / math.sqrt(m.in_features)
             sd[f"transformer.{name}{LORA_B}"] = torch.randn(m.out_features, rank, generator=g) * up_std
     elif naming == "kohya":
-        for kname, targets in _kohya_targets(transformer, single_linear1, top_level):
-            mods = [modules[t] for t in targets]
+        for kname, covered in _kohya_targets(transformer, single_linear1, top_level, blocks, all_top_level):
+            mods = [modules[t] for t in covered]
             fan_in = mods[0].in_features
             out_features = sum(m.out_features for m in mods)
             sd[f"{kname}.lora_down.weight"] = torch.randn(rank, fan_in, generator=g) / math.sqrt(fan_in)

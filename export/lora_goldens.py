@@ -4,9 +4,13 @@ LoRA-slot parity tests.
 Written into GOLDENS/<model>/lora/ with an index.json {"kind", "notes", "cases"} like the img2img / true_cfg kinds.
 The LoRA files are random (export.lora.make_random_lora, fixed seeds) and committed under tests/data/lora/: per
 model one diffusers/PEFT-named file with alpha != rank and one kohya-named file (double-block qkv/proj/mlp/mod,
-single-block linear1/linear2/modulation, and the input/output layers incl. final_layer). Cases, all at the prompt,
-seed, size and steps of the text-to-image case p0_64x64 (so its image is the no-LoRA reference): the diffusers file
-alone at 0.8, the kohya file alone at 1.0, both stacked at 0.6 and 0.5 (diffusers first).
+single-block linear1/linear2/modulation, and the input/output layers incl. final_layer); plus, so every slot mapping
+is compared with diffusers, a kohya file of only the top-level layers (img_in, txt_in, time_in, vector_in,
+guidance_in on dev, final_layer) and a diffusers file of the `time_text_embed.*` embedders and the output layers
+with alphas on some layers only (diffusers' partial-alpha rule). Cases, all at the prompt, seed, size and steps of
+the text-to-image case p0_64x64 (so its image is the no-LoRA reference): the diffusers file alone at 0.8, the kohya
+file alone at 1.0, both stacked at 0.6 and 0.5 (diffusers first), the two top-level files stacked at 1.0 and 0.7,
+and the diffusers file at 0.8 with true CFG (the true_cfg goldens' negative prompt and true_cfg_scale).
 
 Per case: `<case>.safetensors` with the same tensors as the text-to-image goldens (ids, embeddings, sigmas,
 timesteps, noise, per-step latents, image), and `<case>.delta.safetensors` with, for every transformer Linear the
@@ -29,11 +33,20 @@ from . import goldens
 from .lora import LoraSpec, make_random_lora, read_lora_file, to_diffusers
 from .lora_slots import slot_deltas, slot_factors
 
-# (naming, rank, alpha or None for make_random_lora's own, seed); alpha != rank for the diffusers file.
-LORA_FILES = [("diffusers", 4, 8.0, 11), ("kohya", 6, None, 12)]
+# Partial alphas (diffusers naming): the first alpha in key order (norm_out.linear) is diffusers' default for the
+# layers without one; proj_out's also reaches single_transformer_blocks.0.proj_out through PEFT's suffix match.
+TOP_ALPHAS = {"norm_out.linear": 2.0, "proj_out": 6.0, "time_text_embed.timestep_embedder.linear_1": 3.0}
+# (file name, naming, rank, alpha: None for make_random_lora's own, a number for every layer, a dict for some,
+#  seed, make_random_lora options); alpha != rank for the diffusers file.
+LORA_FILES = [("diffusers", "diffusers", 4, 8.0, 11, {}), ("kohya", "kohya", 6, None, 12, {}),
+              ("kohya-top", "kohya", 3, None, 13, {"blocks": False, "all_top_level": True}),
+              ("diffusers-top", "diffusers", 4, TOP_ALPHAS, 14, {"targets": "top"})]
 UP_STD = 0.3
 SCALES = {"diffusers": [("diffusers", 0.8)], "kohya": [("kohya", 1.0)],
-          "stacked": [("diffusers", 0.6), ("kohya", 0.5)]}
+          "stacked": [("diffusers", 0.6), ("kohya", 0.5)],
+          "top": [("kohya-top", 1.0), ("diffusers-top", 0.7)],
+          "true_cfg": [("diffusers", 0.8)]}
+TRUE_CFG = {"true_cfg"}  # cases run with the true_cfg goldens' negative prompt and true_cfg_scale
 
 LORA_NOTES = {
     "pipeline": "diffusers FluxPipeline (diffusers 0.42.1), fp32 on CPU, output_type='pt', generator "
@@ -51,7 +64,13 @@ LORA_NOTES = {
              "sum over the case's LoRAs of scale * alpha / r * (B A)^T.",
     "tensors": "<case>.safetensors holds the same tensors as the text-to-image goldens: clip_input_ids, "
                "t5_input_ids, prompt_embeds, pooled_prompt_embeds, sigmas, timesteps, noise, noise_packed, "
-               "latents [steps, 1, S, 64] after every step, image [1, 3, H, W] in [0, 1].",
+               "latents [steps, 1, S, 64] after every step, image [1, 3, H, W] in [0, 1]; a case with "
+               "negative_prompt and true_cfg_scale holds the true_cfg goldens' tensors instead (FluxPipeline with "
+               "negative_prompt and true_cfg_scale, the LoRAs acting on both transformer passes).",
+    "alphas": "A diffusers-named file with .alpha on some layers only loads as diffusers 0.42.1 configures PEFT "
+              "(get_peft_kwargs): the first alpha in key order is the default for the layers without one (meant "
+              "as the most common alpha, but counted by tensor identity), and alpha_pattern entries match module "
+              "paths as suffixes (PEFT get_pattern_key).",
     "files": "loras[].file is relative to the repository root.",
 }
 
@@ -65,14 +84,28 @@ def lora_file(data_dir: Path, model: str, naming: str) -> Path:
     return Path(data_dir) / f"{model}-{naming}.safetensors"
 
 
-def _make_file(transformer, path: Path, naming: str, rank: int, alpha: float | None, seed: int) -> None:
-    make_random_lora(transformer, path, naming=naming, rank=rank, seed=seed, up_std=UP_STD)
-    if alpha is not None:  # diffusers/PEFT naming with `.alpha` keys (one per layer, all equal)
+def _top_targets(transformer) -> list[str]:
+    """The diffusers-named top-level file's layers: the time/text/guidance embedders and the output layers, and one
+    single block's proj_out (which PEFT's suffix match gives proj_out's alpha)."""
+    emb = [n for n, m in transformer.named_modules()
+           if isinstance(m, torch.nn.Linear) and n.startswith("time_text_embed.")]
+    return emb + ["norm_out.linear", "proj_out", "single_transformer_blocks.0.proj_out"]
+
+
+def _make_file(transformer, path: Path, naming: str, rank: int, alpha, seed: int, options: dict) -> None:
+    options = dict(options)
+    if options.get("targets") == "top":
+        options["targets"] = _top_targets(transformer)
+    make_random_lora(transformer, path, naming=naming, rank=rank, seed=seed, up_std=UP_STD, **options)
+    if alpha is not None:  # diffusers/PEFT naming with `.alpha` keys: every layer, or the ones a dict names
         from safetensors.torch import load_file, save_file
 
         sd = load_file(str(path))
         for k in [k for k in sd if k.endswith(".lora_A.weight")]:
-            sd[k[: -len(".lora_A.weight")] + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
+            module = k[len("transformer."): -len(".lora_A.weight")]
+            value = alpha.get(module) if isinstance(alpha, dict) else alpha
+            if value is not None:
+                sd[k[: -len(".lora_A.weight")] + ".alpha"] = torch.tensor(value, dtype=torch.float32)
         save_file(sd, str(path))
 
 
@@ -81,17 +114,17 @@ def write_lora_files(transformer, model: str, variant: str, data_dir: Path, log=
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     out = {}
-    for naming, rank, alpha, seed in LORA_FILES:
-        path = lora_file(data_dir, model, naming)
+    for name, naming, rank, alpha, seed, options in LORA_FILES:
+        path = lora_file(data_dir, model, name)
         with tempfile.TemporaryDirectory(dir=data_dir) as tmp:
             new = Path(tmp) / path.name
-            _make_file(transformer, new, naming, rank, alpha, seed + (100 if variant == "dev" else 0))
+            _make_file(transformer, new, naming, rank, alpha, seed + (100 if variant == "dev" else 0), options)
             if path.is_file() and path.read_bytes() == new.read_bytes():
                 log(f"LoRA {path.name}: unchanged")
             else:
                 os.replace(new, path)
                 log(f"LoRA {path.name}: written")
-        out[naming] = path
+        out[name] = path
     return out
 
 
@@ -99,7 +132,7 @@ def lora_cases(variant: str, model: str, files: dict[str, Path], root: Path) -> 
     base = next(c for c in goldens.cases(variant) if c["name"] == "p0_64x64")
     out = []
     for name, loras in SCALES.items():
-        out.append({
+        case = {
             "name": name,
             "prompt": base["prompt"],
             "width": base["width"],
@@ -108,7 +141,10 @@ def lora_cases(variant: str, model: str, files: dict[str, Path], root: Path) -> 
             "steps": base["steps"],
             "guidance": base["guidance"],
             "loras": [{"file": Path(os.path.relpath(files[n], root)).as_posix(), "scale": s} for n, s in loras],
-        })
+        }
+        if name in TRUE_CFG:
+            case.update(negative_prompt=goldens.NEGATIVE_PROMPT, true_cfg_scale=goldens.TRUE_CFG_SCALE)
+        out.append(case)
     return out
 
 
@@ -136,7 +172,10 @@ def run_lora_case(pipe, case: dict, t5_max_length: int, root: Path) -> tuple[dic
                 warnings.simplefilter("ignore")
                 pipe.load_lora_weights(sd, adapter_name=name)
         pipe.set_adapters(names, adapter_weights=[s.scale for s in specs])
-        tensors = goldens.run_case(pipe, case, t5_max_length)
+        if "negative_prompt" in case:
+            tensors = goldens.run_true_cfg_case(pipe, case, t5_max_length)
+        else:
+            tensors = goldens.run_case(pipe, case, t5_max_length)
     finally:
         pipe.unload_lora_weights()
         dlogging.set_verbosity(verbosity)

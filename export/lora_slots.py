@@ -197,9 +197,24 @@ def manifest_field(slots: list[Slot]) -> list[dict]:
 # ------------------------------------------------------------------ LoRA files -> slot factors
 
 
-def _alpha(sd: dict, name: str) -> float | None:
-    v = sd.get(f"transformer.{name}.alpha")
-    return None if v is None else float(torch.as_tensor(v).float().item())
+def peft_alphas(sd: dict, pairs: dict) -> dict[str, float]:
+    """{layer: alpha} as diffusers 0.42.1 configures PEFT for a diffusers-named file (converted `sd`, `pairs` its
+    {layer: (lora_A, lora_B)}): diffusers' own get_peft_kwargs and PEFT's pattern lookup, so quirks match exactly.
+    No `.alpha` key: alpha = rank. Otherwise a layer without one gets the default, which diffusers means to be the
+    most common alpha but, counting tensors by identity, is the first one in key order; `alpha_pattern` keys
+    match as suffixes of module paths (`proj_out` also hits `single_transformer_blocks.N.proj_out`)."""
+    alphas = {k[len("transformer."):]: torch.as_tensor(v) for k, v in sd.items()
+              if k.startswith("transformer.") and k.endswith(".alpha")}
+    if not alphas:
+        return {name: float(down.shape[0]) for name, (down, _up) in pairs.items()}
+    from diffusers.utils.peft_utils import get_peft_kwargs
+    from peft.utils.other import get_pattern_key
+
+    ranks = {f"^{name}.lora_B.weight": up.shape[1] for name, (_down, up) in pairs.items()}
+    kw = get_peft_kwargs(ranks, alphas, {f"{name}.lora_A.weight": None for name in pairs})
+    pattern = kw["alpha_pattern"]
+    return {name: float(torch.as_tensor(pattern.get(get_pattern_key(pattern.keys(), name), kw["lora_alpha"])))
+            for name in pairs}
 
 
 def lora_pairs(spec, transformer) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -213,12 +228,11 @@ def lora_pairs(spec, transformer) -> dict[str, tuple[torch.Tensor, torch.Tensor]
     if not tr:
         raise ExportError(f"LoRA file {spec.path} has no transformer layers")
     pairs = lora._pairs(sd, "transformer.", spec.path)
+    alphas = peft_alphas(sd, pairs)
     out = {}
     for name, target in tr.items():
         down, up = pairs[name]  # lora_A.weight [r, in], lora_B.weight [out, r]
-        rank = down.shape[0]
-        alpha = _alpha(sd, name)
-        scale = (alpha / rank if alpha is not None else 1.0) * float(spec.scale)
+        scale = alphas[name] / down.shape[0] * float(spec.scale)
         out[target] = (down.float().t().contiguous(), (up.float() * scale).t().contiguous())
     return out
 

@@ -124,12 +124,13 @@ pub struct GenerationParams {
     pub loras: Vec<LoraParam>,
 }
 
-/// One run-time LoRA of an image: its name (the file name without `.safetensors`), file hash and scale.
+/// One run-time LoRA of an image: its name (the file name without `.safetensors`), hash and scale.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraParam {
     pub name: String,
-    /// sha256 of the file, hex (written shortened to 12 characters, as A1111 writes `Lora hashes`).
-    pub sha256: String,
+    /// A1111's "addnet" hash of the file ([`crate::lora::Lora::addnet_hash`]), hex; written shortened to 12
+    /// characters, as A1111 writes `Lora hashes`.
+    pub addnet_hash: String,
     pub scale: f32,
 }
 
@@ -145,7 +146,7 @@ impl LoraParam {
                     .strip_suffix(".safetensors")
                     .unwrap_or(&c.lora.name)
                     .to_string(),
-                sha256: c.lora.sha256.clone(),
+                addnet_hash: c.lora.addnet_hash.clone(),
                 scale: c.scale,
             })
             .collect()
@@ -205,17 +206,23 @@ pub fn a1111_parameters(params: &GenerationParams) -> String {
             pairs.push(("Prompt 2", p2.to_string()));
         }
     }
-    // A1111's `Lora hashes` (name: first 12 hex digits of the file's sha256), and the scales beside them.
-    let join = |f: &dyn Fn(&LoraParam) -> String| {
-        params.loras.iter().map(f).collect::<Vec<_>>().join(", ")
+    // A1111's `Lora hashes` (name: first 12 hex digits of the addnet hash), and the scales beside them. Like
+    // A1111 (extra_networks_lora.py) we drop `:` and `,` from names, which would break the `name: hash` list.
+    let join = |f: &dyn Fn(&str, &LoraParam) -> String| {
+        let names = params.loras.iter().map(|l| l.name.replace([':', ','], ""));
+        names
+            .zip(&params.loras)
+            .map(|(n, l)| f(&n, l))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     pairs.push((
         "Lora hashes",
-        join(&|l| format!("{}: {}", l.name, &l.sha256[..l.sha256.len().min(12)])),
+        join(&|n, l| format!("{n}: {}", &l.addnet_hash[..l.addnet_hash.len().min(12)])),
     ));
     pairs.push((
         "Lora scales",
-        join(&|l| format!("{}: {}", l.name, py_float(l.scale))),
+        join(&|n, l| format!("{n}: {}", py_float(l.scale))),
     ));
     pairs.push(("Version", params.version.clone()));
 
@@ -674,12 +681,12 @@ mod tests {
         p.loras = vec![
             LoraParam {
                 name: "style".into(),
-                sha256: "0123456789abcdef0123".into(),
+                addnet_hash: "0123456789abcdef0123".into(),
                 scale: 0.8,
             },
             LoraParam {
-                name: "detail".into(),
-                sha256: "fedcba9876543210".into(),
+                name: "de:tail, v2".into(),
+                addnet_hash: "fedcba9876543210".into(),
                 scale: -0.5,
             },
         ];
@@ -687,8 +694,8 @@ mod tests {
             a1111_parameters(&p),
             "a photo of a cat\nSteps: 4, Sampler: Euler, Seed: 42, Size: 512x512, Guidance: 3.5, \
              Denoising strength: 0.6, Model: tiny-flux-schnell, Provider: cpu, \
-             Lora hashes: \"style: 0123456789ab, detail: fedcba987654\", \
-             Lora scales: \"style: 0.8, detail: -0.5\", Version: fluxrt 0.1.0"
+             Lora hashes: \"style: 0123456789ab, detail v2: fedcba987654\", \
+             Lora scales: \"style: 0.8, detail v2: -0.5\", Version: fluxrt 0.1.0"
         );
     }
 

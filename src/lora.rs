@@ -15,6 +15,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use ndarray::{Array2, ArrayD, Axis};
 use safetensors::{Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
 
 use crate::runtime::{Dim, IoInfo};
 use crate::{Error, Result};
@@ -120,6 +121,9 @@ pub struct Lora {
     pub name: String,
     /// sha256 of the file, hex.
     pub sha256: String,
+    /// sha256 of the file's tensor data (after the 8-byte length and the JSON header), hex: the "addnet" hash
+    /// A1111 shortens to 12 digits for `Lora hashes`, so it does not change when only metadata does.
+    pub addnet_hash: String,
     pub naming: Naming,
     /// Per slot module.
     pub modules: BTreeMap<String, Factors>,
@@ -130,6 +134,7 @@ impl fmt::Debug for Lora {
         f.debug_struct("Lora")
             .field("name", &self.name)
             .field("sha256", &self.sha256)
+            .field("addnet_hash", &self.addnet_hash)
             .field("naming", &self.naming)
             .field("layers", &self.modules.len())
             .finish()
@@ -169,13 +174,25 @@ pub fn check_scale(scale: f32, what: &str) -> Result<()> {
     }
 }
 
+/// The one check that a LoRA file exists: done when `--lora` is parsed, so the CLI and the server fail before
+/// any model loads ([`Lora::load`] only turns a file that vanished since into the same kind of error).
+fn check_file(path: &Path, hint: &str) -> Result<()> {
+    if path.is_file() {
+        return Ok(());
+    }
+    Err(Error::input(format!("LoRA file {} does not exist", path.display())).with_hint(hint))
+}
+
 /// `FILE[:SCALE]` as the export's `--lora` takes it: the text after the last `:` is the scale when it is a
 /// number; otherwise the whole text is the file (scale 1.0) if it exists, else the scale is reported as bad.
+/// The file must exist.
 pub fn parse_spec(text: &str) -> Result<(std::path::PathBuf, f32)> {
+    let hint = "pass --lora FILE or --lora FILE:SCALE with a LoRA .safetensors file";
     if let Some((path, scale)) = text.rsplit_once(':').filter(|(p, _)| !p.is_empty()) {
         match scale.trim().parse::<f32>() {
             Ok(v) => {
                 check_scale(v, path)?;
+                check_file(Path::new(path), hint)?;
                 return Ok((path.into(), v));
             }
             Err(_) if !Path::new(text).exists() => {
@@ -189,10 +206,11 @@ pub fn parse_spec(text: &str) -> Result<(std::path::PathBuf, f32)> {
             Err(_) => {}
         }
     }
+    check_file(Path::new(text), hint)?;
     Ok((text.into(), 1.0))
 }
 
-/// `NAME=FILE` of `fluxrt serve --lora`.
+/// `NAME=FILE` of `fluxrt serve --lora`; the file must exist.
 pub fn parse_named(text: &str) -> Result<(String, std::path::PathBuf)> {
     let bad = || {
         Error::input(format!("--lora {text}: expected NAME=FILE")).with_hint(
@@ -209,6 +227,14 @@ pub fn parse_named(text: &str) -> Result<(String, std::path::PathBuf)> {
     {
         return Err(bad());
     }
+    check_file(
+        Path::new(file),
+        "pass --lora NAME=FILE with the path of a LoRA .safetensors file",
+    )
+    .map_err(|e| Error {
+        message: format!("--lora {name}: {}", e.message),
+        ..e
+    })?;
     Ok((name.to_string(), file.into()))
 }
 
@@ -255,8 +281,11 @@ impl Lora {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::input(format!("LoRA file {label} does not exist"))
-                    .with_hint("pass the path of a LoRA .safetensors file"))
+                return Err(
+                    check_file(path, "pass the path of a LoRA .safetensors file")
+                        .err()
+                        .unwrap_or_else(|| Error::io_at("read LoRA file", path, e)),
+                )
             }
             Err(e) => return Err(Error::io_at("read LoRA file", path, e)),
         };
@@ -280,8 +309,19 @@ impl Lora {
         Ok(Lora {
             name: label.to_string(),
             sha256: sha256_hex(bytes),
+            addnet_hash: addnet_hash_hex(bytes),
             naming,
             modules,
+        })
+    }
+
+    /// What `--json` and the server's `/v1/models` / `/ready` say about this LoRA.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "file": self.name,
+            "sha256": self.sha256,
+            "naming": self.naming.name(),
+            "layers": self.modules.len(),
         })
     }
 
@@ -337,7 +377,8 @@ fn read_tensors(label: &str, bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
                 .collect(),
             other => {
                 return Err(Error::input(format!(
-                    "LoRA file {label}: tensor {name} is {other:?}, not a float (f32, f16, bf16)"
+                    "LoRA file {label}: tensor {name} is {other:?}, not a float \
+                     (f32, f64, f16, bf16)"
                 )))
             }
         };
@@ -433,13 +474,13 @@ fn group(
     Ok(layers)
 }
 
-/// Down, up and alpha / rank of one grouped layer, checked to be a low-rank pair.
+/// Down, up and the file's alpha (if any) of one grouped layer, checked to be a low-rank pair.
 fn pair_parts(
     label: &str,
     layer: &str,
     [down, up, alpha]: [Option<Tensor>; 3],
     names: [&str; 2],
-) -> Result<(Array2<f32>, Array2<f32>, f32)> {
+) -> Result<(Array2<f32>, Array2<f32>, Option<f32>)> {
     let (Some(down), Some(up)) = (down, up) else {
         return Err(Error::input(format!(
             "LoRA file {label}: layer {layer} lacks its {} or {} weight; the file is incomplete",
@@ -462,8 +503,8 @@ fn pair_parts(
         )));
     }
     let alpha = match alpha {
-        None => rank as f32,
-        Some(a) if a.data.len() == 1 => a.data[0],
+        None => None,
+        Some(a) if a.data.len() == 1 => Some(a.data[0]),
         Some(a) => {
             return Err(Error::input(format!(
                 "LoRA file {label}: the alpha of layer {layer} has shape {:?}, expected one number",
@@ -471,24 +512,68 @@ fn pair_parts(
             )))
         }
     };
-    Ok((d, u, alpha / rank as f32))
+    Ok((d, u, alpha))
+}
+
+/// The alpha PEFT gives each layer of a diffusers-named file, as diffusers 0.42.1 (`get_peft_kwargs`) and
+/// PEFT 0.21 (`get_pattern_key`) configure it. `alphas` are the file's `(module, alpha)` in key order.
+/// Without any alpha every layer has alpha = its rank (scale 1). Otherwise diffusers takes the "most common"
+/// alpha as the default, but counts the alpha tensors by identity, so in effect the FIRST alpha (in the file's
+/// sorted key order) is the default; layers whose alpha differs go into `alpha_pattern`, which PEFT matches as
+/// a suffix of the module path (`proj_out` also matches `single_transformer_blocks.0.proj_out`), first pattern
+/// first. A layer without `.alpha` thus gets the default, not its rank.
+struct PeftAlphas {
+    default: Option<f32>,
+    pattern: Vec<(String, f32)>,
+}
+
+impl PeftAlphas {
+    fn new(alphas: &[(String, f32)]) -> PeftAlphas {
+        let default = alphas.first().map(|(_, a)| *a);
+        let pattern = alphas
+            .iter()
+            .filter(|(_, a)| Some(*a) != default)
+            .cloned()
+            .collect();
+        PeftAlphas { default, pattern }
+    }
+
+    fn alpha(&self, module: &str, rank: usize) -> f32 {
+        let Some(default) = self.default else {
+            return rank as f32;
+        };
+        self.pattern
+            .iter()
+            .find(|(k, _)| {
+                module == k
+                    || module
+                        .strip_suffix(k.as_str())
+                        .is_some_and(|head| head.ends_with('.'))
+            })
+            .map_or(default, |(_, a)| *a)
+    }
 }
 
 fn diffusers_pairs(label: &str, tensors: BTreeMap<String, Tensor>) -> Result<Vec<Pair>> {
-    // diffusers' own naming has the `transformer.` prefix; PEFT's save format has none, or `base_model.model.`.
+    // diffusers' own naming has the `transformer.` prefix; PEFT's save format has none. (`base_model.model.`
+    // marks fal-Kontext files with BFL layer names, which only the export's diffusers conversion reads.)
     let prefixed = tensors.keys().any(|k| k.starts_with("transformer."));
     let strip = |layer: &str| -> Option<String> {
         if prefixed {
             layer.strip_prefix("transformer.").map(str::to_string)
         } else {
-            Some(
-                layer
-                    .strip_prefix("base_model.model.")
-                    .unwrap_or(layer)
-                    .to_string(),
-            )
+            Some(layer.to_string())
         }
     };
+    // The file's alphas in key order (BTreeMap: sorted, as safetensors hands them to diffusers).
+    let alphas: Vec<(String, f32)> = tensors
+        .iter()
+        .filter_map(|(k, t)| {
+            let module = strip(k.strip_suffix(".alpha")?)?;
+            (t.data.len() == 1).then(|| (module, t.data[0]))
+        })
+        .collect();
+    let peft = PeftAlphas::new(&alphas);
     let layers = group(
         label,
         tensors,
@@ -497,7 +582,9 @@ fn diffusers_pairs(label: &str, tensors: BTreeMap<String, Tensor>) -> Result<Vec
     )?;
     let mut pairs = Vec::new();
     for (module, (key, parts)) in layers {
-        let (down, up, scale) = pair_parts(label, &module, parts, ["lora_A", "lora_B"])?;
+        let (down, up, _own) = pair_parts(label, &module, parts, ["lora_A", "lora_B"])?;
+        let rank = down.nrows();
+        let scale = peft.alpha(&module, rank) / rank as f32;
         pairs.push(Pair {
             module,
             key,
@@ -599,7 +686,9 @@ fn kohya_pairs(
     )?;
     let mut pairs = Vec::new();
     for (layer, (key, parts)) in layers {
-        let (down, up, scale) = pair_parts(label, &layer, parts, ["lora_down", "lora_up"])?;
+        let (down, up, alpha) = pair_parts(label, &layer, parts, ["lora_down", "lora_up"])?;
+        // diffusers folds each kohya layer's own alpha in; a layer without one has alpha = rank.
+        let scale = alpha.map_or(1.0, |a| a / down.nrows() as f32);
         let Some(target) = kohya_target(&layer) else {
             return Err(Error::input(format!(
                 "LoRA file {label}: kohya layer lora_unet_{layer} is not a Flux transformer layer"
@@ -787,71 +876,26 @@ pub fn feeds(stacked: BTreeMap<String, Factors>) -> Feeds {
     out
 }
 
-/// SHA-256 of `data`, lower-case hex (FIPS 180-4), to record which LoRA file made an image.
+/// SHA-256 of `data`, lower-case hex, to record which LoRA file made an image.
 pub fn sha256_hex(data: &[u8]) -> String {
-    const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-        0xc67178f2,
-    ];
-    let mut h: [u32; 8] = [
-        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
-        0x5be0cd19,
-    ];
-    let mut msg = data.to_vec();
-    msg.push(0x80);
-    while msg.len() % 64 != 56 {
-        msg.push(0);
-    }
-    msg.extend_from_slice(&((data.len() as u64) * 8).to_be_bytes());
-    for chunk in msg.chunks_exact(64) {
-        let mut w = [0u32; 64];
-        for (i, b) in chunk.chunks_exact(4).enumerate() {
-            w[i] = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-        }
-        for i in 16..64 {
-            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16]
-                .wrapping_add(s0)
-                .wrapping_add(w[i - 7])
-                .wrapping_add(s1);
-        }
-        let mut v = h;
-        for i in 0..64 {
-            let s1 = v[4].rotate_right(6) ^ v[4].rotate_right(11) ^ v[4].rotate_right(25);
-            let ch = (v[4] & v[5]) ^ (!v[4] & v[6]);
-            let t1 = v[7]
-                .wrapping_add(s1)
-                .wrapping_add(ch)
-                .wrapping_add(K[i])
-                .wrapping_add(w[i]);
-            let s0 = v[0].rotate_right(2) ^ v[0].rotate_right(13) ^ v[0].rotate_right(22);
-            let maj = (v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]);
-            let t2 = s0.wrapping_add(maj);
-            v = [
-                t1.wrapping_add(t2),
-                v[0],
-                v[1],
-                v[2],
-                v[3].wrapping_add(t1),
-                v[4],
-                v[5],
-                v[6],
-            ];
-        }
-        for (x, y) in h.iter_mut().zip(v) {
-            *x = x.wrapping_add(y);
-        }
-    }
-    h.iter().map(|x| format!("{x:08x}")).collect()
+    hex(&Sha256::digest(data))
+}
+
+/// A1111's "addnet" hash of a safetensors file (`modules/hashes.py` `addnet_hash_safetensors`): sha256 of the
+/// bytes after the 8-byte header length and the JSON header, lower-case hex. Hashes the whole input when the
+/// length is out of range (the file was already parsed, so that only happens for non-safetensors input).
+pub fn addnet_hash_hex(data: &[u8]) -> String {
+    let start = data
+        .get(..8)
+        .map(|n| u64::from_le_bytes(n.try_into().expect("8 bytes")))
+        .and_then(|n| usize::try_from(n).ok()?.checked_add(8))
+        .filter(|&start| start <= data.len())
+        .unwrap_or(0);
+    sha256_hex(&data[start..])
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -1005,7 +1049,7 @@ mod tests {
     fn peft_names_without_prefix_and_f16_load_without_alpha() {
         // Rank 1; halves are exact in f16.
         let (down, up) = (ramp(3, 0.5), ramp(4, 1.0));
-        for prefix in ["", "base_model.model."] {
+        for prefix in ["", "transformer."] {
             let bytes = file(
                 &[
                     (
@@ -1026,6 +1070,87 @@ mod tests {
             assert_eq!(f.rank(), 1);
             close(&f.b, &mat(1, 4, &up)); // no alpha: scale 1
         }
+        // `base_model.model.` marks fal-Kontext files with BFL layer names (diffusers' is_fal_kontext), not
+        // diffusers modules: refused like any layer of another model.
+        let bytes = file(
+            &[
+                ("base_model.model.proj_out.lora_A.weight", vec![1, 3], down),
+                ("base_model.model.proj_out.lora_B.weight", vec![4, 1], up),
+            ],
+            false,
+        );
+        let e = err(&bytes, &slots());
+        assert!(
+            e.message.contains("base_model.model.proj_out") && e.message.contains("no LoRA slot"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn partial_alphas_follow_diffusers_peft_config() {
+        // Rank 2 everywhere. Alphas in sorted key order: norm_out.linear 4 (the first: the default, which
+        // diffusers' identity-counted "most common" picks, though 6 is more common), proj_out 1 (pattern),
+        // single_transformer_blocks.0.attn.to_q 4, .to_v 6, transformer_blocks.0.attn.to_k 6, .to_v 6 (pattern).
+        // Without alpha: to_q gets the default 4, not its rank; so do single_transformer_blocks.0.attn.to_k and
+        // x_embedder. PEFT matches the pattern `proj_out` as a suffix, so single_transformer_blocks.0.proj_out
+        // (no alpha) gets 1.
+        let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        let layers = [
+            ("transformer_blocks.0.attn.to_q", 3, 2, None),
+            ("transformer_blocks.0.attn.to_k", 3, 2, Some(6.0)),
+            ("transformer_blocks.0.attn.to_v", 3, 2, Some(6.0)),
+            ("single_transformer_blocks.0.attn.to_q", 3, 2, Some(4.0)),
+            ("single_transformer_blocks.0.attn.to_k", 3, 2, None),
+            ("single_transformer_blocks.0.attn.to_v", 3, 2, Some(6.0)),
+            ("single_transformer_blocks.0.proj_out", 8, 3, None),
+            ("norm_out.linear", 3, 4, Some(4.0)),
+            ("proj_out", 3, 4, Some(1.0)),
+            ("x_embedder", 4, 3, None),
+        ];
+        for (m, i, o, alpha) in layers {
+            t.push((
+                format!("transformer.{m}.lora_A.weight"),
+                vec![2, i],
+                ramp(2 * i, 0.1),
+            ));
+            t.push((
+                format!("transformer.{m}.lora_B.weight"),
+                vec![o, 2],
+                ramp(2 * o, 0.2),
+            ));
+            if let Some(a) = alpha {
+                t.push((format!("transformer.{m}.alpha"), vec![], vec![a]));
+            }
+        }
+        let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t
+            .iter()
+            .map(|(n, s, v)| (n.as_str(), s.clone(), v.clone()))
+            .collect();
+        let l = Lora::from_bytes("x", &file(&refs, false), &slots()).unwrap();
+        let want = [
+            ("transformer_blocks.0.attn.to_q", 4.0),
+            ("transformer_blocks.0.attn.to_k", 6.0),
+            ("transformer_blocks.0.attn.to_v", 6.0),
+            ("single_transformer_blocks.0.attn.to_q", 4.0),
+            ("single_transformer_blocks.0.attn.to_k", 4.0),
+            ("single_transformer_blocks.0.attn.to_v", 6.0),
+            ("single_transformer_blocks.0.proj_out", 1.0),
+            ("norm_out.linear", 4.0),
+            ("proj_out", 1.0),
+            ("x_embedder", 4.0),
+        ];
+        for (m, alpha) in want {
+            let (i, o) = layers
+                .iter()
+                .find(|l| l.0 == m)
+                .map(|l| (l.1, l.2))
+                .unwrap();
+            let up = mat(o, 2, &ramp(2 * o, 0.2));
+            close(&l.modules[m].b, &(up.t().to_owned() * (alpha / 2.0)));
+            assert_eq!(l.modules[m].a.nrows(), i, "{m}");
+        }
+        // No alpha at all: alpha = rank (scale 1) per layer.
+        assert_eq!(PeftAlphas::new(&[]).alpha("proj_out", 3), 3.0);
     }
 
     #[test]
@@ -1262,6 +1387,7 @@ mod tests {
         Arc::new(Lora {
             name: "t".into(),
             sha256: String::new(),
+            addnet_hash: String::new(),
             naming: Naming::Diffusers,
             modules: [(module.to_string(), Factors { a, b })].into(),
         })
@@ -1500,31 +1626,63 @@ mod tests {
 
     #[test]
     fn specs_parse_like_the_exports() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.safetensors");
+        std::fs::write(&a, b"x").unwrap();
+        let a = a.display().to_string();
+        assert_eq!(parse_spec(&a).unwrap(), (a.clone().into(), 1.0));
         assert_eq!(
-            parse_spec("a.safetensors").unwrap(),
-            ("a.safetensors".into(), 1.0)
+            parse_spec(&format!("{a}:0.8")).unwrap(),
+            (a.clone().into(), 0.8)
         );
         assert_eq!(
-            parse_spec("a.safetensors:0.8").unwrap(),
-            ("a.safetensors".into(), 0.8)
+            parse_spec(&format!("{a}:-1")).unwrap(),
+            (a.clone().into(), -1.0)
         );
-        assert_eq!(
-            parse_spec("dir/a.safetensors:-1").unwrap(),
-            ("dir/a.safetensors".into(), -1.0)
-        );
-        let e = parse_spec("a.safetensors:strong").unwrap_err();
+        let e = parse_spec(&format!("{a}:strong")).unwrap_err();
         assert!(e.message.contains("not a number"), "{e}");
-        let e = parse_spec("a.safetensors:inf").unwrap_err();
+        let e = parse_spec(&format!("{a}:inf")).unwrap_err();
         assert!(e.message.contains("finite"), "{e}");
-        assert!(parse_spec("a.safetensors:NaN").is_err());
+        assert!(parse_spec(&format!("{a}:NaN")).is_err());
+        // a missing file fails here, before any model loads
+        let e = parse_spec("nope.safetensors:0.8").unwrap_err();
+        assert!(
+            e.message.contains("does not exist") && e.hint.is_some(),
+            "{e}"
+        );
         assert_eq!(
-            parse_named("style=l/s.safetensors").unwrap(),
-            ("style".into(), "l/s.safetensors".into())
+            parse_named(&format!("style={a}")).unwrap(),
+            ("style".into(), a.clone().into())
+        );
+        let e = parse_named("style=nope.safetensors").unwrap_err();
+        assert!(
+            e.message.contains("--lora style") && e.message.contains("does not exist"),
+            "{e}"
         );
         assert!(parse_named("style").is_err());
         assert!(parse_named("=x").is_err());
         assert!(parse_named("a b=x").is_err());
         assert!(check_scale(f32::INFINITY, "x").is_err());
+    }
+
+    #[test]
+    fn addnet_hash_skips_the_header() {
+        let bytes = file(
+            &[("proj_out.lora_A.weight", vec![1, 3], ramp(3, 0.5))],
+            false,
+        );
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!(addnet_hash_hex(&bytes), sha256_hex(&bytes[8 + n..]));
+        assert_ne!(addnet_hash_hex(&bytes), sha256_hex(&bytes));
+        // the same tensors under other metadata: same addnet hash, other file hash
+        let view =
+            safetensors::tensor::TensorView::new(Dtype::F32, vec![1, 3], &bytes[8 + n..]).unwrap();
+        let meta = std::collections::HashMap::from([("ss_note".to_string(), "x".to_string())]);
+        let other = safetensors::serialize([("proj_out.lora_A.weight", view)], Some(meta)).unwrap();
+        assert_eq!(addnet_hash_hex(&other), addnet_hash_hex(&bytes));
+        assert_ne!(sha256_hex(&other), sha256_hex(&bytes));
+        // not a safetensors length: the whole input
+        assert_eq!(addnet_hash_hex(b"abc"), sha256_hex(b"abc"));
     }
 
     #[test]

@@ -500,42 +500,7 @@ fn optimized_cache_cold_then_warm_gives_the_same_image() {
     assert!(std::fs::read_dir(&cache).unwrap().count() > before);
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
-}
-
 // ---- quantized tiny models ----
-
-/// The bundled tiny schnell model with its transformer replaced by a quantized one. The fixtures were written by
-/// `python -m export quantize models/tiny-flux-schnell OUT --to int8|int4` (OUT/transformer.onnx copied to
-/// tests/data/quant/tiny-flux-schnell-transformer-METHOD.onnx); export/tests/test_quantize.py checks that the
-/// exporter still writes equivalent graphs.
-fn quantized_model(dir: &Path, method: &str) -> std::path::PathBuf {
-    let out = dir.join(format!("tiny-flux-schnell-{method}"));
-    copy_dir(&model("tiny-flux-schnell"), &out);
-    std::fs::copy(
-        root().join(format!(
-            "tests/data/quant/tiny-flux-schnell-transformer-{method}.onnx"
-        )),
-        out.join("transformer.onnx"),
-    )
-    .unwrap();
-    let mf = out.join("manifest.json");
-    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&mf).unwrap()).unwrap();
-    m["graphs"]["transformer"]["precision"] = Value::String(method.into());
-    m["name"] = Value::String(format!("tiny-flux-schnell-{method}"));
-    std::fs::write(&mf, serde_json::to_string_pretty(&m).unwrap()).unwrap();
-    out
-}
 
 /// Minimum PSNR (dB, images in [0,1]) of each quantized tiny model against the fp32 image at the same seed.
 const QUANT_MIN_PSNR_DB: [(&str, f64); 2] = [("int8", 45.0), ("int4", 35.0)];

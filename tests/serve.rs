@@ -2,93 +2,24 @@
 //! port 0 (and once as the real binary, for the signal path). Every client has read and write timeouts, so
 //! a hang fails the test instead of stalling it.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use common::{model, TestServer};
 use fluxrt::image_out;
 use fluxrt::pipeline::{LoadOptions, Pipeline, Quiet, Request};
 use fluxrt::runtime::Canceller;
 use fluxrt::serve::{self, Config};
 use serde_json::{json, Value};
 
-fn model(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join(name)
-}
-
 // ------------------------------------------------------------------------------------------------------
 // A server on its own runtime thread, and a raw HTTP/1.1 client
 // ------------------------------------------------------------------------------------------------------
-
-struct TestServer {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<fluxrt::Result<()>>>,
-}
-
-impl TestServer {
-    fn start(mut config: Config) -> TestServer {
-        config.host = "127.0.0.1".into();
-        config.port = 0;
-        config.log = false;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let server = serve::start(config, async move {
-                    let _ = stop_rx.await;
-                })
-                .await?;
-                let ready = server.ready().await.map_err(|e| e.to_string());
-                tx.send((server.addr(), ready)).unwrap();
-                server.wait().await
-            })
-        });
-        let (addr, ready) = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("the server starts");
-        ready.expect("the server gets ready");
-        TestServer {
-            addr,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        }
-    }
-
-    /// Sends the shutdown signal without waiting.
-    fn signal_shutdown(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-
-    /// Signals shutdown and waits for the server to stop; returns its result and how long that took.
-    fn shutdown(mut self) -> (fluxrt::Result<()>, Duration) {
-        let t0 = Instant::now();
-        self.signal_shutdown();
-        let r = self.thread.take().unwrap().join().expect("no panic");
-        (r, t0.elapsed())
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.signal_shutdown();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 fn config() -> Config {
     let mut c = Config::new(model("tiny-flux-schnell"));

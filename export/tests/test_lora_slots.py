@@ -26,7 +26,7 @@ from export import checkpoint as ckpt
 from export import goldens, lora_goldens, lora_slots, presets
 from export import manifest as mf
 from export import onnx_export as ox
-from export.lora import LoraSpec, read_lora_file, to_diffusers
+from export.lora import LoraSpec, make_random_lora, read_lora_file, to_diffusers
 from export.wrappers import TransformerGraph
 
 from .conftest import GOLDENS, MODELS, REPO, VARIANTS
@@ -128,7 +128,7 @@ def test_slot_graph_without_feeds_equals_plain_graph(transformers, variant, tmp_
         feeds = ox.numpy_inputs("transformer", plain, inputs(parts, shape))
         a = session(plain).run(None, feeds)[0]
         b = session(slotted).run(None, feeds)[0]
-        assert float(np.abs(a - b).max()) <= 1e-6
+        np.testing.assert_array_equal(a, b)  # bit for bit, as docs/lora.md says
 
 
 def _peft_reference(parts, specs: list[LoraSpec], example: list[torch.Tensor]) -> np.ndarray:
@@ -149,7 +149,7 @@ def _peft_reference(parts, specs: list[LoraSpec], example: list[torch.Tensor]) -
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("case", ["diffusers", "kohya", "stacked"])
+@pytest.mark.parametrize("case", ["diffusers", "kohya", "stacked", "top"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fed_slots_match_diffusers_with_the_lora_unfused(transformers, variant, case):
     parts = transformers[variant]
@@ -170,6 +170,46 @@ def test_fed_slots_match_diffusers_with_the_lora_unfused(transformers, variant, 
         assert arr.dtype == np.float32 and arr.ndim == 2
     deltas = load_file(str(GOLDENS / model_name(variant) / "lora" / c["delta_file"]))
     assert set(deltas) == {k[: -len(".lora_A")] for k in factors if k.endswith(".lora_A")}
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_partial_alphas_scale_like_diffusers_peft(transformers, tmp_path):
+    """A diffusers-named file with `.alpha` on some layers only: each layer's alpha / r is the scaling PEFT gets
+    when diffusers loads the file (the default alpha for layers without one, not their rank; suffix patterns)."""
+    from diffusers import FluxPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors.torch import save_file
+
+    tr = transformers["schnell"].transformer
+    path = tmp_path / "partial.safetensors"
+    make_random_lora(tr, path, naming="diffusers", rank=4, seed=3)
+    sd = load_file(str(path))
+    alphas = {"norm_out.linear": 2.0, "proj_out": 8.0, "transformer_blocks.0.attn.to_q": 1.0,
+              "transformer_blocks.0.attn.to_k": 1.0, "transformer_blocks.0.attn.to_v": 1.0,
+              "single_transformer_blocks.0.attn.to_q": 2.0}
+    for m, a in alphas.items():
+        sd[f"transformer.{m}.alpha"] = torch.tensor(a)
+    save_file(sd, str(path))
+
+    factors = lora_slots.lora_pairs(LoraSpec(path, 1.0), tr)
+    ref = copy.deepcopy(tr)
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=ref)
+    pipe.load_lora_weights(str(path), adapter_name="p")
+    got_scaling = {}
+    for name, module in ref.named_modules():
+        if isinstance(module, BaseTunerLayer) and "p" in getattr(module, "scaling", {}):
+            got_scaling[name] = float(module.scaling["p"])
+    assert set(got_scaling) == set(factors)
+    raw = {k[len("transformer."):-len(".lora_B.weight")]: v for k, v in sd.items() if k.endswith(".lora_B.weight")}
+    for name, (_a, b) in factors.items():
+        want = raw[name].float().t() * got_scaling[name]
+        assert torch.allclose(b, want, atol=1e-6), name
+    # the default is the first alpha in key order (norm_out.linear: 2), not the rank (4) nor the most common (1);
+    # `proj_out` (8) also reaches single blocks' proj_out through PEFT's suffix match
+    assert got_scaling["x_embedder"] == 2.0 / 4
+    assert got_scaling["transformer_blocks.0.attn.to_k"] == 1.0 / 4
+    assert got_scaling["single_transformer_blocks.0.proj_out"] == 8.0 / 4
 
 
 def test_stacked_factors_concatenate_along_the_rank(transformers):
@@ -227,7 +267,8 @@ def test_lora_index_lists_the_generator_cases(variant):
     files = {n: lora_goldens.lora_file(REPO / "tests" / "data" / "lora", model_name(variant), n)
              for n, *_ in lora_goldens.LORA_FILES}
     want = lora_goldens.lora_cases(variant, model_name(variant), files, root)
-    got = [{k: c[k] for k in want[0]} for c in idx["cases"]]
+    assert len(idx["cases"]) == len(want)
+    got = [{k: c[k] for k in w} for c, w in zip(idx["cases"], want)]
     assert got == want
     txt = next(c for c in goldens.cases(variant) if c["name"] == "p0_64x64")
     for c in idx["cases"]:
@@ -245,6 +286,19 @@ def test_lora_index_lists_the_generator_cases(variant):
                  "single_blocks_0_modulation_lin", "img_in", "txt_in", "final_layer_linear",
                  "final_layer_adaLN_modulation_1"):
         assert f"lora_unet_{part}" in kohya
+    # every kohya top-level layer and every time_text_embed Linear is in some golden case (the `top` files)
+    top = {k.split(".")[0] for k in raw["kohya-top"]}
+    guidance = variant == "dev"
+    for part in ("img_in", "txt_in", "time_in_in_layer", "time_in_out_layer", "vector_in_in_layer",
+                 "vector_in_out_layer", "final_layer_linear", "final_layer_adaLN_modulation_1") + \
+            (("guidance_in_in_layer", "guidance_in_out_layer") if guidance else ()):
+        assert f"lora_unet_{part}" in top, part
+    embedders = {k[len("transformer."):-len(".lora_A.weight")] for k in raw["diffusers-top"] if k.endswith("lora_A.weight")}
+    assert {m["module"] for m in manifest(variant)["graphs"]["transformer"]["lora_slots"]
+            if m["module"].startswith("time_text_embed.")} <= embedders
+    alphas = [k for k in raw["diffusers-top"] if k.endswith(".alpha")]
+    assert 0 < len(alphas) < len(embedders), "partial alphas"
+    assert any(c.get("negative_prompt") and c.get("true_cfg_scale", 1) > 1 for c in idx["cases"])
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -148,15 +148,6 @@ pub fn run(a: Args) -> Result<()> {
         .iter()
         .map(|s| fluxrt::lora::parse_spec(s))
         .collect::<Result<Vec<_>>>()?;
-    for (path, _) in &lora_specs {
-        if !path.is_file() {
-            return Err(
-                Error::input(format!("LoRA file {} does not exist", path.display())).with_hint(
-                    "pass --lora FILE or --lora FILE:SCALE with a LoRA .safetensors file",
-                ),
-            );
-        }
-    }
 
     let mut opts = a.runtime.load_options(model_path(a.input.model.clone()))?;
     opts.low_memory = a.low_memory;
@@ -273,13 +264,11 @@ pub fn run(a: Args) -> Result<()> {
             "steps_run": out.timings.denoise.len(),
             "negative_prompt": req.negative_prompt,
             "true_cfg": fluxrt::guidance::active(&req).then_some(req.true_cfg),
-            "loras": req.loras.iter().map(|c| json!({
-                "file": c.lora.name,
-                "sha256": c.lora.sha256,
-                "naming": c.lora.naming.name(),
-                "layers": c.lora.modules.len(),
-                "scale": c.scale,
-            })).collect::<Vec<_>>(),
+            "loras": req.loras.iter().map(|c| {
+                let mut d = c.lora.describe();
+                d["scale"] = json!(c.scale);
+                d
+            }).collect::<Vec<_>>(),
             "vae_tiling": {
                 "mode": req.vae_tiling.mode.name(),
                 "tile_size": req.vae_tiling.tile_size,

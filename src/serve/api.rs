@@ -257,13 +257,9 @@ impl LoraCatalog {
         self.0
             .iter()
             .map(|(name, l)| {
-                json!({
-                    "name": name,
-                    "file": l.name,
-                    "sha256": l.sha256,
-                    "naming": l.naming.name(),
-                    "layers": l.modules.len(),
-                })
+                let mut d = l.describe();
+                d["name"] = json!(name);
+                d
             })
             .collect()
     }
@@ -672,6 +668,7 @@ mod tests {
             std::sync::Arc::new(crate::lora::Lora {
                 name: format!("{name}.safetensors"),
                 sha256: "00".into(),
+                addnet_hash: "01".into(),
                 naming: crate::lora::Naming::Diffusers,
                 modules: Default::default(),
             })

@@ -225,16 +225,10 @@ pub async fn start(
             "--workers, --max-queue and --max-batch must be at least 1",
         ));
     }
-    for (i, (name, path)) in config.loras.iter().enumerate() {
+    for (i, (name, _)) in config.loras.iter().enumerate() {
         if config.loras[..i].iter().any(|(n, _)| n == name) {
             return Err(Error::input(format!("--lora {name} is given twice"))
                 .with_hint("give each LoRA its own NAME"));
-        }
-        if !path.is_file() {
-            return Err(Error::input(format!(
-                "--lora {name}={}: the file does not exist",
-                path.display()
-            )));
         }
     }
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))

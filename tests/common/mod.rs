@@ -143,3 +143,122 @@ pub fn decode_png(path: &Path) -> image::RgbImage {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .to_rgb8()
 }
+
+/// Worst difference, in 8-bit levels, between a PNG and a float image [1, 3, H, W] in [0, 1] of its size.
+pub fn levels_off(png: &image::RgbImage, want: &[f32]) -> f32 {
+    let (w, h) = (png.width() as usize, png.height() as usize);
+    let mut worst = 0.0f32;
+    for c in 0..3 {
+        for y in 0..h {
+            for x in 0..w {
+                let got = png.get_pixel(x as u32, y as u32)[c] as f32;
+                worst = worst.max((got - want[c * h * w + y * w + x] * 255.0).abs());
+            }
+        }
+    }
+    worst
+}
+
+/// A `fluxrt serve` server on its own runtime thread, on 127.0.0.1 and a free port, stopped when dropped.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<fluxrt::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts the server and waits until it reports ready (panics if it does not within two minutes).
+    pub fn start(mut config: fluxrt::serve::Config) -> TestServer {
+        config.host = "127.0.0.1".into();
+        config.port = 0;
+        config.log = false;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let server = fluxrt::serve::start(config, async move {
+                    let _ = stop_rx.await;
+                })
+                .await?;
+                let ready = server.ready().await.map_err(|e| e.to_string());
+                tx.send((server.addr(), ready)).unwrap();
+                server.wait().await
+            })
+        });
+        let (addr, ready) = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the server starts");
+        ready.expect("the server gets ready");
+        TestServer {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Sends the shutdown signal without waiting.
+    pub fn signal_shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+
+    /// Signals shutdown and waits for the server to stop; returns its result and how long that took.
+    pub fn shutdown(mut self) -> (fluxrt::Result<()>, std::time::Duration) {
+        let t0 = std::time::Instant::now();
+        self.signal_shutdown();
+        let r = self.thread.take().unwrap().join().expect("no panic");
+        (r, t0.elapsed())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.signal_shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Copies a folder tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// The bundled tiny schnell model with its transformer replaced by a quantized one. The fixtures were written by
+/// `python -m export quantize models/tiny-flux-schnell OUT --to int8|int4` (OUT/transformer.onnx copied to
+/// tests/data/quant/tiny-flux-schnell-transformer-METHOD.onnx); export/tests/test_quantize.py checks that the
+/// exporter still writes equivalent graphs.
+pub fn quantized_model(dir: &Path, method: &str) -> std::path::PathBuf {
+    let out = dir.join(format!("tiny-flux-schnell-{method}"));
+    copy_dir(&model("tiny-flux-schnell"), &out);
+    std::fs::copy(
+        root().join(format!(
+            "tests/data/quant/tiny-flux-schnell-transformer-{method}.onnx"
+        )),
+        out.join("transformer.onnx"),
+    )
+    .unwrap();
+    let mf = out.join("manifest.json");
+    let mut m =
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&mf).unwrap()).unwrap();
+    m["graphs"]["transformer"]["precision"] = serde_json::Value::String(method.into());
+    m["name"] = serde_json::Value::String(format!("tiny-flux-schnell-{method}"));
+    std::fs::write(&mf, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    out
+}
