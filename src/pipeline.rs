@@ -275,6 +275,42 @@ struct Slot {
     cache: CacheUse,
 }
 
+impl Slot {
+    /// A slot for `graph`, which is kept unless in low-memory mode (then only its declared I/O is).
+    fn new(graph: Graph, low_memory: bool) -> Slot {
+        Slot {
+            inputs: graph.inputs().to_vec(),
+            outputs: graph.outputs().to_vec(),
+            providers: graph.providers().to_vec(),
+            load_time: graph.load_time(),
+            cache: graph.cache_use(),
+            graph: if low_memory { None } else { Some(graph) },
+        }
+    }
+
+    /// Whether one call may take `batch` rows: the call has one row, or no input fixes its batch dim at 1.
+    fn batchable(&self, batch: usize) -> bool {
+        batch == 1
+            || self
+                .inputs
+                .iter()
+                .all(|io| !matches!(io.shape.first(), Some(Dim::Fixed(1))))
+    }
+
+    /// The kept graph, or in low-memory mode `gspec`'s graph loaded into `transient`, to drop after this call.
+    fn graph_or_load<'a>(
+        &'a mut self,
+        transient: &'a mut Option<Graph>,
+        gspec: &crate::model::GraphSpec,
+        session: &SessionConfig,
+    ) -> Result<&'a mut Graph> {
+        match self.graph.as_mut() {
+            Some(g) => Ok(g),
+            None => Ok(transient.insert(Graph::load(&gspec.path, gspec.role.name(), session)?)),
+        }
+    }
+}
+
 pub struct Pipeline {
     pub spec: ModelSpec,
     clip_tok: PromptTokenizer,
@@ -304,6 +340,9 @@ pub struct Pipeline {
     lora_slots: Vec<crate::lora::Slot>,
     /// The stacked factors of the last LoRA set, kept so a server repeating one set does not rebuild them.
     lora_cache: Option<(Vec<crate::lora::LoraChoice>, crate::lora::Feeds)>,
+    /// Warnings about the loaded model on these providers (e.g. a bf16 transformer on the CUDA EP), repeated in
+    /// every output so the CLI and server show them.
+    load_warnings: Vec<String>,
 }
 
 impl Pipeline {
@@ -316,6 +355,10 @@ impl Pipeline {
         let plan: ProviderPlan = runtime::probe(&opts.providers, opts.no_fallback)?;
         // The transformer precision for the providers (BFL layout); fp8/fp4 only with TensorRT.
         spec.select_transformer_precision_for(&plan.active, opts.transformer_precision.as_deref())?;
+        let load_warnings: Vec<String> =
+            crate::model::precision_warning(&plan.active, spec.transformer_precision())
+                .into_iter()
+                .collect();
         let session = SessionConfig {
             ep: opts.ep.for_model(&spec)?,
             threads: opts.threads,
@@ -355,15 +398,7 @@ impl Pipeline {
                 graph.outputs(),
                 &|n| gspec.actual_name(n),
             ));
-            let slot = Slot {
-                inputs: graph.inputs().to_vec(),
-                outputs: graph.outputs().to_vec(),
-                providers: graph.providers().to_vec(),
-                load_time: graph.load_time(),
-                cache: graph.cache_use(),
-                graph: if opts.low_memory { None } else { Some(graph) },
-            };
-            slots.insert(role, slot);
+            slots.insert(role, Slot::new(graph, opts.low_memory));
         }
         if !problems.is_empty() {
             return Err(Error::model(format!(
@@ -399,6 +434,7 @@ impl Pipeline {
             transformer_extra: Vec::new(),
             lora_slots,
             lora_cache: None,
+            load_warnings,
         })
     }
 
@@ -475,6 +511,11 @@ impl Pipeline {
         self.session
             .ep
             .cuda_graphs(&self.session.providers.active, Role::Transformer.name())
+    }
+
+    /// Warnings about the loaded model on these providers (also in every [`Output`]'s warnings).
+    pub fn load_warnings(&self) -> &[String] {
+        &self.load_warnings
     }
 
     pub fn variant(&self) -> Variant {
@@ -617,7 +658,7 @@ impl Pipeline {
             ..Default::default()
         };
         let ort_start = self.ort_busy;
-        let mut warnings: Vec<Vec<String>> = vec![Vec::new(); reqs.len()];
+        let mut warnings: Vec<Vec<String>> = vec![self.load_warnings.clone(); reqs.len()];
         for (r, w) in reqs.iter().zip(warnings.iter_mut()) {
             w.extend(crate::guidance::warnings(
                 r,
@@ -934,47 +975,25 @@ impl Pipeline {
             .outputs
             .iter()
             .any(|o| o.name == n_v && o.dtype == ElemType::F32);
-        let batchable = b == 1
-            || slot
-                .inputs
-                .iter()
-                .all(|io| !matches!(io.shape.first(), Some(Dim::Fixed(1))));
-        if !(f32_in(&n_x) && f32_in(&n_t) && f32_out && batchable) {
+        if !(f32_in(&n_x) && f32_in(&n_t) && f32_out && slot.batchable(b)) {
             return Ok(false);
         }
         let mut transient = None;
-        let graph = match slot.graph.as_mut() {
-            Some(g) => g,
-            None => transient.insert(Graph::load(
-                &gspec.path,
-                Role::Transformer.name(),
-                &self.session,
-            )?),
-        };
+        let graph = slot.graph_or_load(&mut transient, &gspec, &self.session)?;
         let ort_before = graph.ort_time();
         let shape = x.shape().to_vec();
         let timestep = ndarray::Array1::from_elem(b, 0.0f32).into_dyn();
+        let guidance = guidance.map(|g| ndarray::Array1::from_elem(b, g).into_dyn());
         let mut bind = graph.binding()?;
         graph.bind_input(&mut bind, &n_x, TensorIn::F32(x.view().into_dyn()))?;
-        graph.bind_input(
-            &mut bind,
-            &n("encoder_hidden_states"),
-            TensorIn::F32(txt.view()),
-        )?;
-        graph.bind_input(
-            &mut bind,
-            &n("pooled_projections"),
-            TensorIn::F32(pooled.view()),
-        )?;
         graph.bind_input(&mut bind, &n_t, TensorIn::F32(timestep.view()))?;
-        graph.bind_input(&mut bind, &n("img_ids"), TensorIn::F32(img_ids.view()))?;
-        graph.bind_input(&mut bind, &n("txt_ids"), TensorIn::F32(txt_ids.view()))?;
-        if let Some(g) = guidance {
-            let g = ndarray::Array1::from_elem(b, g).into_dyn();
-            graph.bind_input(&mut bind, &n("guidance"), TensorIn::F32(g.view()))?;
-        }
-        for (name, value) in &self.transformer_extra {
-            graph.bind_input(&mut bind, name, TensorIn::F32(value.view()))?;
+        for (name, value) in transformer_constants(
+            (txt, pooled),
+            (img_ids, txt_ids),
+            guidance.as_ref(),
+            &self.transformer_extra,
+        ) {
+            graph.bind_input(&mut bind, &n(name), value)?;
         }
         graph.bind_output(&mut bind, &n_v, &shape)?;
         let steps = timesteps.len();
@@ -1079,11 +1098,7 @@ impl Pipeline {
                 .map(|i| i.dtype.clone())
         };
         let rows = x.shape()[0] * if scale.is_some() { 2 } else { 1 };
-        let batchable = rows == 1
-            || slot
-                .inputs
-                .iter()
-                .all(|io| !matches!(io.shape.first(), Some(Dim::Fixed(1))));
+        let batchable = slot.batchable(rows);
         let f32_timestep = dtype(&slot.inputs, &names.timestep) == Some(ElemType::F32);
         let spec = match (
             dtype(&slot.inputs, &names.latents),
@@ -1128,30 +1143,19 @@ impl Pipeline {
             .expect("every pipeline graph has a slot");
         let is_transient = slot.graph.is_none();
         let mut transient = None;
-        let graph = match slot.graph.as_mut() {
-            Some(g) => g,
-            None => transient.insert(Graph::load(
-                &gspec.path,
-                Role::Transformer.name(),
-                &self.session,
-            )?),
-        };
+        let graph = slot.graph_or_load(&mut transient, &gspec, &self.session)?;
         let guidance = guidance.map(|g| ndarray::Array1::from_elem(rows, g).into_dyn());
-        let mut constants: Vec<(String, TensorIn)> = vec![
-            (n("encoder_hidden_states"), TensorIn::F32(txt.view())),
-            (n("pooled_projections"), TensorIn::F32(pooled.view())),
-            (n("img_ids"), TensorIn::F32(img_ids.view())),
-            (n("txt_ids"), TensorIn::F32(txt_ids.view())),
-        ];
-        if let Some(g) = guidance.as_ref() {
-            constants.push((n("guidance"), TensorIn::F32(g.view())));
-        }
-        for (name, value) in &self.transformer_extra {
-            constants.push((name.clone(), TensorIn::F32(value.view())));
-        }
-        let constants: Vec<(&str, TensorIn)> = constants
+        let constants = transformer_constants(
+            (txt, pooled),
+            (img_ids, txt_ids),
+            guidance.as_ref(),
+            &self.transformer_extra,
+        );
+        let graph_names: Vec<String> = constants.iter().map(|(c, _)| n(c)).collect();
+        let constants: Vec<(&str, TensorIn)> = graph_names
             .iter()
-            .map(|(n, t)| (n.as_str(), t.clone()))
+            .map(String::as_str)
+            .zip(constants.into_iter().map(|(_, t)| t))
             .collect();
         let constants = match DeviceDenoise::constants(graph, &constants) {
             Ok(c) => c,
@@ -1329,23 +1333,19 @@ impl Pipeline {
         let timestep = ndarray::Array1::from_elem(b, schedule::model_timestep(t)).into_dyn();
         let guidance = guidance.map(|g| ndarray::Array1::from_elem(b, g).into_dyn());
         let x = x.view().into_dyn();
+        // Taken out for the call: `run_graph` needs the whole pipeline.
+        let extra = std::mem::take(&mut self.transformer_extra);
+        // The latents first: `run_graph` reads the batch from the first input.
         let mut inputs: Vec<(&str, TensorIn)> = vec![
             ("hidden_states", TensorIn::F32(x)),
-            ("encoder_hidden_states", TensorIn::F32(txt.view())),
-            ("pooled_projections", TensorIn::F32(pooled.view())),
             ("timestep", TensorIn::F32(timestep.view())),
-            ("img_ids", TensorIn::F32(img_ids.view())),
-            ("txt_ids", TensorIn::F32(txt_ids.view())),
         ];
-        if let Some(g) = guidance.as_ref() {
-            inputs.push(("guidance", TensorIn::F32(g.view())));
-        }
-        let extra = std::mem::take(&mut self.transformer_extra);
-        inputs.extend(
-            extra
-                .iter()
-                .map(|(n, v)| (n.as_str(), TensorIn::F32(v.view()))),
-        );
+        inputs.extend(transformer_constants(
+            (txt, pooled),
+            (img_ids, txt_ids),
+            guidance.as_ref(),
+            &extra,
+        ));
         let v = self.run_graph(Role::Transformer, &inputs, "latent", cancel);
         self.transformer_extra = extra;
         let v = v?;
@@ -1390,25 +1390,14 @@ impl Pipeline {
                 .with_hint("re-export the model with `python -m export`"));
             }
             let low_memory = self.slots.values().any(|s| s.graph.is_none());
-            let slot = Slot {
-                inputs: graph.inputs().to_vec(),
-                outputs: graph.outputs().to_vec(),
-                providers: graph.providers().to_vec(),
-                load_time: graph.load_time(),
-                cache: graph.cache_use(),
-                graph: if low_memory { None } else { Some(graph) },
-            };
-            self.slots.insert(role, slot);
+            self.slots.insert(role, Slot::new(graph, low_memory));
         }
         let slot = self
             .slots
             .get_mut(&role)
             .expect("the encoder slot was just made");
         let mut transient = None;
-        let graph = match slot.graph.as_mut() {
-            Some(g) => g,
-            None => transient.insert(Graph::load(&gspec.path, role.name(), &self.session)?),
-        };
+        let graph = slot.graph_or_load(&mut transient, &gspec, &self.session)?;
         let ort_before = graph.ort_time();
         let name = gspec.actual_name("images");
         let outs = graph.run_with(
@@ -1437,20 +1426,13 @@ impl Pipeline {
             .slots
             .get_mut(&role)
             .expect("every pipeline graph has a slot");
+        let batch = inputs.first().map_or(1, |(_, t)| tensor_batch(t));
+        let batchable = slot.batchable(batch);
         let mut transient = None;
-        let graph = match slot.graph.as_mut() {
-            Some(g) => g,
-            None => transient.insert(Graph::load(&gspec.path, role.name(), &self.session)?),
-        };
+        let graph = slot.graph_or_load(&mut transient, &gspec, &self.session)?;
         let ort_before = graph.ort_time();
         let names: Vec<String> = inputs.iter().map(|(n, _)| gspec.actual_name(n)).collect();
         let out_name = gspec.actual_name(output);
-        let batch = inputs.first().map_or(1, |(_, t)| tensor_batch(t));
-        let batchable = slot
-            .inputs
-            .iter()
-            .all(|io| !matches!(io.shape.first(), Some(Dim::Fixed(1))))
-            || batch == 1;
         let run_one = |graph: &mut Graph, feed: Vec<(&str, TensorIn)>| -> Result<ArrayD<f32>> {
             let outs = graph.run_with(&feed, cancel)?;
             outs.into_iter()
@@ -1489,6 +1471,30 @@ impl Pipeline {
         ndarray::concatenate(Axis(0), &views)
             .map_err(|e| Error::runtime(format!("cannot join batch outputs: {e}")))
     }
+}
+
+/// The transformer inputs that stay the same for every step of one generation, by contract name (the run-time LoRA
+/// factors `extra` by their graph names, which no rename touches): text embeddings, pooled vectors, ids, the guidance
+/// (one value per row, dev only) and `extra`. Every denoising loop feeds this one list.
+fn transformer_constants<'a>(
+    (txt, pooled): (&'a ArrayD<f32>, &'a ArrayD<f32>),
+    (img_ids, txt_ids): (&'a ArrayD<f32>, &'a ArrayD<f32>),
+    guidance: Option<&'a ArrayD<f32>>,
+    extra: &'a [(String, ArrayD<f32>)],
+) -> Vec<(&'a str, TensorIn<'a>)> {
+    let mut inputs = vec![
+        ("encoder_hidden_states", TensorIn::F32(txt.view())),
+        ("pooled_projections", TensorIn::F32(pooled.view())),
+        ("img_ids", TensorIn::F32(img_ids.view())),
+        ("txt_ids", TensorIn::F32(txt_ids.view())),
+    ];
+    inputs.extend(guidance.map(|g| ("guidance", TensorIn::F32(g.view()))));
+    inputs.extend(
+        extra
+            .iter()
+            .map(|(n, v)| (n.as_str(), TensorIn::F32(v.view()))),
+    );
+    inputs
 }
 
 fn tensor_batch(t: &TensorIn) -> usize {

@@ -363,12 +363,14 @@ pub const TENSORRT_ONLY_PRECISIONS: [&str; 2] = ["fp8", "fp4"];
 /// The transformer precisions to prefer, best first, for the first (highest-priority) provider of `active`:
 /// - CPU (and OpenVINO): fp32 (ONNX Runtime's CPU kernels are fp32; fp16/bf16 graphs are cast or slow), then fp16,
 ///   bf16;
-/// - CUDA, ROCm, MIGraphX: bf16 (half the memory, fp32's range: no fp16 overflow), fp16, fp32;
-/// - TensorRT: bf16, fp16, fp32, then its quantized fp8, fp4 (lossy: only when nothing else is there, or asked for);
+/// - CUDA, ROCm, MIGraphX: fp16, then bf16 (half the memory, but ONNX Runtime's CUDA EP lacks bf16 kernels for
+///   many ops, which then run on the CPU: see [`precision_warning`]), then fp32;
+/// - TensorRT: bf16 (BFL's graphs target it; it runs bf16 natively), fp16, fp32, then its quantized fp8, fp4 (lossy:
+///   only when nothing else is there, or asked for);
 /// - DirectML and CoreML: fp16 (their fast path; bf16 is poorly supported), fp32, bf16.
 pub fn preferred_precisions(active: &[Provider]) -> &'static [&'static str] {
     const CPU: &[&str] = &["fp32", "fp16", "bf16"];
-    const GPU: &[&str] = &["bf16", "fp16", "fp32"];
+    const GPU: &[&str] = &["fp16", "bf16", "fp32"];
     const TRT: &[&str] = &["bf16", "fp16", "fp32", "fp8", "fp4"];
     const HALF: &[&str] = &["fp16", "fp32", "bf16"];
     match active.first() {
@@ -377,6 +379,18 @@ pub fn preferred_precisions(active: &[Provider]) -> &'static [&'static str] {
         Some(Provider::DirectMl | Provider::CoreMl) => HALF,
         Some(Provider::Cpu | Provider::OpenVino) | None => CPU,
     }
+}
+
+/// A warning when the transformer `precision` chosen for `active` may run partly on the CPU: bf16 on the CUDA EP
+/// (ONNX Runtime has no CUDA bf16 kernel for many ops, e.g. ReduceMean, Pow, Erf; those nodes fall back to the CPU,
+/// with copies between them). TensorRT runs bf16 natively, so nothing is said when it comes first.
+pub fn precision_warning(active: &[Provider], precision: Option<&str>) -> Option<String> {
+    (active.first() == Some(&Provider::Cuda) && precision == Some("bf16")).then(|| {
+        "the bf16 transformer runs on the CUDA execution provider, which lacks bf16 kernels for many ops: those \
+         nodes may run on the CPU (slow); use an fp16 transformer folder, or --provider tensorrt, which runs BFL's \
+         bf16 graphs natively"
+            .to_string()
+    })
 }
 
 fn from_bfl(root: &Path) -> Result<ModelSpec> {
@@ -586,9 +600,10 @@ mod tests {
         for (active, want) in [
             (vec![Cpu], "fp32"),
             (vec![OpenVino, Cpu], "fp32"),
-            (vec![Cuda, Cpu], "bf16"),
+            (vec![Cuda, Cpu], "fp16"),
             (vec![TensorRt, Cuda, Cpu], "bf16"),
-            (vec![Rocm, Cpu], "bf16"),
+            (vec![Rocm, Cpu], "fp16"),
+            (vec![MiGraphX, Cpu], "fp16"),
             (vec![DirectMl, Cpu], "fp16"),
             (vec![CoreMl, Cpu], "fp16"),
         ] {
@@ -612,6 +627,25 @@ mod tests {
             "CPU: fp16 before bf16"
         );
         assert_eq!(preferred_precisions(&[]), preferred_precisions(&[Cpu]));
+        // Without fp16, CUDA takes bf16 before fp32, and says that some nodes may run on the CPU.
+        let (_d, mut s) = bfl_with(&["fp32", "bf16"]);
+        s.select_transformer_precision_for(&[Cuda, Cpu], None)
+            .unwrap();
+        assert_eq!(s.transformer_precision(), Some("bf16"));
+        let w = precision_warning(&[Cuda, Cpu], s.transformer_precision()).unwrap();
+        assert!(w.contains("CPU") && w.contains("tensorrt"), "{w}");
+        assert!(!w.contains("  "), "{w}");
+        for (active, precision) in [
+            (vec![TensorRt, Cuda, Cpu], "bf16"),
+            (vec![Cuda, Cpu], "fp16"),
+            (vec![Cpu], "bf16"),
+        ] {
+            assert_eq!(
+                precision_warning(&active, Some(precision)),
+                None,
+                "{active:?} {precision}"
+            );
+        }
     }
 
     #[test]

@@ -963,13 +963,9 @@ impl EpSettings {
         Ok(s)
     }
 
-    fn gpu(&self) -> i32 {
-        self.device_id.map_or(0, |d| d as i32)
-    }
-
     /// The GPU the providers run on (0 unless a device id is set), for device memory.
     pub fn gpu_id(&self) -> i32 {
-        self.gpu()
+        self.device_id.map_or(0, |d| d as i32)
     }
 
     fn static_shapes(&self) -> bool {
@@ -1014,7 +1010,7 @@ impl EpSettings {
             _ => None,
         };
         let mut o = TensorRtOptions {
-            device_id: self.gpu(),
+            device_id: self.gpu_id(),
             fp16: t.fp16,
             bf16: t.bf16,
             layer_norm_fp32_fallback: t.layer_norm_fp32_fallback,
@@ -1049,7 +1045,7 @@ impl EpSettings {
     pub fn cuda_options_for(&self, role: Option<&str>) -> CudaOptions {
         let c = &self.cuda;
         CudaOptions {
-            device_id: self.gpu(),
+            device_id: self.gpu_id(),
             conv_algorithm_search: c.conv_algorithm_search,
             arena_extend_strategy: c.arena_extend_strategy,
             memory_limit: c.memory_limit,

@@ -660,24 +660,14 @@ impl Graph {
             }
         }
         let mut values = Vec::with_capacity(self.inputs.len());
-        for info in &self.inputs {
+        // Required inputs must be given; optional ones (overridable initializers) that were given replace their
+        // defaults for this run.
+        let required = self.inputs.iter().map(|info| (info, true));
+        for (info, needed) in required.chain(self.optional.iter().map(|info| (info, false))) {
             let Some((_, t)) = given.iter().find(|(n, _)| *n == info.name) else {
-                return Err(self.model_error(format!("required input {info} was not given")));
-            };
-            self.check_shape(info, t.shape())?;
-            let value = convert_input(t, &info.dtype).map_err(|why| {
-                self.model_error(format!(
-                    "input {} ({} {}): {why}",
-                    info.name,
-                    info.dtype,
-                    shape_str(&info.shape)
-                ))
-            })?;
-            values.push((Cow::Owned(info.name.clone()), value));
-        }
-        // Optional inputs (overridable initializers) that were given replace their defaults for this run.
-        for info in &self.optional {
-            let Some((_, t)) = given.iter().find(|(n, _)| *n == info.name) else {
+                if needed {
+                    return Err(self.model_error(format!("required input {info} was not given")));
+                }
                 continue;
             };
             self.check_shape(info, t.shape())?;
@@ -1082,47 +1072,7 @@ impl Graph {
 
     /// Binds (copies once, converted to the declared element type) an input, checked as [`Graph::run`] checks it.
     pub fn bind_input(&self, b: &mut Binding, name: &str, t: TensorIn) -> Result<()> {
-        let info = self
-            .input(name)
-            .ok_or_else(|| self.model_error(format!("has no input named {name:?}")))?
-            .clone();
-        self.check_shape(&info, t.shape())?;
-        let value: DynValue = match (&t, &info.dtype) {
-            (TensorIn::F32(a), ElemType::F32) => {
-                Tensor::from_array(a.as_standard_layout().into_owned()).map(|v| v.into_dyn())
-            }
-            (TensorIn::I64(a), ElemType::I64) => {
-                Tensor::from_array(a.as_standard_layout().into_owned()).map(|v| v.into_dyn())
-            }
-            _ => {
-                // Conversions (f16, bf16, i32) go through the same path as plain runs, then into an owned value.
-                let v = convert_input(&t, &info.dtype).map_err(|why| {
-                    self.model_error(format!("input {} ({}): {why}", info.name, info.dtype))
-                })?;
-                return self.bind_value(b, &info.name, v);
-            }
-        }
-        .map_err(|e| self.model_error(format!("input {}: {e}", info.name)))?;
-        b.io.bind_input(info.name.as_str(), &value)
-            .map_err(|e| self.model_error(format!("cannot bind input {}: {e}", info.name)))?;
-        b.inputs.retain(|(n, _, _)| *n != info.name);
-        b.inputs.push((info.name, value, false));
-        Ok(())
-    }
-
-    fn bind_value(&self, b: &mut Binding, name: &str, v: SessionInputValue<'_>) -> Result<()> {
-        let value: DynValue = match v {
-            SessionInputValue::Owned(v) => v,
-            other => {
-                return Err(self.model_error(format!(
-                    "input {name}: cannot bind a borrowed value ({})",
-                    match other {
-                        SessionInputValue::View(_) => "view",
-                        _ => "mutable view",
-                    }
-                )))
-            }
-        };
+        let value = self.input_value(name, &t)?;
         b.io.bind_input(name, &value)
             .map_err(|e| self.model_error(format!("cannot bind input {name}: {e}")))?;
         b.inputs.retain(|(n, _, _)| n != name);
@@ -1167,25 +1117,7 @@ impl Graph {
                 *dirty = false;
             }
         }
-        let Some(opts) = cancel.begin()? else {
-            return Err(self.cancelled());
-        };
-        let t0 = Instant::now();
-        let result = self
-            .session
-            .run_binding_with_options(&b.io, opts.as_ref())
-            .map(drop);
-        self.ort_time += t0.elapsed();
-        cancel.end(&opts);
-        match result {
-            Ok(()) => Ok(()),
-            Err(_) if cancel.is_cancelled() => Err(self.cancelled()),
-            Err(e) => Err(Error::runtime(format!(
-                "running the {} graph {} failed: {e}",
-                self.role,
-                self.path.display()
-            ))),
-        }
+        self.run_io(&b.io, cancel)
     }
 
     /// The session, for the device loop's allocator and bindings ([`super::step_graph`]).

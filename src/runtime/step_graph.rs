@@ -293,6 +293,13 @@ fn scalar_i64() -> ValueType {
     }
 }
 
+/// A model of `g` in ONNX opset 18 (the step and upload graphs share it).
+fn opset18_model(g: EditorGraph) -> ort::Result<Model> {
+    let mut model = Model::new([Opset::new(ONNX_DOMAIN, 18)?])?;
+    model.set_graph(g)?;
+    Ok(model)
+}
+
 /// The step graph's model, node by node.
 fn build_model(spec: &StepSpec) -> ort::Result<Model> {
     let (_, vty) = onnx_type(&spec.velocity).ok_or_else(|| ort::Error::new("velocity type"))?;
@@ -451,9 +458,7 @@ fn build_model(spec: &StepSpec) -> ort::Result<Model> {
         &["x_host"],
         vec![],
     )?)?;
-    let mut model = Model::new([Opset::new(ONNX_DOMAIN, 18)?])?;
-    model.set_graph(g)?;
-    Ok(model)
+    opset18_model(g)
 }
 
 /// The Euler update as an ONNX Runtime session on the transformer's providers.
@@ -723,9 +728,7 @@ fn build_upload_model(layout: &[(String, TensorElementType, Vec<i64>)]) -> ort::
             vec![],
         )?)?;
     }
-    let mut model = Model::new([Opset::new(ONNX_DOMAIN, 18)?])?;
-    model.set_graph(g)?;
-    Ok(model)
+    opset18_model(g)
 }
 
 /// The device loop's I/O bindings. The transformer's binding only ever sees fixed buffers: `xm` (its latents, in

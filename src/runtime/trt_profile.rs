@@ -386,13 +386,17 @@ impl GraphCall {
     fn hint(&self) -> &'static str {
         match self.graph {
             CallKind::Transformer { cfg: true } => {
-                "true CFG runs 2 x images rows per transformer call: ask for fewer images, or rebuild the engines                  with a larger batch range (fluxrt build-engines --trt-batch MIN-MAX) and restart with the same flags"
+                "true CFG runs 2 x images rows per transformer call: ask for fewer images, or rebuild the engines \
+                 with a larger batch range (fluxrt build-engines --trt-batch MIN-MAX) and restart with the same flags"
             }
             CallKind::VaeDecoder { tiled: true } | CallKind::VaeEncoder { tiled: true } => {
-                "tiled VAE calls see tiles as small as the image's edge remainder: rebuild the engines with a range                  down to the smallest tile (fluxrt build-engines --trt-sizes MIN-MAX), or use --vae-tiling off or                  another --vae-tile-size"
+                "tiled VAE calls see tiles as small as the image's edge remainder: rebuild the engines with a range \
+                 down to the smallest tile (fluxrt build-engines --trt-sizes MIN-MAX), or use --vae-tiling off or \
+                 another --vae-tile-size"
             }
             _ => {
-                "ask for a size and image count within that range, or rebuild the engines for a wider range                  (fluxrt build-engines --trt-sizes MIN-MAX --trt-batch MIN-MAX) and restart with the same flags"
+                "ask for a size and image count within that range, or rebuild the engines for a wider range \
+                 (fluxrt build-engines --trt-sizes MIN-MAX --trt-batch MIN-MAX) and restart with the same flags"
             }
         }
     }
@@ -1161,11 +1165,19 @@ mod tests {
                 .contains("width and height 512-1024 px, batch 1-4"),
             "{e}"
         );
+        assert_tidy(&e);
         assert!(e.hint.unwrap().contains("build-engines"));
         let e = r
             .check_request(512, 512, 5, "the TensorRT profile")
             .unwrap_err();
         assert!(e.message.contains("5 image(s)"), "{e}");
+    }
+
+    /// Messages and hints are one line of single spaces (a lost `\` continuation leaves a run of indentation).
+    fn assert_tidy(e: &Error) {
+        for text in std::iter::once(&e.message).chain(e.hint.as_ref()) {
+            assert!(!text.contains("  "), "two spaces in {text:?}");
+        }
     }
 
     #[test]
@@ -1183,6 +1195,7 @@ mod tests {
             e.message.contains("6 rows") && e.message.contains("true CFG"),
             "{e}"
         );
+        assert_tidy(&e);
         assert!(e.hint.unwrap().contains("--trt-batch"));
         // Tiled VAE: the whole image fits the range, but a 256 px edge tile does not fit 512-2048.
         let r = range("512-2048", "1-4");
@@ -1192,19 +1205,21 @@ mod tests {
             .tile_sizes(2048, 1024, 8);
         let e = r.check_shape(&q, "the TensorRT profile").unwrap_err();
         assert!(e.message.contains("VAE tiles of 512x256 px"), "{e}");
+        assert_tidy(&e);
         assert!(e.hint.unwrap().contains("--vae-tiling off"));
         // Tiles inside the range: accepted even when the image itself is above it.
         let r = range("256-1024", "1-4");
-        assert!(
-            r.check_shape(&q, "the profile").is_err(),
-            "2048 > 1024 for the transformer"
-        );
+        let e = r
+            .check_shape(&q, "the profile")
+            .expect_err("2048 > 1024 for the transformer");
+        assert_tidy(&e);
         let r2 = range("256-2048", "1-1");
         q.encodes = true;
         assert!(r2.check_shape(&q, "the profile").is_ok());
         q.images = 2;
         let e = r2.check_shape(&q, "the profile").unwrap_err();
         assert!(e.message.contains("2 image(s) per call"), "{e}");
+        assert_tidy(&e);
         let _ = r;
     }
 
