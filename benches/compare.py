@@ -7,11 +7,18 @@ from Python onnxruntime, and fluxrt, on the same bench model, prompt, seed, size
     python benches/compare.py --engines diffusers,ort,fluxrt,ort-int8,fluxrt-int8,fluxrt-int4,fluxrt-lowmem \
         --rounds 3 --runs 1 --warmup 1
     python benches/compare.py --render benches/results.json              # re-render after editing NOTES.md
+    # int8 VAE decoder and fused transformer variants (see benches/NOTES.md):
+    python benches/compare.py --engines diffusers,ort,fluxrt,fluxrt-fused,fluxrt-int8,fluxrt-int8vae,\
+fluxrt-int8vae-fused --sizes 512x512 --rounds 3 --runs 1 --warmup 1
 
 Prerequisites (see docs/bench.md):
     python -m export preset bench build/models/bench --validate        # checkpoint in build/export/bench
     python -m export quantize build/models/bench build/models/bench-int8 --to int8
     python -m export quantize build/models/bench build/models/bench-int4 --to int4     # for fluxrt-int4
+    python -m export quantize build/models/bench build/models/bench-int8-vae8 --to int8 --vae int8   # *-int8vae
+    python -m export optimize build/models/bench build/models/bench-fused                # *-fused
+    python -m export optimize build/models/bench-int8 build/models/bench-int8-fused
+    python -m export optimize build/models/bench-int8-vae8 build/models/bench-int8-vae8-fused
     cargo build --release
 
 Every engine runs in its own subprocess, so its peak RSS (wait4's ru_maxrss) is its own: model, runtime and
@@ -36,8 +43,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENGINES = ("diffusers", "ort", "fluxrt", "ort-int8", "fluxrt-int8", "fluxrt-int4", "fluxrt-lowmem")
+ENGINES = ("diffusers", "ort", "fluxrt", "ort-int8", "fluxrt-int8", "fluxrt-int4", "fluxrt-lowmem", "fluxrt-fused",
+           "fluxrt-int8-fused", "fluxrt-int8vae", "fluxrt-int8vae-fused", "ort-int8vae-fused")
 DEFAULT_ENGINES = ENGINES[:5]
+# Which model folder (compare.py option) each engine variant runs: the part of the engine name after "fluxrt-"/"ort-".
+VARIANT_MODEL = {"": "model", "lowmem": "model", "int8": "int8", "int4": "int4", "fused": "fused",
+                 "int8-fused": "int8_fused", "int8vae": "int8vae", "int8vae-fused": "int8vae_fused"}
 # Extra `fluxrt bench` options per engine.
 ENGINE_ARGS = {"fluxrt-lowmem": ["--low-memory"]}
 
@@ -324,6 +335,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--checkpoint", default="build/export/bench")
     ap.add_argument("--int8", default="build/models/bench-int8", help="quantized model folder for *-int8 engines")
     ap.add_argument("--int4", default="build/models/bench-int4", help="quantized model folder for *-int4 engines")
+    ap.add_argument("--fused", default="build/models/bench-fused", help="model folder for *-fused engines "
+                    "(python -m export optimize)")
+    ap.add_argument("--int8-fused", default="build/models/bench-int8-fused", help="for *-int8-fused engines")
+    ap.add_argument("--int8vae", default="build/models/bench-int8-vae8",
+                    help="int8 transformer + int8 VAE decoder (quantize --to int8 --vae int8) for *-int8vae engines")
+    ap.add_argument("--int8vae-fused", default="build/models/bench-int8-vae8-fused",
+                    help="the --int8vae folder optimized, for *-int8vae-fused engines")
     ap.add_argument("--fluxrt", default="target/release/fluxrt")
     ap.add_argument("--sizes", default="256x256,512x512")
     ap.add_argument("--steps", type=int, default=4)
@@ -395,7 +413,7 @@ def main(argv: list[str]) -> int:
         order = engines[k:] + engines[:k] if rnd % 2 == 0 else list(reversed(engines[k:] + engines[:k]))
         for e in order:
             cfg = dict(base, engine=e, image_dir=str(image_dir), noise_dir=str(noise_dir),
-                       model=a.int8 if e.endswith("int8") else a.int4 if e.endswith("int4") else a.model,
+                       model=getattr(a, VARIANT_MODEL[e.partition("-")[2]]),
                        checkpoint=a.checkpoint, result=str(tmp / f"{e}.result.json"))
             cfg["fluxrt_args"] = cfg["fluxrt_args"] + ENGINE_ARGS.get(e, [])
             load = os.getloadavg()[0]
@@ -435,7 +453,9 @@ def main(argv: list[str]) -> int:
     for e in engines:
         versions.update(results[e].get("versions", {}))
     out = {"machine": machine(), "versions": versions, "settings": {k: v for k, v in base.items() if k != "fluxrt"},
-           "model": a.model, "int8_model": a.int8, "int4_model": a.int4, "summary": summary, "peak_rss_bytes": rss, "psnr_vs_fluxrt": psnrs,
+           "model": a.model, "int8_model": a.int8, "int4_model": a.int4,
+           "variant_models": {e: getattr(a, VARIANT_MODEL[e.partition("-")[2]]) for e in engines if "-" in e},
+           "summary": summary, "peak_rss_bytes": rss, "psnr_vs_fluxrt": psnrs,
            "load_s": {e: statistics.median(results[e]["load_s"]) for e in engines}, "raw": results,
            "rounds": a.rounds,
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -463,7 +483,12 @@ def render(out: dict, engines: list[str], sizes, notes: Path) -> str:
          "- Versions: " + ", ".join(f"{k} {val}" for k, val in sorted(v.items())), "",
          "## Settings", "",
          f"- Model `{out['model']}` (bench preset: ~160M-param transformer, real text dims 4096/768, real-size VAE); "
-         f"int8: `{out['int8_model']}` (transformer MatMuls quantize_dynamic int8, per channel)",
+         f"int8: `{out['int8_model']}` (transformer MatMuls quantize_dynamic int8, per channel)"
+         + "".join(f"; {e}: `{mdl}`" for e, mdl in out.get("variant_models", {}).items()
+                   if e.partition("-")[2] not in ("", "lowmem", "int8", "int4")),
+         "- Variants: *-int8vae = int8 transformer + VAE decoder Convs static int8 (QLinearConv, calibrated); "
+         "*-fused = transformer attention fused into MultiHeadAttention + LayerNorm/Gelu fusions (python -m export "
+         "optimize)",
          f"- Prompt {s['prompt']!r}, seed {s['seed']}, {s['steps']} steps, T5 length {s['t5_max_length']}, "
          f"{s['threads']} threads per engine; {out['rounds']} round(s), engine order rotated each round; per round "
          f"and size {s['warmup']} warmup + {s['runs']} timed run(s); runs pooled over rounds",
@@ -516,6 +541,12 @@ def render(out: dict, engines: list[str], sizes, notes: Path) -> str:
                              f"{ratio(out['peak_rss_bytes'][v], out['peak_rss_bytes']['diffusers'])}")
         if "fluxrt-lowmem" in med and "fluxrt" in med:
             L.append(f"- fluxrt-lowmem / fluxrt time: {ratio(med['fluxrt-lowmem'], med['fluxrt'])}")
+        for v in ("fluxrt-fused", "fluxrt-int8-fused", "fluxrt-int8vae", "fluxrt-int8vae-fused", "ort-int8vae-fused"):
+            if v in med and "diffusers" in med:
+                p = out["psnr_vs_fluxrt"][key].get(v)
+                rss_r = ratio(out["peak_rss_bytes"].get(v), out["peak_rss_bytes"].get("diffusers"))
+                L.append(f"- diffusers / {v} time: {ratio(med['diffusers'], med[v])} (PSNR {p or 0:.1f} dB against "
+                         f"fluxrt fp32; peak RSS {rss_r} of diffusers')")
         L.append("")
     if notes.is_file():
         L += [notes.read_text().rstrip(), ""]
