@@ -11,13 +11,12 @@ import numpy as np
 import onnx
 import torch
 
+from .graph_io import save_graph
 from .wrappers import contract_for, export_patches, wrap
 
 GRAPHS = ["clip", "t5", "transformer", "vae_decoder", "vae_encoder"]
 PRECISIONS = ["fp32", "fp16", "bf16"]
 DEFAULT_OPSET = 18
-# protobuf's hard limit is 2 GiB; stay clear of it.
-EXTERNAL_DATA_BYTES = 1_800_000_000
 
 # fp16 islands: what stays fp32 because it overflows or loses too much in fp16 (FLUX_REFERENCE.md traps).
 FP16_ISLANDS = {
@@ -198,25 +197,6 @@ def _dedupe_nodes(model: onnx.ModelProto) -> None:
     model.graph.node.extend(keep)
 
 
-def _save(model: onnx.ModelProto, path: Path) -> str | None:
-    """Saves the graph; one external-data side file when it would pass the protobuf limit."""
-    data_name = path.name + ".data"
-    data_path = path.with_name(data_name)
-    if data_path.exists():
-        data_path.unlink()  # onnx appends to an existing data file
-    big = model.ByteSize() > EXTERNAL_DATA_BYTES if _all_inline(model) else True
-    if big:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-        return data_name
-    onnx.save_model(model, str(path))
-    return None
-
-
-def _all_inline(model: onnx.ModelProto) -> bool:
-    return not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
 def _strip(model: onnx.ModelProto) -> None:
     """Drops doc strings (source paths of the exporting machine) so files are smaller and reproducible."""
     model.doc_string = ""
@@ -257,7 +237,7 @@ def export_graph(graph: str, parts, out_path: Path, precision: str = "fp32", ops
         ls.finish_graph(model, slots)
         ls.check_slot_dtypes(model, slots)
     _strip(model)
-    external = _save(model, out_path)
+    external = save_graph(model, out_path)
     module.float()
     entry = {"precision": _graph_precision(model), "opset": opset, "external_data": external, "islands": islands or {}}
     if slots is not None:

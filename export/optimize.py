@@ -21,13 +21,13 @@ stays within 1.6e-6 of PyTorch (export/validate.py's check) - see benches/NOTES.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 from . import manifest as mf
 from .checkpoint import ExportError
-from .quantize import EXTERNAL_DATA_BYTES, _copy_tree
+from .graph_io import save_graph
+from .quantize import derived_model
 
 FUSIONS = ("attention", "layernorm", "gelu")
 DEFAULT_FUSIONS = ("attention", "layernorm", "gelu")
@@ -252,24 +252,13 @@ def optimize_graph(src: Path, dst: Path, fusions: tuple[str, ...] = DEFAULT_FUSI
         if info["MultiHeadAttention"] == 0:
             raise ExportError(f"{src.name}: no attention matched the export's pattern")
     info["nodes_after"] = len(model.graph.node)
-    data = dst.name + ".data"
-    if (dst.parent / data).exists():
-        (dst.parent / data).unlink()
-    if model.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                        size_threshold=1024)
-        info["external_data"] = data
-    else:
-        onnx.save_model(model, str(dst))
-        info["external_data"] = None
+    info["external_data"] = save_graph(model, dst)
     return info
 
 
 def optimize_model(model_dir: Path, out_dir: Path, fusions: tuple[str, ...] = DEFAULT_FUSIONS, force: bool = False,
                    log=print) -> dict:
     """Writes out_dir: model_dir with its transformer's attention (and optionally LayerNorm / Gelu) fused."""
-    from .run import commit_out_dir, prepare_out_dir
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     mf_path = model_dir / "manifest.json"
     if not mf_path.is_file():
@@ -283,25 +272,13 @@ def optimize_model(model_dir: Path, out_dir: Path, fusions: tuple[str, ...] = DE
         raise ExportError(f"{model_dir} has no transformer graph to optimize")
     if entry.get("optimization"):
         raise ExportError(f"{model_dir}: the transformer is already optimized ({entry['optimization']['fusions']})")
-    in_place = out_dir.resolve() == model_dir.resolve()
-    staging = prepare_out_dir(out_dir, force or in_place)
-    try:
+    skip = {entry["file"], entry.get("external_data")} - {None}
+    with derived_model(model_dir, out_dir, manifest, skip, force, "optimized_from", log) as staging:
         t0 = time.time()
-        skip = {entry["file"], entry.get("external_data")} - {None}
-        _copy_tree(model_dir, staging, skip | {"manifest.json"})
         info = optimize_graph(model_dir / entry["file"], staging / entry["file"], tuple(fusions))
         entry["external_data"] = info.pop("external_data")
         entry["optimization"] = info
         log(f"optimized transformer: {', '.join(fusions)} "
             f"({', '.join(f'{k} {v}' for k, v in info.items() if isinstance(v, int) and k[0].isupper())}), "
             f"{info['nodes_before']} -> {info['nodes_after']} nodes, {time.time() - t0:.1f}s")
-        if not in_place:
-            manifest["name"] = out_dir.name
-        manifest.setdefault("source", {})["optimized_from"] = model_dir.name
-        mf.write(staging, manifest)
-        commit_out_dir(staging, out_dir)
-        log(f"wrote {out_dir} in {time.time() - t0:.1f}s")
-        return manifest
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    return manifest

@@ -30,10 +30,12 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import manifest as mf
 from .checkpoint import ExportError
+from .graph_io import save_graph
 
 METHODS = ("int8", "int4", "int8-nbits")
 VAE_METHODS = ("int8",)
@@ -50,8 +52,6 @@ CALIBRATION_PROMPTS = (
     "abstract geometric pattern, blue and gold",
     "a forest in autumn fog",
 )
-# Graphs this large (bytes) are saved with their weights in one external data file.
-EXTERNAL_DATA_BYTES = 1_900_000_000
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -69,6 +69,31 @@ def _copy_tree(src: Path, dst: Path, skip: set[str]) -> None:
             shutil.copytree(p, dst / p.name)
         else:
             _link_or_copy(p, dst / p.name)
+
+
+@contextmanager
+def derived_model(model_dir: Path, out_dir: Path, manifest: dict, replaced: set[str], force: bool, source_key: str,
+                  log=print):
+    """A new model folder made from model_dir: yields a staging folder holding every file except `replaced` (the
+    graph files the caller writes) and the manifest; on success writes `manifest` (renamed after out_dir, with
+    source[source_key] = model_dir's name) and moves the staging folder to out_dir. out_dir may be model_dir."""
+    from .run import commit_out_dir, prepare_out_dir
+
+    in_place = out_dir.resolve() == model_dir.resolve()
+    staging = prepare_out_dir(out_dir, force or in_place)
+    try:
+        t0 = time.time()
+        _copy_tree(model_dir, staging, replaced | {"manifest.json"})
+        yield staging
+        if not in_place:
+            manifest["name"] = out_dir.name
+        manifest.setdefault("source", {})[source_key] = model_dir.name
+        mf.write(staging, manifest)
+        commit_out_dir(staging, out_dir)
+        log(f"wrote {out_dir} in {time.time() - t0:.1f}s")
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
 
 
 def quantize_graph(src: Path, dst: Path, method: str, block_size: int = 32, accuracy_level: int = 4) -> dict:
@@ -112,16 +137,7 @@ def quantize_graph(src: Path, dst: Path, method: str, block_size: int = 32, accu
     for p in (tmp, Path(str(tmp) + ".data")):
         if p.exists():
             p.unlink()
-    data = dst.name + ".data"
-    if (dst.parent / data).exists():
-        (dst.parent / data).unlink()
-    if out.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save_model(out, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                        size_threshold=1024)
-        info["external_data"] = data
-    else:
-        onnx.save_model(out, str(dst))
-        info["external_data"] = None
+    info["external_data"] = save_graph(out, dst)
     return info
 
 
@@ -248,20 +264,11 @@ def quantize_vae_graph(src: Path, dst: Path, latents: list, fmt: str = "qoperato
         n_q = sum(1 for n in out.graph.node if n.op_type == "Conv" and n.input[0] in dq)
     if n_q == 0:
         raise ExportError(f"{src.name}: no Conv was quantized ({len(convs)} Convs)")
-    data = dst.name + ".data"
-    if (dst.parent / data).exists():
-        (dst.parent / data).unlink()
     info = {"method": "int8", "scheme": "static", "format": fmt, "op_types": ["Conv"], "convs": len(convs),
             "quantized_nodes": n_q, "excluded": excluded, "weight_type": "int8", "per_channel": True,
             "activations": "static uint8", "calibration": {"method": calibration, "latents": len(latents),
                                                             "shape": list(latents[0].shape)}}
-    if out.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save_model(out, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                        size_threshold=1024)
-        info["external_data"] = data
-    else:
-        onnx.save_model(out, str(dst))
-        info["external_data"] = None
+    info["external_data"] = save_graph(out, dst)
     return info
 
 
@@ -271,8 +278,6 @@ def quantize_model(model_dir: Path, out_dir: Path, method: str | None, force: bo
                    calibration_count: int = 8, calibration_size: int = 256, vae_exclude: tuple[str, ...] = ()) -> dict:
     """Writes out_dir: model_dir with its transformer quantized (method) and/or its VAE decoder (vae="int8").
     out_dir == model_dir quantizes in place."""
-    from .run import commit_out_dir, prepare_out_dir
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if method is None and vae is None:
         raise ExportError("nothing to quantize: pass --to (transformer) and/or --vae (VAE decoder)")
@@ -308,13 +313,9 @@ def quantize_model(model_dir: Path, out_dir: Path, method: str | None, force: bo
         unknown = [x for x in vae_exclude if x not in convs]
         if unknown:
             raise ExportError(f"{model_dir}: the VAE decoder has no Conv named {', '.join(unknown)}")
-    in_place = out_dir.resolve() == model_dir.resolve()
-    staging = prepare_out_dir(out_dir, force or in_place)
-    try:
-        t0 = time.time()
-        skip = {manifest["graphs"][g]["file"] for g in todo}
-        skip |= {manifest["graphs"][g].get("external_data") for g in todo} - {None}
-        _copy_tree(model_dir, staging, skip | {"manifest.json"})
+    skip = {manifest["graphs"][g]["file"] for g in todo}
+    skip |= {manifest["graphs"][g].get("external_data") for g in todo} - {None}
+    with derived_model(model_dir, out_dir, manifest, skip, force, "quantized_from", log) as staging:
         for g in graphs:
             entry = manifest["graphs"][g]
             src = model_dir / entry["file"]
@@ -340,13 +341,4 @@ def quantize_model(model_dir: Path, out_dir: Path, method: str | None, force: bo
             size = sum(p.stat().st_size for p in staging.iterdir() if p.name.startswith(entry["file"]))
             log(f"quantized vae_decoder to {vae} ({vae_format}, {calibration} calibration): "
                 f"{info['quantized_nodes']} of {info['convs']} Convs, {size / 1e6:.1f} MB, {time.time() - t:.1f}s")
-        if not in_place:
-            manifest["name"] = out_dir.name
-        manifest.setdefault("source", {})["quantized_from"] = model_dir.name
-        mf.write(staging, manifest)
-        commit_out_dir(staging, out_dir)
-        log(f"wrote {out_dir} in {time.time() - t0:.1f}s")
-        return manifest
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    return manifest

@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from export import graph_io
 from export import onnx_export as ox
 from export.validate import validate_graph
 
@@ -17,7 +18,7 @@ def test_big_graphs_are_saved_with_one_side_file(checkpoints, tmp_path, monkeypa
     from export import checkpoint as ckpt
 
     parts = ckpt.load(checkpoints["schnell"], ["transformer"])
-    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(graph_io, "EXTERNAL_DATA_BYTES", 0)
     path = tmp_path / "transformer.onnx"
     entry = ox.export_graph("transformer", parts, path)
     assert entry["external_data"] == "transformer.onnx.data"

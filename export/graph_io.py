@@ -1,0 +1,32 @@
+"""Writing ONNX graphs: inline, or with one external-data side file past the protobuf limit (shared by export,
+quantize and optimize)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+# protobuf's hard limit is 2 GiB; stay clear of it.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> str | None:
+    """Saves the graph; one external-data side file when it would pass the protobuf limit. Returns that file's
+    name, or None."""
+    path = Path(path)
+    data_name = path.name + ".data"
+    data_path = path.with_name(data_name)
+    if data_path.exists():
+        data_path.unlink()  # onnx appends to an existing data file
+    big = model.ByteSize() > EXTERNAL_DATA_BYTES if _all_inline(model) else True
+    if big:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        return data_name
+    onnx.save_model(model, str(path))
+    return None
+
+
+def _all_inline(model: onnx.ModelProto) -> bool:
+    return not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
