@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args as ClapArgs;
 use fluxrt::bench::{self, BenchOptions};
 use fluxrt::pipeline::DEFAULT_MAX_PIXELS;
-use fluxrt::runtime::{self, Optimization};
+use fluxrt::runtime;
 use fluxrt::{Error, Result};
 
 use super::common::{model_path, SessionArgs};
@@ -40,15 +40,6 @@ pub struct Args {
     prompt: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Graph optimization level: disable, basic, extended, all.
-    #[arg(long, default_value = "all")]
-    optimization: String,
-    /// Turn ONNX Runtime's memory pattern planning off.
-    #[arg(long)]
-    no_memory_pattern: bool,
-    /// Turn the CPU arena allocator off.
-    #[arg(long)]
-    no_cpu_arena: bool,
     /// Do not read or write the optimized-graph cache.
     #[arg(long)]
     no_optimized_cache: bool,
@@ -87,9 +78,6 @@ pub fn run(a: Args) -> Result<()> {
     o.prompt = a.prompt.clone();
     o.seed = a.seed;
     a.session.apply(&mut o.load)?;
-    o.load.optimization = a.optimization.parse::<Optimization>()?;
-    o.load.memory_pattern = !a.no_memory_pattern;
-    o.load.cpu_arena = !a.no_cpu_arena;
     if a.no_optimized_cache {
         o.load.optimized_cache = None;
     } else if let Some(dir) = &a.optimized_cache {
