@@ -143,7 +143,9 @@ def worker_ort(cfg: dict) -> dict:
     """The exported ONNX graphs driven from Python onnxruntime: the same loop as fluxrt (and diffusers)."""
     import numpy as np
     import onnxruntime as ort
-    from tokenizers import Tokenizer
+
+    sys.path.insert(0, str(REPO))
+    from export import ort_flow as flow
 
     model = Path(cfg["model"])
     t0 = time.perf_counter()
@@ -153,14 +155,7 @@ def worker_ort(cfg: dict) -> dict:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = {g: ort.InferenceSession(str(model / m["graphs"][g]["file"]), so, providers=["CPUExecutionProvider"])
             for g in ("clip", "t5", "transformer", "vae_decoder")}
-    toks = {}
-    for k in ("clip", "t5"):
-        e = m["tokenizers"][k]
-        tok = Tokenizer.from_file(str(model / e["file"]))
-        length = e["max_length"] if k == "clip" else m["defaults"]["t5_max_length"]
-        tok.enable_truncation(length)
-        tok.enable_padding(length=length, pad_id=e["pad_id"])
-        toks[k] = tok
+    toks = flow.tokenizers(model, m)
     load_s = time.perf_counter() - t0
     np_types = {"tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(float)": np.float32}
     in_ort = [0.0]
@@ -192,23 +187,11 @@ def worker_ort(cfg: dict) -> dict:
             txt = run("t5", ids("t5", t5_ids))[0]
             t_t5 = time.perf_counter()
             b, c, lh, lw = noise.shape
-            x = noise.reshape(b, c, lh // 2, 2, lw // 2, 2).transpose(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            seq = x.shape[1]
-            img_ids = np.zeros((lh // 2, lw // 2, 3), np.float32)
-            img_ids[..., 1] = np.arange(lh // 2)[:, None]
-            img_ids[..., 2] = np.arange(lw // 2)[None, :]
-            img_ids = img_ids.reshape(-1, 3)
+            x = flow.pack(noise)
+            img_ids = flow.img_ids(lh, lw)
             txt_ids = np.zeros((txt.shape[1], 3), np.float32)
             n = cfg["steps"]
-            s = np.linspace(1.0, 1.0 / n, n)
-            if sched["use_dynamic_shifting"]:
-                k = (sched["max_shift"] - sched["base_shift"]) / (sched["max_image_seq_len"] - sched["base_image_seq_len"])
-                mu = seq * k + sched["base_shift"] - k * sched["base_image_seq_len"]
-                s = np.exp(mu) / (np.exp(mu) + (1 / s - 1))
-            else:
-                s = sched["shift"] * s / (1 + (sched["shift"] - 1) * s)
-            sigmas = np.append(s.astype(np.float32), np.float32(0.0))
+            sigmas = flow.sigmas(sched, n, x.shape[1])
             steps = []
             for j in range(n):
                 ts = time.perf_counter()
@@ -218,8 +201,7 @@ def worker_ort(cfg: dict) -> dict:
                 x = x + (sigmas[j + 1] - sigmas[j]) * v
                 steps.append(time.perf_counter() - ts)
             tv = time.perf_counter()
-            z = x.reshape(b, lh // 2, lw // 2, c, 2, 2).transpose(0, 3, 1, 4, 2, 5).reshape(b, c, lh, lw)
-            z = np.ascontiguousarray(z / vae["scaling_factor"] + vae["shift_factor"], dtype=np.float32)
+            z = flow.vae_input(flow.unpack(x, c, lh, lw), vae)
             image = run("vae_decoder", {"latent": z})[0]
             t_vae = time.perf_counter()
             rgb = (np.clip(image[0] / 2 + 0.5, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)

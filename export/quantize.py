@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import manifest as mf
+from . import ort_flow as flow
 from .checkpoint import ExportError
 from .graph_io import save_graph
 
@@ -148,7 +149,6 @@ def calibration_latents(model_dir: Path, manifest: dict, count: int = 8, size: i
     import numpy as np
     import onnxruntime as ort
     import torch
-    from tokenizers import Tokenizer
 
     if size <= 0 or size % 16:
         raise ExportError(f"calibration size {size} is not a positive multiple of 16")
@@ -159,33 +159,14 @@ def calibration_latents(model_dir: Path, manifest: dict, count: int = 8, size: i
     sess = {g: ort.InferenceSession(str(model_dir / manifest["graphs"][g]["file"]), so,
                                     providers=["CPUExecutionProvider"]) for g in ("clip", "t5", "transformer")}
     np_types = {"tensor(int32)": np.int32, "tensor(int64)": np.int64}
-    toks = {}
-    for k in ("clip", "t5"):
-        e = manifest["tokenizers"][k]
-        tok = Tokenizer.from_file(str(model_dir / e["file"]))
-        length = e["max_length"] if k == "clip" else manifest["defaults"]["t5_max_length"]
-        tok.enable_truncation(length)
-        tok.enable_padding(length=length, pad_id=e["pad_id"])
-        toks[k] = tok
+    toks = flow.tokenizers(model_dir, manifest)
     has_guidance = any(i.name == "guidance" for i in sess["transformer"].get_inputs())
     guidance = manifest["defaults"].get("guidance") or 3.5
     n = steps or manifest["defaults"].get("steps") or 4
-    sched, vae = manifest["scheduler"], manifest["vae"]
     c = manifest["latent_channels"]
     lh = lw = 2 * (size // 16)
-    seq = (lh // 2) * (lw // 2)
-    sig = np.linspace(1.0, 1.0 / n, n)
-    if sched["use_dynamic_shifting"]:
-        k = (sched["max_shift"] - sched["base_shift"]) / (sched["max_image_seq_len"] - sched["base_image_seq_len"])
-        mu = seq * k + sched["base_shift"] - k * sched["base_image_seq_len"]
-        sig = np.exp(mu) / (np.exp(mu) + (1 / sig - 1))
-    else:
-        sig = sched["shift"] * sig / (1 + (sched["shift"] - 1) * sig)
-    sig = np.append(sig.astype(np.float32), np.float32(0.0))
-    img_ids = np.zeros((lh // 2, lw // 2, 3), np.float32)
-    img_ids[..., 1] = np.arange(lh // 2)[:, None]
-    img_ids[..., 2] = np.arange(lw // 2)[None, :]
-    img_ids = img_ids.reshape(-1, 3)
+    sig = flow.sigmas(manifest["scheduler"], n, (lh // 2) * (lw // 2))
+    img_ids = flow.img_ids(lh, lw)
     out = []
     t0 = time.time()
     for i in range(first, first + count):
@@ -197,9 +178,7 @@ def calibration_latents(model_dir: Path, manifest: dict, count: int = 8, size: i
         pooled = sess["clip"].run(["pooled_embeddings"], enc["clip"])[0]
         txt = sess["t5"].run(["text_embeddings"], enc["t5"])[0]
         gen = torch.Generator("cpu").manual_seed(i + 1)
-        noise = torch.randn((1, c, lh, lw), generator=gen, dtype=torch.float32).numpy()
-        x = np.ascontiguousarray(noise.reshape(1, c, lh // 2, 2, lw // 2, 2).transpose(0, 2, 4, 1, 3, 5)
-                                 .reshape(1, seq, c * 4))
+        x = flow.pack(torch.randn((1, c, lh, lw), generator=gen, dtype=torch.float32).numpy())
         for j in range(n):
             feeds = {"hidden_states": x, "encoder_hidden_states": txt, "pooled_projections": pooled,
                      "timestep": np.full((1,), sig[j], np.float32), "img_ids": img_ids,
@@ -207,8 +186,7 @@ def calibration_latents(model_dir: Path, manifest: dict, count: int = 8, size: i
             if has_guidance:
                 feeds["guidance"] = np.full((1,), guidance, np.float32)
             x = x + (sig[j + 1] - sig[j]) * sess["transformer"].run(["latent"], feeds)[0]
-        z = x.reshape(1, lh // 2, lw // 2, c, 2, 2).transpose(0, 3, 1, 4, 2, 5).reshape(1, c, lh, lw)
-        out.append(np.ascontiguousarray(z / vae["scaling_factor"] + vae["shift_factor"], dtype=np.float32))
+        out.append(flow.vae_input(flow.unpack(x, c, lh, lw), manifest["vae"]))
     log(f"calibration latents: {count} at {size}x{size}, {n} steps, {time.time() - t0:.1f}s")
     return out
 
