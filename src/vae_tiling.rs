@@ -1,7 +1,7 @@
 //! Tiled VAE decode and encode for large images, as diffusers' `AutoencoderKL.tiled_decode` / `_tiled_encode`
 //! do it: the input is cut into overlapping square tiles, each tile goes through the graph on its own, and
-//! neighbouring tiles are blended linearly over the overlap (`blend_v` above, then `blend_h` to the left, on the
-//! already blended neighbours) before each tile is cropped to the stride and placed.
+//! neighbouring tiles are blended linearly over the overlap (diffusers' `blend_v` above, then `blend_h` to the
+//! left, on the already blended neighbours) before each tile is cropped to the stride and placed.
 //!
 //! Geometry (pixels `P` = [`VaeTiling::tile_size`], VAE factor `f`, overlap `o`): latent tiles of `T = P / f`,
 //! `O = int(T * o)` latents of overlap, stride `T - O`; decode blends `O * f` pixels and keeps `(T - O) * f` per
@@ -278,10 +278,10 @@ fn tiled(
                 .to_owned();
             let mut t = run(input)?;
             if let Some(a) = above.get(col) {
-                blend_v(a, &mut t, blend);
+                blend_edge(a, &mut t, blend, Axis(2));
             }
             if let Some(l) = row.last() {
-                blend_h(l, &mut t, blend);
+                blend_edge(l, &mut t, blend, Axis(3));
             }
             let (th, tw) = (t.shape()[2].min(keep), t.shape()[3].min(keep));
             let out =
@@ -310,36 +310,20 @@ fn tiled(
     out.ok_or_else(|| mismatch("sizes"))
 }
 
-/// diffusers' `blend_v`: the first `extent` rows of `b` fade in from the last `extent` rows of `a`.
-fn blend_v(a: &Array4<f32>, b: &mut Array4<f32>, extent: usize) {
-    let (ah, bh) = (a.shape()[2], b.shape()[2]);
-    let e = extent.min(ah).min(bh);
-    if a.shape()[3] != b.shape()[3] {
+/// diffusers' `blend_v` (`axis` 2, rows) and `blend_h` (`axis` 3, columns): the first `extent` rows or columns
+/// of `b` fade in from the last `extent` of `a`. Tiles whose other side differs are left alone.
+fn blend_edge(a: &Array4<f32>, b: &mut Array4<f32>, extent: usize, axis: Axis) {
+    let across = if axis == Axis(2) { 3 } else { 2 };
+    if a.shape()[across] != b.shape()[across] {
         return;
     }
-    for y in 0..e {
-        let wb = (y as f64 / e as f64) as f32;
-        let wa = (1.0 - y as f64 / e as f64) as f32;
-        let src = a.slice(s![.., .., ah - e + y, ..]);
-        let mut dst = b.slice_mut(s![.., .., y, ..]);
-        ndarray::Zip::from(&mut dst)
-            .and(&src)
-            .for_each(|d, &s| *d = s * wa + *d * wb);
-    }
-}
-
-/// diffusers' `blend_h`: the first `extent` columns of `b` fade in from the last `extent` columns of `a`.
-fn blend_h(a: &Array4<f32>, b: &mut Array4<f32>, extent: usize) {
-    let (aw, bw) = (a.shape()[3], b.shape()[3]);
-    let e = extent.min(aw).min(bw);
-    if a.shape()[2] != b.shape()[2] {
-        return;
-    }
-    for x in 0..e {
-        let wb = (x as f64 / e as f64) as f32;
-        let wa = (1.0 - x as f64 / e as f64) as f32;
-        let src = a.slice(s![.., .., .., aw - e + x]);
-        let mut dst = b.slice_mut(s![.., .., .., x]);
+    let (la, lb) = (a.len_of(axis), b.len_of(axis));
+    let e = extent.min(la).min(lb);
+    for i in 0..e {
+        let wb = (i as f64 / e as f64) as f32;
+        let wa = (1.0 - i as f64 / e as f64) as f32;
+        let src = a.index_axis(axis, la - e + i);
+        let mut dst = b.index_axis_mut(axis, i);
         ndarray::Zip::from(&mut dst)
             .and(&src)
             .for_each(|d, &s| *d = s * wa + *d * wb);
