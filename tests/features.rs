@@ -444,30 +444,15 @@ fn png_levels_off(png: &Path, g: &Golden) -> f32 {
 }
 
 fn case_args(model_dir: &Path, c: &FeatureCase, out: &Path) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "generate",
-        "--model",
-        model_dir.to_str().unwrap(),
-        "--prompt",
+    generate_args(
+        model_dir,
         &c.prompt,
-        "--width",
-        &c.width.to_string(),
-        "--height",
-        &c.height.to_string(),
-        "--steps",
-        &c.steps.to_string(),
-        "--seed",
-        &c.seed.to_string(),
-        "--output",
-        out.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if let Some(g) = c.guidance {
-        args.extend(["--guidance".into(), g.to_string()]);
-    }
-    args
+        (c.width, c.height),
+        c.steps,
+        c.seed,
+        c.guidance,
+        out,
+    )
 }
 
 fn run_ok(args: &[String]) -> std::process::Output {

@@ -345,7 +345,7 @@ fn cli_img2img_png_records_the_denoising_strength() {
     let case = &lora_cases(m)[0];
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("i2i.png");
-    let mut args = generate_args(m, case, &out);
+    let mut args = case_args(m, case, &out);
     let init = root().join("tests/goldens/inputs/init_64x64.png");
     args.extend([
         "--init-image".into(),
@@ -360,32 +360,17 @@ fn cli_img2img_png_records_the_denoising_strength() {
     assert!(!params.contains("Lora"), "{params}");
 }
 
-fn generate_args(m: &str, case: &LoraCase, out: &Path) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "generate",
-        "--model",
-        model(m).to_str().unwrap(),
-        "--prompt",
+fn case_args(m: &str, case: &LoraCase, out: &Path) -> Vec<String> {
+    let mut args = generate_args(
+        &model(m),
         &case.prompt,
-        "--width",
-        &case.width.to_string(),
-        "--height",
-        &case.height.to_string(),
-        "--steps",
-        &case.steps.to_string(),
-        "--seed",
-        &case.seed.to_string(),
-        "--threads",
-        "1",
-        "--output",
-        out.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if let Some(g) = case.guidance {
-        args.extend(["--guidance".into(), g.to_string()]);
-    }
+        (case.width, case.height),
+        case.steps,
+        case.seed,
+        case.guidance,
+        out,
+    );
+    args.extend(["--threads".into(), "1".into()]);
     if let (Some(n), Some(s)) = (&case.negative_prompt, case.true_cfg_scale) {
         args.extend([
             "--negative-prompt".into(),
@@ -407,7 +392,7 @@ fn cli_generate_with_loras_matches_the_goldens_within_one_level() {
         for case in lora_cases(m) {
             let dir = tempfile::tempdir().unwrap();
             let out = dir.path().join("img.png");
-            let mut args = generate_args(m, &case, &out);
+            let mut args = case_args(m, &case, &out);
             for l in &case.loras {
                 let path = root().join(&l.file);
                 args.extend(["--lora".into(), format!("{}:{}", path.display(), l.scale)]);
@@ -578,7 +563,7 @@ fn cli_errors_are_clear_and_write_nothing() {
     ];
     for (what, model_dir, spec, needles) in cases {
         let out = d.join(format!("{}.png", what.replace(' ', "-")));
-        let mut args = generate_args(m, case, &out);
+        let mut args = case_args(m, case, &out);
         if let Some(p) = model_dir {
             args[2] = p.display().to_string();
         }

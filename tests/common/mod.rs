@@ -130,6 +130,42 @@ pub fn run(args: &[&str]) -> Output {
     fluxrt().args(args).output().expect("fluxrt runs")
 }
 
+/// `fluxrt generate` arguments for one golden case (guidance only when the case has one).
+pub fn generate_args(
+    model_dir: &Path,
+    prompt: &str,
+    (width, height): (u32, u32),
+    steps: usize,
+    seed: u64,
+    guidance: Option<f32>,
+    out: &Path,
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "generate",
+        "--model",
+        model_dir.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--width",
+        &width.to_string(),
+        "--height",
+        &height.to_string(),
+        "--steps",
+        &steps.to_string(),
+        "--seed",
+        &seed.to_string(),
+        "--output",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(g) = guidance {
+        args.extend(["--guidance".into(), g.to_string()]);
+    }
+    args
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
