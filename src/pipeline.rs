@@ -340,8 +340,8 @@ pub struct Pipeline {
     lora_slots: Vec<crate::lora::Slot>,
     /// The stacked factors of the last LoRA set, kept so a server repeating one set does not rebuild them.
     lora_cache: Option<(Vec<crate::lora::LoraChoice>, crate::lora::Feeds)>,
-    /// Warnings about the loaded model on these providers (e.g. a bf16 transformer on the CUDA EP), repeated in
-    /// every output so the CLI and server show them.
+    /// Warnings about the loaded model on these providers (e.g. a bf16 transformer on the CUDA EP); the CLI and
+    /// the server print them once, after loading.
     load_warnings: Vec<String>,
 }
 
@@ -513,7 +513,7 @@ impl Pipeline {
             .cuda_graphs(&self.session.providers.active, Role::Transformer.name())
     }
 
-    /// Warnings about the loaded model on these providers (also in every [`Output`]'s warnings).
+    /// Warnings about the loaded model on these providers, for the caller to show once.
     pub fn load_warnings(&self) -> &[String] {
         &self.load_warnings
     }
@@ -658,7 +658,7 @@ impl Pipeline {
             ..Default::default()
         };
         let ort_start = self.ort_busy;
-        let mut warnings: Vec<Vec<String>> = vec![self.load_warnings.clone(); reqs.len()];
+        let mut warnings: Vec<Vec<String>> = vec![Vec::new(); reqs.len()];
         for (r, w) in reqs.iter().zip(warnings.iter_mut()) {
             w.extend(crate::guidance::warnings(
                 r,

@@ -158,6 +158,9 @@ pub fn run(a: Args) -> Result<()> {
     for w in opts.ep.warnings(&pipe.providers().active) {
         eprintln!("warning: {w}");
     }
+    for w in pipe.load_warnings() {
+        eprintln!("warning: {w}");
+    }
 
     let mut req = Request::new(&pipe, a.input.prompt.clone(), seed);
     req.prompt_2 = a.input.prompt_2.clone();

@@ -450,6 +450,9 @@ fn load_and_warm(index: usize, app: &App) -> Result<Pipeline> {
         for (p, why) in &pipe.providers().rejected {
             app.log(format_args!("provider {p} not used: {why}"));
         }
+        for w in pipe.load_warnings() {
+            app.log(format_args!("warning: {w}"));
+        }
     }
     // The LoRA catalog is the model's, not a worker's: the first worker loads it (before the warm-up, to fail
     // fast); the factors are shared by every request and worker.
