@@ -319,8 +319,6 @@ pub struct Pipeline {
     slots: BTreeMap<Role, Slot>,
     load_time: Duration,
     io_binding: bool,
-    /// Whether the last generation's denoising loop ran through the I/O binding.
-    last_bound: bool,
     device_loop: runtime::DeviceLoop,
     /// Which loop the last generation ran, and why the device loop did not run when it was wanted.
     last_loop: (runtime::LoopKind, Option<String>),
@@ -424,7 +422,6 @@ impl Pipeline {
             slots,
             load_time: start.elapsed(),
             io_binding: opts.io_binding,
-            last_bound: false,
             device_loop: opts.device_loop,
             last_loop: (runtime::LoopKind::Plain, None),
             step_graphs: Vec::new(),
@@ -478,7 +475,7 @@ impl Pipeline {
     /// Whether the last generation's denoising loop ran through the I/O binding (it falls back to plain runs
     /// when turned off or when the transformer's latents are not f32).
     pub fn io_binding_used(&self) -> bool {
-        self.last_bound
+        self.last_loop.0 == runtime::LoopKind::HostBound
     }
 
     /// Turns the device-resident denoising loop on, off or automatic (see [`LoadOptions::device_loop`]).
@@ -790,7 +787,6 @@ impl Pipeline {
                 progress,
                 (&mut t, &mut tr),
             )?;
-        self.last_bound = bound;
         self.last_loop.0 = match (device, bound) {
             (true, _) => runtime::LoopKind::Device,
             (false, true) => runtime::LoopKind::HostBound,
