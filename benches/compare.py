@@ -44,10 +44,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = ("diffusers", "ort", "fluxrt", "ort-int8", "fluxrt-int8", "fluxrt-int4", "fluxrt-lowmem", "fluxrt-fused",
-           "fluxrt-int8-fused", "fluxrt-int8vae", "fluxrt-int8vae-fused", "ort-int8vae-fused")
+           "fluxrt-int8-fused", "fluxrt-int8vae", "fluxrt-int8vae-fused", "ort-int8vae-fused", "diffusers-bf16")
 DEFAULT_ENGINES = ENGINES[:5]
 # Which model folder (compare.py option) each engine variant runs: the part of the engine name after "fluxrt-"/"ort-".
-VARIANT_MODEL = {"": "model", "lowmem": "model", "int8": "int8", "int4": "int4", "fused": "fused",
+VARIANT_MODEL = {"": "model", "lowmem": "model", "bf16": "model", "int8": "int8", "int4": "int4", "fused": "fused",
                  "int8-fused": "int8_fused", "int8vae": "int8vae", "int8vae-fused": "int8vae_fused"}
 # Extra `fluxrt bench` options per engine.
 ENGINE_ARGS = {"fluxrt-lowmem": ["--low-memory"]}
@@ -87,25 +87,34 @@ def png_bytes(rgb) -> bytes:
 # ---------------------------------------------------------------------------------------------------- workers
 
 def worker_diffusers(cfg: dict) -> dict:
-    """diffusers FluxPipeline, PyTorch eager fp32 on CPU; per-stage times by wrapping each module's forward."""
+    """diffusers FluxPipeline, PyTorch eager (fp32, or bf16 for diffusers-bf16) on the CPU or CUDA; per-stage times
+    by wrapping each module's forward (synchronizing CUDA, so that a stage's time is its own)."""
     import numpy as np
     import torch
 
     torch.set_num_threads(cfg["threads"])
+    cuda = cfg["device"] == "cuda"
+    if cuda:  # as fluxrt's CUDA provider does by default (--cuda-tf32)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.bfloat16 if cfg["engine"].endswith("-bf16") else torch.float32
     t0 = time.perf_counter()
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(cfg["checkpoint"], torch_dtype=torch.float32, local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(cfg["checkpoint"], torch_dtype=dtype, local_files_only=True).to(cfg["device"])
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - t0
     times: dict[str, list[float]] = {}
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def timed(name, fn):
         def wrapper(*a, **k):
+            sync()
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
+                sync()
                 times.setdefault(name, []).append(time.perf_counter() - t)
         return wrapper
 
@@ -124,7 +133,7 @@ def worker_diffusers(cfg: dict) -> dict:
             with torch.inference_mode():
                 img = pipe(cfg["prompt"], height=h, width=w, num_inference_steps=cfg["steps"], guidance_scale=0.0,
                            max_sequence_length=cfg["t5_max_length"], generator=gen, output_type="np").images[0]
-            rgb = (img * 255).round().astype(np.uint8)
+            rgb = (img.astype(np.float32) * 255).round().astype(np.uint8)
             tp = time.perf_counter()
             png = png_bytes(rgb)
             end = time.perf_counter()
@@ -133,10 +142,11 @@ def worker_diffusers(cfg: dict) -> dict:
             runs.append({"end_to_end": end - t, "png_encode": end - tp, "clip": sum(times.get("clip", [])),
                          "t5": sum(times.get("t5", [])), "steps": times.get("step", []),
                          "vae_decode": sum(times.get("vae_decode", []))})
-        Path(cfg["image_dir"], f"diffusers-{w}x{h}.png").write_bytes(png)
+        Path(cfg["image_dir"], f"{cfg['engine']}-{w}x{h}.png").write_bytes(png)
         results.append({"width": w, "height": h, "runs": runs})
     return {"load_s": load_s, "sizes": results, "versions": {"torch": torch.__version__,
-                                                              "diffusers": __import__("diffusers").__version__}}
+                                                              "diffusers": __import__("diffusers").__version__},
+            "gpu_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
 
 
 def worker_ort(cfg: dict) -> dict:
@@ -226,7 +236,7 @@ def run_fluxrt(cfg: dict, tmp: Path) -> tuple[dict, int]:
     cmd = [cfg["fluxrt"], "bench", "--model", cfg["model"], "--sizes", sizes, "--steps", str(cfg["steps"]),
            "--warmup", str(cfg["warmup"]), "--runs", str(cfg["runs"]), "--seed", str(cfg["seed"]),
            "--prompt", cfg["prompt"], "--threads", str(cfg["threads"]), "--json", str(report),
-           "--save-images", str(imgs), "--quiet", *cfg.get("fluxrt_args", [])]
+           "--save-images", str(imgs), "--quiet", "--provider", cfg["device"], *cfg.get("fluxrt_args", [])]
     rc, rss, log = spawn(cmd)
     if rc != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{log}")
@@ -239,7 +249,7 @@ def run_fluxrt(cfg: dict, tmp: Path) -> tuple[dict, int]:
                  "vae_decode": x["vae_decode"] / 1e3, "to_rgb": x["to_rgb"] / 1e3, "png_encode": x["png_encode"] / 1e3,
                  "in_ort": x["in_ort"] / 1e3} for x in z["runs"]]
         w, h = z["width"], z["height"]
-        (Path(cfg["image_dir"]) / f"{cfg['engine']}-{w}x{h}.png").write_bytes((imgs / f"cpu-{w}x{h}-0.png").read_bytes())
+        (Path(cfg["image_dir"]) / f"{cfg['engine']}-{w}x{h}.png").write_bytes((imgs / f"{cfg['device']}-{w}x{h}-0.png").read_bytes())
         sizes_out.append({"width": w, "height": h, "runs": runs})
     out = {"load_s": res["session_creation_ms"] / 1e3, "sizes": sizes_out, "optimized_cache": res["optimized_cache"],
            "versions": {"onnxruntime": r["onnxruntime"]["version"], "fluxrt": r["fluxrt_version"]},
@@ -272,7 +282,13 @@ def machine() -> dict:
         if line.startswith("MemTotal:"):
             mem = int(line.split()[1]) * 1024
     flags = info.get("Flags", "").split()
-    return {"cpu": info.get("Model name", platform.processor()), "cpus": info.get("CPU(s)"),
+    gpu = None
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"gpu": gpu, "cpu": info.get("Model name", platform.processor()), "cpus": info.get("CPU(s)"),
             "threads_per_core": info.get("Thread(s) per core"), "cores_per_socket": info.get("Core(s) per socket"),
             "l3": info.get("L3 cache"), "memory_gib": round(mem / 2**30, 1),
             "isa": " ".join(f for f in flags if f.startswith(("avx512f", "avx512_vnni", "avx512_bf16", "amx", "avx2")))
@@ -344,6 +360,9 @@ def main(argv: list[str]) -> int:
                     help="only rewrite --out from an earlier run's JSON (e.g. after editing --notes)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: diffusers on the GPU and fluxrt with --provider cuda (needs onnxruntime-gpu; the "
+                    "Python onnxruntime engines run on the CPU only)")
     a = ap.parse_args(argv)
 
     if a.worker:
@@ -365,6 +384,8 @@ def main(argv: list[str]) -> int:
     bad = [e for e in engines if e not in ENGINES]
     if bad:
         ap.error(f"unknown engine(s) {bad}; choose from {ENGINES}")
+    if a.device == "cuda" and any(e.startswith("ort") for e in engines):
+        ap.error("the ort engines run on the CPU only; leave them out with --device cuda")
     sizes = parse_sizes(a.sizes)
     threads = a.threads
     if threads is None:
@@ -373,7 +394,7 @@ def main(argv: list[str]) -> int:
     manifest = json.loads((Path(a.model) / "manifest.json").read_text())
     base = {"sizes": sizes, "steps": a.steps, "seed": a.seed, "prompt": a.prompt, "warmup": a.warmup,
             "runs": a.runs, "threads": threads, "t5_max_length": manifest["defaults"]["t5_max_length"],
-            "fluxrt": str(Path(a.fluxrt).resolve()), "fluxrt_args": a.fluxrt_args.split()}
+            "fluxrt": str(Path(a.fluxrt).resolve()), "fluxrt_args": a.fluxrt_args.split(), "device": a.device}
     tmp = Path(tempfile.mkdtemp(prefix="fluxrt-compare-"))
     image_dir = tmp / "images"
     image_dir.mkdir()
@@ -456,11 +477,13 @@ def ratio(a: float | None, b: float | None) -> str:
 
 def render(out: dict, engines: list[str], sizes, notes: Path) -> str:
     m, s, v = out["machine"], out["settings"], out["versions"]
-    L = ["# fluxrt vs Python onnxruntime vs diffusers (PyTorch), CPU", "",
+    device = s.get("device", "cpu")
+    L = [f"# fluxrt vs Python onnxruntime vs diffusers (PyTorch), {device.upper()}", "",
          f"Written by `benches/compare.py` on {out['date']}. One run, one machine, every engine in its own process.", "",
          "## Machine", "",
          f"- CPU: {m['cpu']}; {m['cpus']} logical CPUs, {m['cores_per_socket']} cores per socket, "
          f"{m['threads_per_core']} thread(s) per core; L3 {m['l3']}; {m['memory_gib']} GiB RAM",
+         *([f"- GPU: {m['gpu']}"] if m.get("gpu") and device == "cuda" else []),
          f"- ISA: {m['isa']}", f"- Linux {m['kernel']}, Python {m['python']}",
          "- Versions: " + ", ".join(f"{k} {val}" for k, val in sorted(v.items())), "",
          "## Settings", "",
@@ -474,7 +497,8 @@ def render(out: dict, engines: list[str], sizes, notes: Path) -> str:
          f"- Prompt {s['prompt']!r}, seed {s['seed']}, {s['steps']} steps, T5 length {s['t5_max_length']}, "
          f"{s['threads']} threads per engine; {out['rounds']} round(s), engine order rotated each round; per round "
          f"and size {s['warmup']} warmup + {s['runs']} timed run(s); runs pooled over rounds",
-         "- End-to-end: prompt to PNG bytes (text encoders, denoising, VAE, RGB, PNG), model loading excluded.",
+         "- End-to-end: prompt to PNG bytes (text encoders, denoising, VAE, RGB, PNG), model loading excluded; "
+         "'without PNG' subtracts the median PNG encoding (diffusers: PIL's zlib level 6, fluxrt: fdeflate).",
          "- Peak RSS: the engine's whole process (wait4 ru_maxrss), for all sizes it ran; the largest over rounds. "
          "Load time: median over rounds.",
          "- Load average at each engine's start: " + "; ".join(
@@ -482,9 +506,9 @@ def render(out: dict, engines: list[str], sizes, notes: Path) -> str:
     for (w, h) in sizes:
         key = f"{w}x{h}"
         L += [f"## {key}, {s['steps']} steps", "",
-              "| engine | end-to-end median (min-max) s | per step s | VAE s | T5 s | CLIP s | outside ORT | "
-              "peak RSS MiB | load s | PSNR vs fluxrt dB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| engine | end-to-end median (min-max) s | without PNG s | per step s | VAE s | T5 s | CLIP s | "
+              "outside ORT | peak RSS MiB | load s | PSNR vs fluxrt dB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in engines:
             z = out["summary"][e][key]
             e2e = z["end_to_end"]
@@ -492,7 +516,8 @@ def render(out: dict, engines: list[str], sizes, notes: Path) -> str:
             if z["in_ort"]:
                 outside = f"{(1 - z['in_ort']['median'] / e2e['median']) * 100:.2f}%"
             p = out["psnr_vs_fluxrt"][key].get(e)
-            L.append(f"| {e} | {e2e['median']:.2f} ({e2e['min']:.2f}-{e2e['max']:.2f}) | {z['step']['median']:.3f} | "
+            L.append(f"| {e} | {e2e['median']:.2f} ({e2e['min']:.2f}-{e2e['max']:.2f}) | "
+                     f"{e2e['median'] - z['png_encode']['median']:.3f} | {z['step']['median']:.3f} | "
                      f"{z['vae_decode']['median']:.2f} | {z['t5']['median']:.3f} | {z['clip']['median']:.3f} | "
                      f"{outside} | {out['peak_rss_bytes'][e] / 2**20:.0f} | {out['load_s'][e]:.1f} | "
                      f"{'-' if e == 'fluxrt' else ('n/a' if p is None else f'{p:.1f}')} |")
@@ -505,6 +530,10 @@ def render(out: dict, engines: list[str], sizes, notes: Path) -> str:
         if "fluxrt" in med and "diffusers" in med:
             L.append(f"- diffusers / fluxrt time (fluxrt speedup): {ratio(med['diffusers'], med['fluxrt'])}"
                      f" (target >= 1.3x at 512x512)")
+        for v in (e for e in engines if e.startswith("diffusers-") and "fluxrt" in med):
+            L.append(f"- {v} / fluxrt time: {ratio(med[v], med['fluxrt'])}")
+        for v in (e for e in engines if out["raw"][e].get("gpu_peak_bytes")):
+            L.append(f"- {v} peak GPU memory allocated by PyTorch: {out['raw'][v]['gpu_peak_bytes'] / 2**20:.0f} MiB")
         if "fluxrt-int8" in med and "diffusers" in med:
             L.append(f"- diffusers / fluxrt-int8 time: {ratio(med['diffusers'], med['fluxrt-int8'])}"
                      f" (target >= 2.5x at 512x512, PSNR >= 30 dB vs fp32: "

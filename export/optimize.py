@@ -1,4 +1,4 @@
-"""Graph fusions for the transformer on ONNX Runtime's CPU provider.
+"""Graph fusions for the transformer (ONNX Runtime's CPU provider; attention also for fp16 graphs on GPUs).
 
 `python -m export optimize MODEL_DIR OUT_DIR [--fusions attention,layernorm,gelu]` (default: all three) copies an
 exported model folder (fp32, or already quantized with `python -m export quantize`) and rewrites its transformer graph:
@@ -7,7 +7,9 @@ exported model folder (fp32, or already quantized with `python -m export quantiz
   [B, S, H, D] tensors, with the 1/sqrt(D) scale split over Q and K) becomes one com.microsoft MultiHeadAttention
   node (ONNX Runtime's CPU kernel: MLAS flash attention, no S x S score matrix in memory). onnxruntime's own MMDiT
   fusion (`optimizer.optimize_model(model_type="mmdit")`) does not match this export's RoPE, so fluxrt matches the
-  pattern itself.
+  pattern itself. In an fp16 export the Softmax sits in an fp32 island (Cast, Softmax, Cast): the match goes through
+  the Casts, which on a GPU replaces an fp32 S x S score matrix per head with the provider's fused kernel
+  (H200, bench model at 1024x1024: 37.9 -> 18.4 ms per step).
 - layernorm, gelu: onnxruntime.transformers' MMDiT fusions (LayerNormalization, SimplifiedLayerNormalization
   for the q/k RMSNorms, FastGelu for the tanh-GELU of the feed-forwards).
 
@@ -122,9 +124,14 @@ def fuse_attention(model) -> int:
     shape3 = "fluxrt_mha_shape_bs_hidden"
     new_nodes, replaced = [], {}
     fused = 0
+    def past_cast(n, step):  # an fp16 export's fp32 Softmax island: Cast -> Softmax -> Cast
+        return step(n) if n is not None and n.op_type == "Cast" else n
+
     for sm in [n for n in g.node if n.op_type == "Softmax"]:
-        qk = prod.get(sm.input[0])
+        qk = past_cast(prod.get(sm.input[0]), lambda c: prod.get(c.input[0]))
         users = cons.get(sm.output[0], [])
+        if len(users) == 1 and users[0].op_type == "Cast":
+            users = cons.get(users[0].output[0], [])
         if qk is None or qk.op_type != "MatMul" or len(users) != 1 or users[0].op_type != "MatMul":
             continue
         av = users[0]

@@ -223,8 +223,11 @@ pub struct ProviderResult {
     pub error: Option<String>,
     /// Providers the sessions were built with, in priority order (CPU appended as the fallback).
     pub providers_active: Vec<String>,
-    /// Graph role -> providers its session was built with.
+    /// Graph role -> providers that really run it: those ONNX Runtime placed nodes on
+    /// ([`Pipeline::graph_providers`](crate::pipeline::Pipeline::graph_providers)).
     pub graph_providers: BTreeMap<String, Vec<String>>,
+    /// Graph role -> provider -> nodes ONNX Runtime placed on it, after its graph optimizations.
+    pub graph_nodes: BTreeMap<String, BTreeMap<String, usize>>,
     /// `Pipeline::load`: every session, tokenizers, provider probing.
     pub session_creation_ms: f64,
     /// Graph role -> session creation time.
@@ -401,6 +404,7 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 error: Some(e.to_string()),
                 providers_active: Vec::new(),
                 graph_providers: BTreeMap::new(),
+                graph_nodes: BTreeMap::new(),
                 session_creation_ms: 0.0,
                 graph_session_ms: BTreeMap::new(),
                 optimized_cache: BTreeMap::new(),
@@ -466,6 +470,7 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
                 .map(|p| p.name().to_string())
                 .collect(),
             graph_providers: pipe.graph_providers(),
+            graph_nodes: pipe.graph_nodes(),
             session_creation_ms: ms(pipe.load_time()),
             graph_session_ms: pipe
                 .graph_load_times()
@@ -708,7 +713,15 @@ impl Report {
             let graphs = r
                 .graph_providers
                 .iter()
-                .map(|(g, p)| format!("{g}={}", p.join("+")))
+                .map(|(g, p)| {
+                    // `transformer=cuda:812+cpu:6`: nodes per provider where ONNX Runtime reported them.
+                    let nodes = r.graph_nodes.get(g);
+                    let each = p.iter().map(|p| match nodes.and_then(|n| n.get(p)) {
+                        Some(n) => format!("{p}:{n}"),
+                        None => p.clone(),
+                    });
+                    format!("{g}={}", each.collect::<Vec<_>>().join("+"))
+                })
                 .collect::<Vec<_>>()
                 .join(" ");
             let cache: Vec<&str> = r.optimized_cache.values().map(String::as_str).collect();

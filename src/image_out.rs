@@ -64,8 +64,13 @@ fn check_vae_output(image: &ArrayView3<f32>) -> Result<(usize, usize)> {
 /// VAE decode stage.
 pub fn to_unit_float(image: ArrayView3<f32>) -> Result<Array3<f32>> {
     check_vae_output(&image)?;
-    // x * 0.5 == x / 2 exactly in binary floating point; one rounding for the addition, as in torch.
-    Ok(image.mapv(|x| (x * 0.5 + 0.5).clamp(0.0, 1.0)))
+    Ok(image.mapv(denormalize))
+}
+
+/// `[-1, 1]` to `[0, 1]`, clamped. x * 0.5 == x / 2 exactly in binary floating point; one rounding for the
+/// addition, as in torch.
+fn denormalize(x: f32) -> f32 {
+    (x * 0.5 + 0.5).clamp(0.0, 1.0)
 }
 
 /// One `[0, 1]` float to a byte as numpy does it: `(v * 255).round().astype("uint8")` in `f32`, where
@@ -78,15 +83,19 @@ fn unit_to_u8(v: f32) -> u8 {
 /// `VaeImageProcessor.postprocess(output_type="pil")` does: [`to_unit_float`], then
 /// `(v * 255).round().astype("uint8")` with numpy's half-to-even `round` (64.5 -> 64, 65.5 -> 66).
 pub fn to_rgb8(image: ArrayView3<f32>) -> Result<image::RgbImage> {
-    let unit = to_unit_float(image)?;
-    let (_, h, w) = unit.dim();
+    check_vae_output(&image)?;
+    let (_, h, w) = image.dim();
+    // Walk the three planes side by side (no float copy, no per-pixel indexing: 1024x1024 is 3 M values).
+    let planar = image.as_standard_layout();
+    let data = planar
+        .as_slice()
+        .ok_or_else(|| Error::runtime("internal error: VAE output not contiguous"))?;
+    let (r, gb) = data.split_at(h * w);
+    let (g, b) = gb.split_at(h * w);
+    let byte = |x: f32| unit_to_u8(denormalize(x));
     let mut buf = Vec::with_capacity(h * w * 3);
-    for y in 0..h {
-        for x in 0..w {
-            for c in 0..3 {
-                buf.push(unit_to_u8(unit[[c, y, x]]));
-            }
-        }
+    for ((&r, &g), &b) in r.iter().zip(g).zip(b) {
+        buf.extend_from_slice(&[byte(r), byte(g), byte(b)]);
     }
     // Cannot fail: the buffer has exactly w * h * 3 bytes and both fit u32 (checked above).
     image::RgbImage::from_raw(w as u32, h as u32, buf)
@@ -263,7 +272,9 @@ pub fn encode_png(img: &image::RgbImage, parameters: &str) -> Result<Vec<u8>> {
         let mut encoder = png::Encoder::new(&mut out, w, h);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
-        encoder.set_compression(png::Compression::Balanced);
+        // fdeflate instead of zlib's default level: 1024x1024 photo 9 ms vs 261 ms at the same size (noise-like
+        // random-weight images: 14x faster, ~20 % larger). At GPU speeds zlib was 40 % of an image's time.
+        encoder.set_compression(png::Compression::Fast);
         encoder.set_filter(png::Filter::Adaptive);
         if !parameters.is_empty() {
             if is_latin1(parameters) {

@@ -271,6 +271,8 @@ struct Slot {
     inputs: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
     providers: Vec<Provider>,
+    /// ONNX Runtime's node placement report ([`Graph::placement`]).
+    placement: Vec<(String, usize)>,
     load_time: Duration,
     cache: CacheUse,
 }
@@ -282,6 +284,7 @@ impl Slot {
             inputs: graph.inputs().to_vec(),
             outputs: graph.outputs().to_vec(),
             providers: graph.providers().to_vec(),
+            placement: graph.placement().to_vec(),
             load_time: graph.load_time(),
             cache: graph.cache_use(),
             graph: if low_memory { None } else { Some(graph) },
@@ -523,15 +526,34 @@ impl Pipeline {
         &self.session.providers
     }
 
-    /// Which providers each graph's session was built with (CPU runs any node the others cannot).
+    /// Which providers really run each graph: those ONNX Runtime placed at least one of its nodes on (it puts
+    /// on the CPU whatever the others cannot run, and shape arithmetic), in its report's order; the providers
+    /// the session was built with if it gave no report.
     pub fn graph_providers(&self) -> BTreeMap<String, Vec<String>> {
         self.slots
             .iter()
             .map(|(r, s)| {
-                (
-                    r.name().to_string(),
-                    s.providers.iter().map(|p| p.name().to_string()).collect(),
-                )
+                let placed: Vec<String> = s
+                    .placement
+                    .iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(ep, _)| provider_name(ep))
+                    .collect();
+                let built = || s.providers.iter().map(|p| p.name().to_string()).collect();
+                let names = if placed.is_empty() { built() } else { placed };
+                (r.name().to_string(), names)
+            })
+            .collect()
+    }
+
+    /// How many nodes of each graph ONNX Runtime placed on each provider (after its graph optimizations); empty
+    /// for a graph whose session gave no report.
+    pub fn graph_nodes(&self) -> BTreeMap<String, BTreeMap<String, usize>> {
+        self.slots
+            .iter()
+            .map(|(r, s)| {
+                let nodes = s.placement.iter().map(|(ep, n)| (provider_name(ep), *n));
+                (r.name().to_string(), nodes.collect())
             })
             .collect()
     }
@@ -1095,33 +1117,29 @@ impl Pipeline {
         };
         let rows = x.shape()[0] * if scale.is_some() { 2 } else { 1 };
         let batchable = slot.batchable(rows);
-        let f32_timestep = dtype(&slot.inputs, &names.timestep) == Some(ElemType::F32);
         let spec = match (
             dtype(&slot.inputs, &names.latents),
             dtype(&slot.outputs, &names.velocity),
+            dtype(&slot.inputs, &names.timestep),
         ) {
-            (Some(model_in), Some(velocity)) => StepSpec {
+            (Some(model_in), Some(velocity), Some(timestep)) => StepSpec {
                 model_in,
                 velocity,
+                timestep,
                 cfg: scale.is_some(),
             },
             _ if strict => {
                 return Err(required_error(&format!(
-                    "the transformer has no input {} or no output {}",
-                    names.latents, names.velocity
+                    "the transformer has no input {} or {}, or no output {}",
+                    names.latents, names.timestep, names.velocity
                 )))
             }
             _ => return Ok(false),
         };
-        let why_not = runtime::step_graph::unsupported(&spec)
-            .or_else(|| {
-                (!batchable).then(|| {
-                    format!("the transformer graph takes batch 1, this call has {rows} rows")
-                })
-            })
-            .or_else(|| {
-                (!f32_timestep).then(|| "the transformer's timestep input is not f32".to_string())
-            });
+        let why_not = runtime::step_graph::unsupported(&spec).or_else(|| {
+            (!batchable)
+                .then(|| format!("the transformer graph takes batch 1, this call has {rows} rows"))
+        });
         if let Some(why) = why_not {
             if strict {
                 return Err(required_error(&why));
@@ -1676,6 +1694,13 @@ fn non_finite(stage: &str, bad: usize, len: usize) -> Error {
     )
 }
 
+/// fluxrt's name of an ONNX Runtime provider (`CUDAExecutionProvider` -> `cuda`); other names as they are.
+fn provider_name(ort_name: &str) -> String {
+    ort_name
+        .parse::<Provider>()
+        .map(|p| p.name().to_string())
+        .unwrap_or_else(|_| ort_name.to_string())
+}
 #[cfg(test)]
 mod tests {
     use super::*;

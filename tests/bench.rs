@@ -204,6 +204,10 @@ fn bench_json_report_is_schema_valid_with_every_stage() {
     assert_eq!(cpu["status"], "ok");
     for g in ["clip", "t5", "transformer", "vae_decoder"] {
         assert_eq!(cpu["graph_providers"][g], serde_json::json!(["cpu"]), "{g}");
+        // ONNX Runtime's placement report: every node of the optimized graph on the CPU.
+        let nodes = cpu["graph_nodes"][g].as_object().unwrap();
+        assert_eq!(nodes.keys().collect::<Vec<_>>(), ["cpu"], "{g}");
+        assert!(nodes["cpu"].as_u64().unwrap() > 10, "{g}: {nodes:?}");
         assert_eq!(
             cpu["optimized_cache"][g], "cold",
             "{g}: a fresh cache folder"

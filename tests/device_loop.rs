@@ -12,9 +12,13 @@ use fluxrt::runtime::{Canceller, DeviceLoop, LoopKind};
 const TOL: f32 = 1e-6;
 
 fn load(name: &str) -> Pipeline {
-    let mut o = LoadOptions::new(model(name));
+    load_dir(model(name))
+}
+
+fn load_dir(dir: std::path::PathBuf) -> Pipeline {
+    let mut o = LoadOptions::new(dir);
     o.threads = Some(1);
-    Pipeline::load(&o).expect("bundled model loads")
+    Pipeline::load(&o).expect("the model loads")
 }
 
 fn request(pipe: &Pipeline, images: usize, cfg: bool) -> Request {
@@ -68,7 +72,11 @@ fn images_with(
 }
 
 fn check(name: &str, images: usize, cfg: bool) {
-    let mut pipe = load(name);
+    check_pipe(load(name), name, images, cfg);
+}
+
+fn check_pipe(mut pipe: Pipeline, name: &str, images: usize, cfg: bool) {
+    let f32_graph = name != "fp16";
     let req = request(&pipe, images, cfg);
     let (plain_kind, plain_x, plain_img) = generate_with(&mut pipe, &req, DeviceLoop::Off, false);
     assert_eq!(plain_kind, LoopKind::Plain);
@@ -79,9 +87,10 @@ fn check(name: &str, images: usize, cfg: bool) {
     let dx = max_abs_diff(&format!("{what}: latents"), &dev_x, &plain_x);
     let di = max_abs_diff(&format!("{what}: image"), &dev_img, &plain_img);
     assert!(dx <= TOL && di <= TOL, "{what}: latents {dx}, image {di}");
-    // Auto is off on CPU: the host-bound loop (or plain runs with CFG) runs.
+    // Auto is off on CPU: the host-bound loop runs (plain runs with CFG, or for a graph whose latents are not f32:
+    // the host binding updates f32 buffers in place).
     let (auto_kind, _, auto_img) = generate_with(&mut pipe, &req, DeviceLoop::Auto, true);
-    let want = if cfg {
+    let want = if cfg || !f32_graph {
         LoopKind::Plain
     } else {
         LoopKind::HostBound
@@ -110,6 +119,16 @@ fn dev_device_loop_matches_plain_loop() {
 #[test]
 fn true_cfg_runs_in_the_device_loop() {
     check("tiny-flux-dev", 2, true);
+}
+
+#[test]
+fn fp16_transformer_runs_in_the_device_loop() {
+    // An fp16 export takes fp16 latents and an fp16 timestep: the step graph casts both, as the host loop converts
+    // them (round to nearest even), and the velocity back to f32.
+    let dir = tempfile::tempdir().unwrap();
+    let fp16 = quantized_model(dir.path(), "fp16");
+    check_pipe(load_dir(fp16.clone()), "fp16", 1, false);
+    check_pipe(load_dir(fp16), "fp16", 1, true);
 }
 
 #[test]

@@ -77,6 +77,23 @@ def test_committed_rust_fixtures_match_the_exporter(quantized, method):
         np.testing.assert_array_equal(new_w[k], old_w[k], err_msg=k)
 
 
+def test_committed_fp16_fixture_matches_the_exporter(checkpoints, tmp_path):
+    """tests/data/quant's fp16 transformer (the Rust device-loop test's fp16 graph) is what an fp16 export of the
+    tiny checkpoint writes."""
+    r = run_cli(checkpoints["schnell"], tmp_path / "fp16", "--precision", "fp16", "--components", "transformer")
+    assert r.returncode == 0, r.stderr
+    new = onnx.load(str(tmp_path / "fp16" / "transformer.onnx"))
+    old = onnx.load(str(REPO / "tests" / "data" / "quant" / "tiny-flux-schnell-transformer-fp16.onnx"))
+    assert [n.op_type for n in new.graph.node] == [n.op_type for n in old.graph.node]
+    assert [(i.name, i.type.tensor_type.elem_type) for i in new.graph.input] == \
+        [(i.name, i.type.tensor_type.elem_type) for i in old.graph.input]
+    new_w = {i.name: onnx.numpy_helper.to_array(i) for i in new.graph.initializer}
+    old_w = {i.name: onnx.numpy_helper.to_array(i) for i in old.graph.initializer}
+    assert new_w.keys() == old_w.keys()
+    for k in new_w:
+        np.testing.assert_array_equal(new_w[k], old_w[k], err_msg=k)
+
+
 def test_quantize_bad_input(tmp_path):
     r = run_cli("quantize", tmp_path / "nowhere", tmp_path / "out", "--to", "int8")
     assert r.returncode == 2 and "no manifest.json" in r.stderr, r.stderr

@@ -147,3 +147,23 @@ def test_quantize_vae_bad_input(tmp_path, built):
     for call, message in cases:
         with pytest.raises(ExportError, match=message):
             call()
+
+
+def test_fp16_attention_fuses_through_the_softmax_island(checkpoints, tmp_path):
+    """An fp16 export keeps Softmax in fp32 (Cast -> Softmax -> Cast); the fusion matches through the Casts, so
+    GPU providers get MultiHeadAttention (flash attention) instead of an fp32 S x S score matrix."""
+    from export.optimize import optimize_model
+
+    fp16 = tmp_path / "fp16"
+    r = run_cli(str(checkpoints["schnell"]), str(fp16), "--precision", "fp16", "--no-lora-slots")
+    assert r.returncode == 0, r.stderr
+    optimize_model(fp16, tmp_path / "fused", ("attention",), log=lambda *_: None)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "fused" / "transformer.onnx")).graph.node]
+    assert ops.count("MultiHeadAttention") == 2 and "Softmax" not in ops
+    ref, new = _session(fp16 / "transformer.onnx"), _session(tmp_path / "fused" / "transformer.onnx")
+    half = {i.name for i in ref.get_inputs() if i.type == "tensor(float16)"}
+    assert "hidden_states" in half
+    feeds = {k: v.astype(np.float16) if k in half else v for k, v in _transformer_feeds(ref).items()}
+    a, b = (s.run(None, feeds)[0].astype(np.float32) for s in (ref, new))
+    # fp16 rounding: the unfused graph rounds the probabilities to fp16 before ·V, the fused kernel does not.
+    assert np.abs(a - b).max() <= 2e-2 * max(1.0, float(np.abs(a).max())), float(np.abs(a - b).max())

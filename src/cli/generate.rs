@@ -258,6 +258,7 @@ pub fn run(a: Args) -> Result<()> {
             "guidance": req.guidance,
             "providers": pipe.providers().active.iter().map(|p| p.name()).collect::<Vec<_>>(),
             "graph_providers": pipe.graph_providers(),
+            "graph_nodes": pipe.graph_nodes(),
             "device_loop": pipe.device_loop().name(),
             "denoise_loop": pipe.denoise_loop().name(),
             "device_loop_fallback": pipe.device_loop_fallback(),

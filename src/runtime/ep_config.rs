@@ -18,7 +18,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer};
 
 use super::providers::Provider;
-use super::session::IoInfo;
+use super::session::{Dim, IoInfo};
 use super::trt_profile::{self, BatchRange, ModelShapes, Profile, ShapeRange, SizeRange};
 use crate::model::{ModelSpec, Role, BFL_TRANSFORMER_PRECISIONS};
 use crate::{Error, Result};
@@ -1067,6 +1067,40 @@ impl EpSettings {
                 || (active.contains(&Provider::Cuda) && self.cuda.cuda_graph))
     }
 
+    /// The value of every symbolic dimension of a graph whose session captures CUDA graphs, from its one static
+    /// shape (`--trt-sizes WxH --trt-batch B`), in declared order. Given to ONNX Runtime as free-dimension
+    /// overrides, they let its optimizer fold the graph's shape arithmetic, which the CUDA provider would
+    /// otherwise leave on the CPU: graph capture needs every node on the GPU. Empty without a static shape.
+    pub fn static_dimensions(&self, role: &str, inputs: &[IoInfo]) -> Result<Vec<(String, i64)>> {
+        let (Some(range), Some(model)) =
+            (self.shapes.as_ref().filter(|r| r.is_static()), self.model)
+        else {
+            return Ok(Vec::new());
+        };
+        let profile = trt_profile::derive(Role::from_name(role), inputs, range, &model)?;
+        let mut dims: Vec<(String, i64)> = Vec::new();
+        for p in &profile.inputs {
+            let Some(io) = inputs.iter().find(|io| io.name == p.name) else {
+                continue;
+            };
+            for (d, &v) in io.shape.iter().zip(&p.min) {
+                let Dim::Symbolic(sym) = d else { continue };
+                match dims.iter().find(|(s, _)| s == sym) {
+                    None => dims.push((sym.clone(), v)),
+                    Some((_, w)) if *w == v => {}
+                    Some((_, w)) => {
+                        return Err(Error::model(format!(
+                            "{role} graph: dimension {sym} would be {w} for one input and {v} for input {}",
+                            io.name
+                        ))
+                        .with_hint("export the graph with distinct names for distinct dimensions, or turn CUDA graphs off"))
+                    }
+                }
+            }
+        }
+        Ok(dims)
+    }
+
     pub fn directml_options(&self) -> DirectMlOptions {
         DirectMlOptions {
             device_id: self.device_id.map(|d| d as i32),
@@ -1563,6 +1597,35 @@ mod tests {
         );
         assert_eq!(get(&l, "trt_cuda_graph_enable"), Some("false"));
         assert!(s.warnings(&[Provider::TensorRt])[0].contains("CUDA graphs need one image size"));
+    }
+
+    #[test]
+    fn static_dimensions_from_the_static_shape() {
+        let transformer = trt_profile::read_declared_inputs(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("models/tiny-flux-schnell/transformer.onnx"),
+        )
+        .unwrap();
+        let mut s = resolve(&[&layer("[providers]\nsizes = \"512x768\"\nbatch = 2\n")]);
+        s.model = Some(ModelShapes::default());
+        // B rows, S = (768/16) * (512/16) image tokens, L = the T5 length.
+        assert_eq!(
+            s.static_dimensions("transformer", &transformer).unwrap(),
+            [
+                ("B".to_string(), 2),
+                ("S".to_string(), 1536),
+                ("L".to_string(), 256)
+            ]
+        );
+        // A range is not one shape: nothing to fix.
+        s.shapes = Some(ShapeRange {
+            sizes: "512-1024".parse().unwrap(),
+            batch: "1".parse().unwrap(),
+        });
+        assert!(s
+            .static_dimensions("transformer", &transformer)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -90,6 +90,7 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static OrtLibrary> {
         .map_err(|e| load_error(&found.path, &e.to_string()))?
         .with_name("fluxrt")
         .with_telemetry(false)
+        .with_logger(std::sync::Arc::new(super::placement::log_sink))
         .build()
         .map_err(|e| {
             Error::runtime(format!(
@@ -98,7 +99,7 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static OrtLibrary> {
                 found.path.display()
             ))
         })?;
-    // ort forwards ONNX Runtime's log to `tracing` at VERBOSE; keep only warnings and errors.
+    // Sessions log at WARNING unless they ask for more (the placement report, see `placement`).
     env.set_log_level(LogLevel::Warning);
     Ok(LIBRARY.get_or_init(|| OrtLibrary {
         path: found.path,

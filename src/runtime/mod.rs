@@ -7,6 +7,7 @@
 //!   and the options each provider receives per graph; [`trt_profile`]: TensorRT shape profiles from a size range.
 //! - [`session`]: [`Graph`], one loaded ONNX graph, run with f32/i64 arrays that are converted to the graph's
 //!   declared element types (f16, bf16, i32, ...) and back to f32; [`Canceller`] stops runs from another thread.
+//! - [`placement`]: which provider ONNX Runtime really placed each graph's nodes on (from its session log).
 //! - [`step_graph`]: the device-resident denoising loop (the Euler step as a run-time ONNX graph on the
 //!   transformer's provider; [`DeviceLoop`], [`LoopKind`]).
 //!
@@ -25,6 +26,7 @@
 
 pub mod ep_config;
 pub mod library;
+pub mod placement;
 pub mod providers;
 pub mod session;
 pub mod step_graph;

@@ -17,6 +17,7 @@ use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
 use super::ep_config::{self, EpSettings};
 use super::library;
+use super::placement::{self, NodeCounts};
 use super::providers::{self, Provider, ProviderPlan};
 use crate::{Error, ErrorKind, Result};
 
@@ -337,10 +338,11 @@ impl Canceller {
 
     /// Registers a run; `None` when already cancelled.
     fn begin(&self) -> Result<Option<Arc<RunOptions>>> {
-        let opts = Arc::new(
-            RunOptions::new()
-                .map_err(|e| Error::runtime(format!("cannot create run options: {e}")))?,
-        );
+        let mut opts = RunOptions::new()
+            .map_err(|e| Error::runtime(format!("cannot create run options: {e}")))?;
+        placement::quiet(&mut opts)
+            .map_err(|e| Error::runtime(format!("cannot set the run's log level: {e}")))?;
+        let opts = Arc::new(opts);
         let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
         if self.is_cancelled() {
             return Ok(None);
@@ -369,6 +371,8 @@ pub struct Graph {
     optional: Vec<IoInfo>,
     outputs: Vec<IoInfo>,
     providers: Vec<Provider>,
+    /// Nodes per provider as ONNX Runtime placed them ([`placement`]).
+    placement: NodeCounts,
     /// Whether the session captures CUDA graphs ([`EpSettings::cuda_graphs`](super::ep_config::EpSettings::cuda_graphs)).
     cuda_graphs: bool,
     /// Time spent inside ONNX Runtime's run calls of this graph, summed.
@@ -447,6 +451,15 @@ impl Graph {
             .unwrap_or_else(physical_cores);
         // DirectML requires memory patterns off and sequential execution.
         let needs = ep_config::session_overrides(&providers);
+        let cuda_graphs = cfg.ep.cuda_graphs(&providers, role);
+        let static_dims = if cuda_graphs {
+            let declared = super::trt_profile::read_declared_inputs(path)?;
+            cfg.ep.static_dimensions(role, &declared)?
+        } else {
+            Vec::new()
+        };
+        // The placement report of the session in use (a damaged cache entry makes a second build).
+        let placed = std::cell::RefCell::new(NodeCounts::new());
         let build = |file: &Path, level: Optimization, save: Option<&Path>| {
             let opts = BuildOptions {
                 optimization: level,
@@ -454,21 +467,25 @@ impl Graph {
                 memory_pattern: cfg.memory_pattern && !needs.no_memory_pattern,
                 sequential: needs.sequential_execution,
                 save_optimized: save,
+                dimensions: &static_dims,
             };
-            build_session(lib, file, &opts, eps.clone())
+            let log_id = placement::capture();
+            let session = build_session(lib, file, &opts, eps.clone(), &log_id);
+            *placed.borrow_mut() = placement::finish(&log_id);
+            session
         };
         let cache_dir = cfg
             .optimized_cache
             .as_deref()
             .filter(|_| providers == [Provider::Cpu] && cfg.optimization != Optimization::Disable);
-        let (session, cache) = match cache_dir {
+        let built = match cache_dir {
             Some(dir) => load_cached(dir, lib.version(), path, cfg.optimization, &build)
-                .map_err(|e| load_error(&what, &e))?,
-            None => (
-                build(path, cfg.optimization, None).map_err(|e| load_error(&what, &e))?,
-                CacheUse::Off,
-            ),
+                .map_err(|e| load_error(&what, &e)),
+            None => build(path, cfg.optimization, None)
+                .map(|s| (s, CacheUse::Off))
+                .map_err(|e| load_error(&what, &e)),
         };
+        let (session, cache) = built?;
 
         let inputs = session
             .inputs()
@@ -485,7 +502,6 @@ impl Graph {
             .iter()
             .map(|o| IoInfo::from_outlet(o.name(), o.dtype()))
             .collect();
-        let cuda_graphs = cfg.ep.cuda_graphs(&providers, role);
         Ok(Graph {
             session,
             role: role.to_string(),
@@ -494,6 +510,7 @@ impl Graph {
             optional,
             outputs,
             providers,
+            placement: placed.into_inner(),
             cuda_graphs,
             ort_time: Duration::ZERO,
             load_time: started.elapsed(),
@@ -565,6 +582,12 @@ impl Graph {
         ))
     }
 
+    /// How many nodes ONNX Runtime placed on each provider (its names, e.g. `CUDAExecutionProvider`), from its
+    /// own report at session creation; empty if it gave none.
+    pub fn placement(&self) -> &[(String, usize)] {
+        &self.placement
+    }
+
     /// Whether the session captures CUDA graphs (only a transformer's, with CUDA graphs asked for and static
     /// shapes): it replays its captured device addresses, so only the device loop's fixed buffers may drive it.
     pub fn cuda_graphs(&self) -> bool {
@@ -592,12 +615,11 @@ impl Graph {
         }
         self.refuse_cuda_graphs("a plain run")?;
         let values = self.prepare(inputs)?;
-        let opts = match cancel {
-            Some(c) => match c.begin()? {
-                Some(o) => Some(o),
-                None => return Err(self.cancelled()),
-            },
-            None => None,
+        // Every run goes through run options, which also keep it at the quiet log level (see `placement`).
+        let uncancellable = Canceller::new();
+        let cancel = cancel.unwrap_or(&uncancellable);
+        let Some(opts) = cancel.begin()? else {
+            return Err(self.cancelled());
         };
         let t0 = Instant::now();
         let ort_time = &mut self.ort_time;
@@ -605,16 +627,11 @@ impl Graph {
             *ort_time += t0.elapsed();
             collect_outputs(outs.into_iter())
         };
-        let result = match &opts {
-            Some(o) => self
-                .session
-                .run_with_options(values, o.as_ref())
-                .map(&mut timed),
-            None => self.session.run(values).map(&mut timed),
-        };
-        if let (Some(c), Some(o)) = (cancel, &opts) {
-            c.end(o);
-        }
+        let result = self
+            .session
+            .run_with_options(values, opts.as_ref())
+            .map(&mut timed);
+        cancel.end(&opts);
         match result {
             Ok(Ok(outs)) => Ok(outs),
             Ok(Err((name, ty))) => Err(Error::model(format!(
@@ -622,7 +639,7 @@ impl Graph {
                 self.role,
                 self.path.display()
             ))),
-            Err(_) if cancel.is_some_and(Canceller::is_cancelled) => Err(self.cancelled()),
+            Err(_) if cancel.is_cancelled() => Err(self.cancelled()),
             Err(e) => Err(Error::runtime(format!("running the {} graph {} failed: {e}", self.role, self.path.display()))),
         }
     }
@@ -693,6 +710,8 @@ struct BuildOptions<'a> {
     sequential: bool,
     /// Write the optimized graph here (weights over 1 KiB to `model.data` beside it).
     save_optimized: Option<&'a Path>,
+    /// Free-dimension overrides: symbolic input dimensions fixed to these values.
+    dimensions: &'a [(String, i64)],
 }
 
 fn build_session(
@@ -700,8 +719,12 @@ fn build_session(
     path: &Path,
     opts: &BuildOptions,
     eps: Vec<ExecutionProviderDispatch>,
+    log_id: &str,
 ) -> ort::Result<Session> {
+    // VERBOSE only for ONNX Runtime's node placement report (`placement`); runs log at WARNING.
     let mut builder = Session::builder(lib.env())?
+        .with_log_id(log_id)?
+        .with_log_level(ort::logging::LogLevel::Verbose)?
         .with_optimization_level(opts.optimization.into())?
         .with_intra_threads(opts.threads)?;
     if !opts.memory_pattern {
@@ -709,6 +732,9 @@ fn build_session(
     }
     if opts.sequential {
         builder = builder.with_parallel_execution(false)?;
+    }
+    for (name, value) in opts.dimensions {
+        builder = builder.with_dimension_override(name, *value)?;
     }
     if let Some(out) = opts.save_optimized {
         builder = builder
@@ -1230,6 +1256,10 @@ fn load_error(what: &str, e: &ort::Error) -> Error {
             .with_hint("keep the .onnx file and its external data files (.onnx_data, .data) together in one folder"),
         C::ExecutionProviderFailure => Error::provider(format!("{what}: an execution provider failed: {msg}"))
             .with_hint("try another provider order, or run on cpu"),
+        _ if msg.contains("graph capture") => Error::provider(format!(
+            "{what}: CUDA graphs need every node on the GPU, and ONNX Runtime keeps some of this graph's on the CPU: {msg}"
+        ))
+        .with_hint("turn CUDA graphs off (--cuda-graph false, --trt-cuda-graph false); `fluxrt bench --provider cuda` lists the nodes each provider got"),
         C::NotImplemented => Error::model(format!("{what} uses something this ONNX Runtime cannot run: {msg}"))
             .with_hint("update ONNX Runtime, or re-export the graph with a supported opset / element types"),
         _ => Error::model(format!("ONNX Runtime cannot load {what}: {msg}")).with_hint(REEXPORT_HINT),
@@ -1354,6 +1384,8 @@ mod tests {
     fn f32_add_zero_copy_and_strided() {
         let mut g = load("add_f32.onnx");
         assert_eq!(g.providers(), &[Provider::Cpu]);
+        // ONNX Runtime's own placement report: the graph's one Add node, on the CPU.
+        assert_eq!(g.placement(), &[("CPUExecutionProvider".to_string(), 1)]);
         assert_eq!(
             g.inputs()[0],
             IoInfo {

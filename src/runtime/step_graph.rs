@@ -6,7 +6,8 @@
 //!   `dt` f32 `[1]`, `t` f32 `[R]` (the next model timestep, one per transformer row), and with true CFG `scale`
 //!   f32 `[1]`. Outputs `x_next = x + dt * v` (f32, Mul then Add, the order of [`crate::schedule::euler_step`], so
 //!   CPU results are bit-identical), `x_model` (`x_next` in the transformer's `hidden_states` type, doubled to
-//!   `[x; x]` with CFG; an Identity copy for f32), `t_model` (a copy of `t`), `bad_v` / `bad_x` (int64 counts of
+//!   `[x; x]` with CFG; an Identity copy for f32), `t_model` (`t` in the transformer's `timestep` type: fp16
+//!   exports take an fp16 timestep), `bad_v` / `bad_x` (int64 counts of
 //!   NaN/Inf in the velocity and the new latents) and `x_host` (a copy of `x_next`, bound to host memory only when
 //!   the latents must come back).
 //! - [`DeviceDenoise`]: the I/O bindings of the transformer and the step graph. The transformer only ever reads
@@ -247,6 +248,8 @@ pub struct StepSpec {
     pub model_in: ElemType,
     /// The transformer's velocity output element type (`v`'s type).
     pub velocity: ElemType,
+    /// The transformer's `timestep` element type (`t_model`'s type).
+    pub timestep: ElemType,
     /// True CFG: `v` is `[2B, S, C]` (prompt rows, then negative rows), combined as `v_neg + scale * (v_pos - v_neg)`
     /// before the step, and `x_model` is `[x; x]`.
     pub cfg: bool,
@@ -262,11 +265,13 @@ fn onnx_type(t: &ElemType) -> Option<(i64, TensorElementType)> {
     }
 }
 
-/// Why a transformer cannot run the device loop (`None`: it can): latents and velocity must be f32, f16 or bf16.
+/// Why a transformer cannot run the device loop (`None`: it can): latents, velocity and timestep must be f32,
+/// f16 or bf16.
 pub fn unsupported(spec: &StepSpec) -> Option<String> {
     for (what, t) in [
         ("hidden_states", &spec.model_in),
         ("velocity output", &spec.velocity),
+        ("timestep", &spec.timestep),
     ] {
         if onnx_type(t).is_none() {
             return Some(format!(
@@ -304,6 +309,7 @@ fn opset18_model(g: EditorGraph) -> ort::Result<Model> {
 fn build_model(spec: &StepSpec) -> ort::Result<Model> {
     let (_, vty) = onnx_type(&spec.velocity).ok_or_else(|| ort::Error::new("velocity type"))?;
     let (mto, mty) = onnx_type(&spec.model_in).ok_or_else(|| ort::Error::new("latent type"))?;
+    let (tto, tty) = onnx_type(&spec.timestep).ok_or_else(|| ort::Error::new("timestep type"))?;
     let f32_t = TensorElementType::Float32;
     let mut g = EditorGraph::new()?;
     let mut inputs = vec![
@@ -326,7 +332,7 @@ fn build_model(spec: &StepSpec) -> ort::Result<Model> {
             "x_model",
             tensor_type(mty, &[if spec.cfg { "B2" } else { "B" }, "S", "C"]),
         ),
-        Outlet::new("t_model", tensor_type(f32_t, &["R"])),
+        Outlet::new("t_model", tensor_type(tty, &["R"])),
     ];
     outputs.push(Outlet::new("bad_v", scalar_i64()));
     outputs.push(Outlet::new("bad_x", scalar_i64()));
@@ -399,31 +405,24 @@ fn build_model(spec: &StepSpec) -> ort::Result<Model> {
     } else {
         "x_next"
     };
-    if spec.model_in == ElemType::F32 {
-        // A copy even for f32: x_next ping-pongs, the transformer's input buffer stays put.
-        g.add_node(node(
-            "Identity",
-            "x_model_id",
-            &[both],
-            &["x_model"],
-            vec![],
-        )?)?;
-    } else {
-        g.add_node(node(
-            "Cast",
-            "cast_x",
-            &[both],
-            &["x_model"],
-            vec![int("to", mto)?],
-        )?)?;
+    // Into the transformer's input types (the host loop's conversion: round to nearest even). A copy even for f32:
+    // x_next ping-pongs, the transformer's input buffers stay put.
+    for (from, to, elem, onnx) in [
+        (both, "x_model", &spec.model_in, mto),
+        ("t", "t_model", &spec.timestep, tto),
+    ] {
+        g.add_node(if *elem == ElemType::F32 {
+            node("Identity", &format!("{to}_id"), &[from], &[to], vec![])?
+        } else {
+            node(
+                "Cast",
+                &format!("{to}_cast"),
+                &[from],
+                &[to],
+                vec![int("to", onnx)?],
+            )?
+        })?;
     }
-    g.add_node(node(
-        "Identity",
-        "t_model_id",
-        &["t"],
-        &["t_model"],
-        vec![],
-    )?)?;
     // NaN/Inf counts, the only values read back every step.
     for (t, out) in [(v, "bad_v"), ("x_next", "bad_x")] {
         let p = |s: &str| format!("{out}_{s}");
@@ -867,6 +866,7 @@ impl DeviceDenoise {
             .map_err(err("cannot get the step graph's device allocator"))?;
         let (_, mty) = onnx_type(&spec.model_in).expect("checked by StepGraph::build");
         let (_, vty) = onnx_type(&spec.velocity).expect("checked by StepGraph::build");
+        let (_, tty) = onnx_type(&spec.timestep).expect("checked by StepGraph::build");
         let new = |ty: TensorElementType, s: &[usize]| {
             DynTensor::new(&alloc, ty, s.to_vec()).map_err(err("cannot allocate a device buffer"))
         };
@@ -875,7 +875,7 @@ impl DeviceDenoise {
             new(TensorElementType::Float32, &shape)?,
         ];
         let xm = new(mty, &model_shape)?;
-        let tm = new(TensorElementType::Float32, &[rows])?;
+        let tm = new(tty, &[rows])?;
         let v = new(vty, &model_shape)?;
         let mut consts = Vec::with_capacity(constants.layout.len());
         for (name, ty, dims) in &constants.layout {
@@ -1189,6 +1189,7 @@ mod tests {
         StepSpec {
             model_in,
             velocity,
+            timestep: ElemType::F32,
             cfg,
         }
     }

@@ -276,10 +276,11 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// The bundled tiny schnell model with its transformer replaced by a quantized one. The fixtures were written by
-/// `python -m export quantize models/tiny-flux-schnell OUT --to int8|int4` (OUT/transformer.onnx copied to
-/// tests/data/quant/tiny-flux-schnell-transformer-METHOD.onnx); export/tests/test_quantize.py checks that the
-/// exporter still writes equivalent graphs.
+/// The bundled tiny schnell model with its transformer replaced by a quantized or fp16 one. The fixtures were
+/// written by `python -m export quantize models/tiny-flux-schnell OUT --to int8|int4`, and for fp16 by
+/// `python -m export build/export/tiny-schnell OUT --precision fp16 --components transformer` (OUT/transformer.onnx
+/// copied to tests/data/quant/tiny-flux-schnell-transformer-METHOD.onnx); export/tests/test_quantize.py checks that
+/// the exporter still writes equivalent graphs.
 pub fn quantized_model(dir: &Path, method: &str) -> std::path::PathBuf {
     let out = dir.join(format!("tiny-flux-schnell-{method}"));
     copy_dir(&model("tiny-flux-schnell"), &out);
