@@ -163,6 +163,7 @@ def worker_ort(cfg: dict) -> dict:
     so = ort.SessionOptions()
     so.intra_op_num_threads = cfg["threads"]
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_mem_pattern = False  # fluxrt's default (the same session options on both sides)
     sess = {g: ort.InferenceSession(str(model / m["graphs"][g]["file"]), so, providers=["CPUExecutionProvider"])
             for g in ("clip", "t5", "transformer", "vae_decoder")}
     toks = flow.tokenizers(model, m)

@@ -42,7 +42,7 @@ pub struct LoadOptions {
     pub ort_lib: Option<PathBuf>,
     /// Graph optimization level (default: all).
     pub optimization: Optimization,
-    /// ONNX Runtime's memory pattern planning (default on).
+    /// ONNX Runtime's memory pattern planning (default off, see `runtime::SessionConfig::memory_pattern`).
     pub memory_pattern: bool,
     /// The CPU provider's arena allocator (default on).
     pub cpu_arena: bool,
@@ -72,7 +72,7 @@ impl LoadOptions {
             low_memory: false,
             ort_lib: None,
             optimization: Optimization::default(),
-            memory_pattern: true,
+            memory_pattern: false,
             cpu_arena: true,
             optimized_cache: runtime::optimized_cache_dir(),
             io_binding: true,

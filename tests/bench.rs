@@ -144,6 +144,38 @@ fn stat_ok(v: &Value, n: u64, what: &str) {
 }
 
 #[test]
+fn memory_pattern_is_off_unless_asked_for() {
+    for (flag, want) in [
+        (None, false),
+        (Some("--memory-pattern"), true),
+        (Some("--no-memory-pattern"), false), // the old flag, kept for scripts
+    ] {
+        let dir = tmp();
+        let json = dir.path().join("report.json");
+        let mut args = vec![
+            "bench",
+            "--sizes",
+            "64x64",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--runs",
+            "1",
+            "--no-optimized-cache",
+            "-q",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        args.extend(flag);
+        let o = run(&args);
+        assert!(o.status.success(), "{flag:?}: {}", stderr(&o));
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        assert_eq!(r["settings"]["memory_pattern"], want, "{flag:?}");
+    }
+}
+
+#[test]
 fn bench_json_report_is_schema_valid_with_every_stage() {
     let dir = tmp();
     let json = dir.path().join("report.json");
@@ -197,6 +229,8 @@ fn bench_json_report_is_schema_valid_with_every_stage() {
     let r: Value = serde_json::from_str(&text).unwrap();
     assert_schema_valid(&r);
     assert_eq!(r["settings"]["steps"], 3);
+    // ONNX Runtime's memory pattern is off unless asked for (`--memory-pattern`).
+    assert_eq!(r["settings"]["memory_pattern"], false);
     let results = r["results"].as_array().unwrap();
     assert_eq!(results.len(), 1);
     let cpu = &results[0];
