@@ -115,6 +115,11 @@ fn assert_schema_valid(report: &Value) {
     );
 }
 
+/// One step at 64x64, one run and no warmup: the quickest `bench` that still writes a full report.
+const QUICK: [&str; 8] = [
+    "--sizes", "64x64", "--steps", "1", "--warmup", "0", "--runs", "1",
+];
+
 #[test]
 fn schema_validator_catches_problems() {
     let s = schema();
@@ -152,21 +157,14 @@ fn memory_pattern_is_off_unless_asked_for() {
     ] {
         let dir = tmp();
         let json = dir.path().join("report.json");
-        let mut args = vec![
-            "bench",
-            "--sizes",
-            "64x64",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--runs",
-            "1",
+        let mut args = vec!["bench"];
+        args.extend(QUICK);
+        args.extend([
             "--no-optimized-cache",
             "-q",
             "--json",
             json.to_str().unwrap(),
-        ];
+        ]);
         args.extend(flag);
         let o = run(&args);
         assert!(o.status.success(), "{flag:?}: {}", stderr(&o));
@@ -290,22 +288,11 @@ fn bench_json_report_is_schema_valid_with_every_stage() {
 
     // Second run with the same cache: every graph comes from it; `--json -` prints the report on stdout.
     let o = run(&[
-        "bench",
-        "--model",
-        model_dir.to_str().unwrap(),
-        "--sizes",
-        "64x64",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--runs",
-        "1",
-        "--json",
-        "-",
-        "--optimized-cache",
-        cache.to_str().unwrap(),
-    ]);
+        &["bench", "--model", model_dir.to_str().unwrap()][..],
+        &QUICK,
+        &["--json", "-", "--optimized-cache", cache.to_str().unwrap()],
+    ]
+    .concat());
     assert!(o.status.success(), "bench failed:\n{}", stderr(&o));
     let r: Value = serde_json::from_str(&stdout(&o)).expect("stdout is the JSON report");
     assert_schema_valid(&r);
@@ -372,21 +359,11 @@ fn bench_unavailable_provider_is_reported_and_fails() {
     let dir = tmp();
     let json = dir.path().join("r.json");
     let o = run(&[
-        "bench",
-        "--no-optimized-cache",
-        "--provider",
-        "cuda,cpu",
-        "--sizes",
-        "64x64",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--runs",
-        "1",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+        &["bench", "--no-optimized-cache", "--provider", "cuda,cpu"][..],
+        &QUICK,
+        &["--json", json.to_str().unwrap()],
+    ]
+    .concat());
     if o.status.success() {
         // A machine where CUDA really works.
         return;
@@ -583,19 +560,9 @@ fn optimized_cache_stays_within_its_budget() {
     let dir = tmp();
     let cache = dir.path().join("opt");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fluxrt"))
-        .args([
-            "bench",
-            "--sizes",
-            "64x64",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--runs",
-            "1",
-            "--optimized-cache",
-            cache.to_str().unwrap(),
-        ])
+        .arg("bench")
+        .args(QUICK)
+        .args(["--optimized-cache", cache.to_str().unwrap()])
         .env("FLUXRT_OPTIMIZED_CACHE_MAX_MB", "0")
         .output()
         .unwrap();

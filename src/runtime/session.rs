@@ -1246,6 +1246,11 @@ fn load_error(what: &str, e: &ort::Error) -> Error {
     use ort::ErrorCode as C;
     let msg = e.message();
     match e.code() {
+        // Whatever its code: ONNX Runtime refuses graph capture when some nodes run on the CPU.
+        _ if msg.contains("graph capture") => Error::provider(format!(
+            "{what}: CUDA graphs need every node on the GPU, and ONNX Runtime keeps some of this graph's on the CPU: {msg}"
+        ))
+        .with_hint("turn CUDA graphs off (--cuda-graph false, --trt-cuda-graph false); `fluxrt bench --provider cuda` without them lists the nodes each provider got"),
         C::InvalidProtobuf => Error::model(format!(
             "{what} is not a valid ONNX model (it could not be parsed; truncated or damaged?): {msg}"
         ))
@@ -1258,10 +1263,6 @@ fn load_error(what: &str, e: &ort::Error) -> Error {
             .with_hint("keep the .onnx file and its external data files (.onnx_data, .data) together in one folder"),
         C::ExecutionProviderFailure => Error::provider(format!("{what}: an execution provider failed: {msg}"))
             .with_hint("try another provider order, or run on cpu"),
-        _ if msg.contains("graph capture") => Error::provider(format!(
-            "{what}: CUDA graphs need every node on the GPU, and ONNX Runtime keeps some of this graph's on the CPU: {msg}"
-        ))
-        .with_hint("turn CUDA graphs off (--cuda-graph false, --trt-cuda-graph false); `fluxrt bench --provider cuda` lists the nodes each provider got"),
         C::NotImplemented => Error::model(format!("{what} uses something this ONNX Runtime cannot run: {msg}"))
             .with_hint("update ONNX Runtime, or re-export the graph with a supported opset / element types"),
         _ => Error::model(format!("ONNX Runtime cannot load {what}: {msg}")).with_hint(REEXPORT_HINT),
@@ -1380,6 +1381,30 @@ mod tests {
             .find(|(n, _)| n == name)
             .unwrap_or_else(|| panic!("no output {name}"))
             .1
+    }
+
+    #[test]
+    fn refused_graph_capture_is_explained() {
+        test_library();
+        let e = load_error(
+            "transformer graph t.onnx",
+            &ort::Error::new(
+                "This session cannot use the graph capture feature as requested by the user as all compute graph \
+                 nodes have not been partitioned to the CUDAExecutionProvider",
+            ),
+        );
+        assert_eq!(e.kind, ErrorKind::Provider);
+        assert!(
+            e.message.contains("CUDA graphs need every node on the GPU"),
+            "{e}"
+        );
+        assert!(
+            e.hint
+                .as_deref()
+                .unwrap_or("")
+                .contains("--cuda-graph false"),
+            "{e}"
+        );
     }
 
     #[test]
