@@ -151,6 +151,15 @@ pub fn run(a: Args) -> Result<()> {
 
     let mut opts = a.runtime.load_options(model_path(a.input.model.clone()))?;
     opts.low_memory = a.low_memory;
+    // CUDA graphs need one static shape; with --width and --height it is this request's (no --trt-sizes needed).
+    if let (Some(w), Some(h)) = (a.width, a.height) {
+        let cfg_rows = if a.negative_prompt.is_some() && a.true_cfg.is_some_and(|s| s > 1.0) {
+            2
+        } else {
+            1
+        };
+        opts.ep.pin_request_shape(w, h, a.num_images * cfg_rows)?;
+    }
     let mut pipe = Pipeline::load(&opts)?;
     for (p, why) in &pipe.providers().rejected {
         eprintln!("warning: provider {p} not used: {why}");

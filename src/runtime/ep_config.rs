@@ -963,6 +963,20 @@ impl EpSettings {
         Ok(s)
     }
 
+    /// CUDA graphs asked for without a shape range: pin the one shape a single request needs (`width` x `height`,
+    /// `rows` transformer rows: images, twice that with true CFG), as `--trt-sizes WxH --trt-batch ROWS` would.
+    /// Returns whether it did. A declared range is left alone (its own warnings and refusals apply).
+    pub fn pin_request_shape(&mut self, width: u32, height: u32, rows: usize) -> Result<bool> {
+        if self.shapes.is_some() || !(self.cuda.cuda_graph || self.tensorrt.cuda_graph) {
+            return Ok(false);
+        }
+        self.shapes = Some(ShapeRange {
+            sizes: format!("{width}x{height}").parse()?,
+            batch: rows.to_string().parse()?,
+        });
+        Ok(true)
+    }
+
     /// The GPU the providers run on (0 unless a device id is set), for device memory.
     pub fn gpu_id(&self) -> i32 {
         self.device_id.map_or(0, |d| d as i32)
@@ -1597,6 +1611,24 @@ mod tests {
         );
         assert_eq!(get(&l, "trt_cuda_graph_enable"), Some("false"));
         assert!(s.warnings(&[Provider::TensorRt])[0].contains("CUDA graphs need one image size"));
+    }
+
+    #[test]
+    fn cuda_graphs_pin_the_request_shape() {
+        let mut s = EpSettings::default();
+        assert!(
+            !s.pin_request_shape(512, 768, 1).unwrap(),
+            "no CUDA graphs: nothing to pin"
+        );
+        s.cuda.cuda_graph = true;
+        assert!(s.pin_request_shape(512, 768, 2).unwrap());
+        assert!(s.static_shapes());
+        let r = s.shapes.as_ref().unwrap();
+        assert!(r.contains(512, 768, 2) && !r.contains(512, 768, 1) && !r.contains(768, 512, 2));
+        // A declared range stays as it is.
+        let before = s.shapes;
+        assert!(!s.pin_request_shape(1024, 1024, 1).unwrap());
+        assert_eq!(s.shapes, before);
     }
 
     #[test]
