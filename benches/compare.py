@@ -7,6 +7,8 @@ from Python onnxruntime, and fluxrt, on the same bench model, prompt, seed, size
     python benches/compare.py --engines diffusers,ort,fluxrt,ort-int8,fluxrt-int8,fluxrt-int4,fluxrt-lowmem \
         --rounds 3 --runs 1 --warmup 1
     python benches/compare.py --render benches/results.json              # re-render after editing NOTES.md
+    # on an NVIDIA GPU (fluxrt built --features cuda, onnxruntime-gpu; benches/gpu_check.sh runs it):
+    python benches/compare.py --device cuda --engines diffusers,diffusers-bf16,fluxrt --sizes 512x512,1024x1024
     # int8 VAE decoder and fused transformer variants (see benches/NOTES.md):
     python benches/compare.py --engines diffusers,ort,fluxrt,fluxrt-fused,fluxrt-int8,fluxrt-int8vae,\
 fluxrt-int8vae-fused --sizes 512x512 --rounds 3 --runs 1 --warmup 1
