@@ -22,7 +22,13 @@ pub const DEFAULT_TRUE_CFG: f32 = 1.0;
 
 /// Whether a request runs true CFG (diffusers' `do_true_cfg`).
 pub fn active(req: &Request) -> bool {
-    req.true_cfg > 1.0 && req.negative_prompt.is_some()
+    is_on(req.true_cfg, req.negative_prompt.is_some())
+}
+
+/// [`active`] from a scale and whether there is a negative prompt, before a request exists (e.g. to size the
+/// shapes a pipeline is loaded for).
+pub fn is_on(true_cfg: f32, has_negative_prompt: bool) -> bool {
+    true_cfg > 1.0 && has_negative_prompt
 }
 
 pub fn validate(req: &Request) -> Result<()> {

@@ -153,12 +153,12 @@ pub fn run(a: Args) -> Result<()> {
     opts.low_memory = a.low_memory;
     // CUDA graphs need one static shape; with --width and --height it is this request's (no --trt-sizes needed).
     if let (Some(w), Some(h)) = (a.width, a.height) {
-        let cfg_rows = if a.negative_prompt.is_some() && a.true_cfg.is_some_and(|s| s > 1.0) {
-            2
-        } else {
-            1
-        };
-        opts.ep.pin_request_shape(w, h, a.num_images * cfg_rows)?;
+        let true_cfg = a.true_cfg.unwrap_or(fluxrt::guidance::DEFAULT_TRUE_CFG);
+        opts.ep
+            .pin_request_shape(&fluxrt::runtime::trt_profile::RequestShape {
+                true_cfg: fluxrt::guidance::is_on(true_cfg, a.negative_prompt.is_some()),
+                ..fluxrt::runtime::trt_profile::RequestShape::new(w, h, a.num_images)
+            })?;
     }
     let mut pipe = Pipeline::load(&opts)?;
     for (p, why) in &pipe.providers().rejected {

@@ -963,16 +963,16 @@ impl EpSettings {
         Ok(s)
     }
 
-    /// CUDA graphs asked for without a shape range: pin the one shape a single request needs (`width` x `height`,
-    /// `rows` transformer rows: images, twice that with true CFG), as `--trt-sizes WxH --trt-batch ROWS` would.
-    /// Returns whether it did. A declared range is left alone (its own warnings and refusals apply).
-    pub fn pin_request_shape(&mut self, width: u32, height: u32, rows: usize) -> Result<bool> {
+    /// CUDA graphs asked for without a shape range: pin the one shape a single request needs (its size and its
+    /// transformer rows), as `--trt-sizes WxH --trt-batch ROWS` would. Returns whether it did. A declared range is
+    /// left alone (its own warnings and refusals apply).
+    pub fn pin_request_shape(&mut self, req: &trt_profile::RequestShape) -> Result<bool> {
         if self.shapes.is_some() || !(self.cuda.cuda_graph || self.tensorrt.cuda_graph) {
             return Ok(false);
         }
         self.shapes = Some(ShapeRange {
-            sizes: format!("{width}x{height}").parse()?,
-            batch: rows.to_string().parse()?,
+            sizes: format!("{}x{}", req.width, req.height).parse()?,
+            batch: req.transformer_rows().to_string().parse()?,
         });
         Ok(true)
     }
@@ -1616,18 +1616,25 @@ mod tests {
     #[test]
     fn cuda_graphs_pin_the_request_shape() {
         let mut s = EpSettings::default();
+        let one = trt_profile::RequestShape::new(512, 768, 1);
         assert!(
-            !s.pin_request_shape(512, 768, 1).unwrap(),
+            !s.pin_request_shape(&one).unwrap(),
             "no CUDA graphs: nothing to pin"
         );
         s.cuda.cuda_graph = true;
-        assert!(s.pin_request_shape(512, 768, 2).unwrap());
+        // One image with true CFG: two transformer rows.
+        let cfg = trt_profile::RequestShape {
+            true_cfg: true,
+            ..one
+        };
+        assert!(s.pin_request_shape(&cfg).unwrap());
         assert!(s.static_shapes());
         let r = s.shapes.as_ref().unwrap();
         assert!(r.contains(512, 768, 2) && !r.contains(512, 768, 1) && !r.contains(768, 512, 2));
         // A declared range stays as it is.
         let before = s.shapes;
-        assert!(!s.pin_request_shape(1024, 1024, 1).unwrap());
+        let other = trt_profile::RequestShape::new(1024, 1024, 1);
+        assert!(!s.pin_request_shape(&other).unwrap());
         assert_eq!(s.shapes, before);
     }
 

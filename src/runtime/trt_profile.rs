@@ -300,6 +300,15 @@ impl RequestShape {
         }
     }
 
+    /// The transformer's batch: one row per image, two with true CFG (prompt and negative rows together).
+    pub fn transformer_rows(&self) -> usize {
+        if self.true_cfg {
+            2 * self.images
+        } else {
+            self.images
+        }
+    }
+
     /// Every distinct graph call: (what, width, height, batch).
     fn calls(&self) -> Vec<GraphCall> {
         let (w, h, b) = (self.width, self.height, self.images);
@@ -308,7 +317,7 @@ impl RequestShape {
                 graph: CallKind::Transformer { cfg: self.true_cfg },
                 width: w,
                 height: h,
-                batch: if self.true_cfg { 2 * b } else { b },
+                batch: self.transformer_rows(),
             },
             GraphCall {
                 graph: CallKind::TextEncoders,
