@@ -782,33 +782,21 @@ impl Pipeline {
             &self.session.providers.active,
             self.transformer_cuda_graphs(),
         )?;
+        let inputs = LoopInputs {
+            txt: &txt,
+            pooled: &pooled,
+            sigmas: &sigmas,
+            timesteps: &timesteps,
+            guidance,
+            img_ids: &img_ids,
+            txt_ids: &txt_ids,
+            cfg: cfg.as_ref().map(|c| c.batch_inputs()),
+        };
         let device = plan.device
-            && self.denoise_device(
-                plan,
-                &mut x,
-                cfg.as_ref().map(|c| c.batch_inputs()),
-                (&txt, &pooled),
-                (&sigmas, &timesteps),
-                guidance,
-                (&img_ids, &txt_ids),
-                cancel,
-                progress,
-                (&mut t, &mut tr),
-            )?;
+            && self.denoise_device(plan, &mut x, &inputs, cancel, progress, (&mut t, &mut tr))?;
         let bound = !device
             && self.io_binding
-            && cfg.is_none()
-            && self.denoise_bound(
-                &mut x,
-                &txt,
-                &pooled,
-                (&sigmas, &timesteps),
-                guidance,
-                (&img_ids, &txt_ids),
-                cancel,
-                progress,
-                (&mut t, &mut tr),
-            )?;
+            && self.denoise_bound(&mut x, &inputs, cancel, progress, (&mut t, &mut tr))?;
         self.last_loop.0 = match (device, bound) {
             (true, _) => runtime::LoopKind::Device,
             (false, true) => runtime::LoopKind::HostBound,
@@ -961,21 +949,29 @@ impl Pipeline {
     /// The denoising loop through an I/O binding: text embeddings, pooled vector, ids and guidance bound once,
     /// the latents and timestep updated in place, the velocity written into one preallocated buffer; nothing is
     /// allocated per step (except with a trace). Returns `Ok(false)`, having done nothing, when the transformer
-    /// cannot be driven this way (latents, timestep or velocity not f32, or a batch-1 graph given a batch), so the
-    /// caller runs the plain loop. On the same graph it gives bit-identical latents to the plain loop.
-    #[allow(clippy::too_many_arguments)]
+    /// cannot be driven this way (true CFG, latents, timestep or velocity not f32, or a batch-1 graph given a
+    /// batch), so the caller runs the plain loop. On the same graph it gives bit-identical latents to the plain loop.
     fn denoise_bound(
         &mut self,
         x: &mut Array3<f32>,
-        txt: &ArrayD<f32>,
-        pooled: &ArrayD<f32>,
-        (sigmas, timesteps): (&[f32], &[f32]),
-        guidance: Option<f32>,
-        (img_ids, txt_ids): (&ArrayD<f32>, &ArrayD<f32>),
+        inputs: &LoopInputs,
         cancel: &Canceller,
         progress: &mut dyn Progress,
         (t, tr): (&mut Timings, &mut Option<Trace>),
     ) -> Result<bool> {
+        let LoopInputs {
+            txt,
+            pooled,
+            sigmas,
+            timesteps,
+            guidance,
+            img_ids,
+            txt_ids,
+            cfg,
+        } = *inputs;
+        if cfg.is_some() {
+            return Ok(false);
+        }
         let gspec = self.spec.graph(Role::Transformer)?.clone();
         let n = |c: &str| gspec.actual_name(c);
         let (n_x, n_t, n_v) = (n("hidden_states"), n("timestep"), n("latent"));
@@ -1059,27 +1055,32 @@ impl Pipeline {
     /// The denoising loop in device memory ([`runtime::step_graph`]): the transformer reads its latents, timestep,
     /// text embeddings, pooled vector, ids, guidance and extra inputs from fixed device buffers and writes the
     /// velocity into a fixed device buffer, for every step and every later generation that fits the same buffers
-    /// (they are kept in `device_state`); the Euler step (and the true-CFG combination, when `cfg` gives the joined
+    /// (they are kept in `device_state`); the Euler step (and the true-CFG combination, when `inputs.cfg` gives the joined
     /// 2B prompt/negative rows and the scale) runs in a step graph on the same provider, which also refreshes the
     /// transformer's latents and timestep in place. Per step only `dt` and the next timestep go to the device and two
     /// NaN/Inf counts come back; the latents come back once at the end (every step with a trace). Returns
     /// `Ok(false)`, having done nothing, when the transformer cannot be driven this way (or, with `DeviceLoop::Auto`,
     /// the step graph or device buffers cannot be set up: the reason is kept for [`Pipeline::device_loop_fallback`]);
     /// when `plan.required` (`DeviceLoop::On`, or CUDA graphs) every such reason is an error instead.
-    #[allow(clippy::too_many_arguments)]
     fn denoise_device(
         &mut self,
         plan: runtime::step_graph::LoopPlan,
         x: &mut Array3<f32>,
-        cfg: Option<(&ArrayD<f32>, &ArrayD<f32>, f32)>,
-        (txt, pooled): (&ArrayD<f32>, &ArrayD<f32>),
-        (sigmas, timesteps): (&[f32], &[f32]),
-        guidance: Option<f32>,
-        (img_ids, txt_ids): (&ArrayD<f32>, &ArrayD<f32>),
+        inputs: &LoopInputs,
         cancel: &Canceller,
         progress: &mut dyn Progress,
         (t, tr): (&mut Timings, &mut Option<Trace>),
     ) -> Result<bool> {
+        let LoopInputs {
+            txt,
+            pooled,
+            sigmas,
+            timesteps,
+            guidance,
+            img_ids,
+            txt_ids,
+            cfg,
+        } = *inputs;
         use runtime::step_graph::{DeviceDenoise, LoopNames, StepGraph, StepSpec};
         let strict = plan.required;
         // Why the device loop cannot run, as the error when it is required.
@@ -1694,6 +1695,21 @@ fn non_finite(stage: &str, bad: usize, len: usize) -> Error {
     )
 }
 
+/// What every denoising loop reads, the same for the device, host-bound and plain loops: the text conditioning,
+/// the schedule, the distilled guidance and the position ids of one generation.
+#[derive(Clone, Copy)]
+struct LoopInputs<'a> {
+    txt: &'a ArrayD<f32>,
+    pooled: &'a ArrayD<f32>,
+    sigmas: &'a [f32],
+    timesteps: &'a [f32],
+    guidance: Option<f32>,
+    img_ids: &'a ArrayD<f32>,
+    txt_ids: &'a ArrayD<f32>,
+    /// True CFG: the joined prompt and negative rows (text embeddings, pooled vectors; 2B rows) and the scale. The
+    /// host-bound loop cannot run it; the device loop combines the rows in its step graph.
+    cfg: Option<(&'a ArrayD<f32>, &'a ArrayD<f32>, f32)>,
+}
 /// fluxrt's name of an ONNX Runtime provider (`CUDAExecutionProvider` -> `cuda`); other names as they are.
 fn provider_name(ort_name: &str) -> String {
     ort_name
