@@ -250,6 +250,15 @@ def quantize_vae_graph(src: Path, dst: Path, latents: list, fmt: str = "qoperato
     return info
 
 
+def _record(entry: dict, info: dict, precision: str, staging: Path) -> int:
+    """Writes a quantized graph's manifest entry (precision, external data, the quantizer's record); returns the
+    bytes its files take in the staging folder."""
+    entry["external_data"] = info.pop("external_data")
+    entry["precision"] = precision
+    entry["quantization"] = info
+    return sum(p.stat().st_size for p in staging.iterdir() if p.name.startswith(entry["file"]))
+
+
 def quantize_model(model_dir: Path, out_dir: Path, method: str | None, force: bool = False, block_size: int = 32,
                    accuracy_level: int = 4, graphs: tuple[str, ...] = ("transformer",), log=print,
                    vae: str | None = None, vae_format: str = "qoperator", calibration: str = "percentile",
@@ -299,10 +308,7 @@ def quantize_model(model_dir: Path, out_dir: Path, method: str | None, force: bo
             src = model_dir / entry["file"]
             t = time.time()
             info = quantize_graph(src, staging / entry["file"], method, block_size, accuracy_level)
-            entry["external_data"] = info.pop("external_data")
-            entry["precision"] = method
-            entry["quantization"] = info
-            size = sum(p.stat().st_size for p in staging.iterdir() if p.name.startswith(entry["file"]))
+            size = _record(entry, info, method, staging)
             log(f"quantized {g} to {method}: {info['quantized_nodes']} nodes, {size / 1e6:.1f} MB, "
                 f"{time.time() - t:.1f}s")
         if vae is not None:
@@ -313,10 +319,7 @@ def quantize_model(model_dir: Path, out_dir: Path, method: str | None, force: bo
             info = quantize_vae_graph(model_dir / entry["file"], staging / entry["file"], latents, vae_format,
                                       calibration, tuple(vae_exclude))
             info["calibration"]["size"] = calibration_size
-            entry["external_data"] = info.pop("external_data")
-            entry["precision"] = vae
-            entry["quantization"] = info
-            size = sum(p.stat().st_size for p in staging.iterdir() if p.name.startswith(entry["file"]))
+            size = _record(entry, info, vae, staging)
             log(f"quantized vae_decoder to {vae} ({vae_format}, {calibration} calibration): "
                 f"{info['quantized_nodes']} of {info['convs']} Convs, {size / 1e6:.1f} MB, {time.time() - t:.1f}s")
     return manifest
