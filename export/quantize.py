@@ -97,6 +97,26 @@ def derived_model(model_dir: Path, out_dir: Path, manifest: dict, replaced: set[
             shutil.rmtree(staging)
 
 
+def signed_permutation_matmuls(model) -> list[str]:
+    """Names of the MatMul nodes whose second input is a constant signed permutation matrix (one nonzero, +-1, in
+    every row and column)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    consts = {i.name: i for i in model.graph.initializer}
+    consts.update({n.output[0]: n.attribute[0].t for n in model.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    names = []
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or n.input[1] not in consts:
+            continue
+        b = numpy_helper.to_array(consts[n.input[1]])
+        if b.ndim == 2 and b.shape[0] == b.shape[1] and np.isin(b, (-1, 0, 1)).all() \
+                and (np.abs(b).sum(0) == 1).all() and (np.abs(b).sum(1) == 1).all():
+            names.append(n.name)
+    return names
+
+
 def quantize_graph(src: Path, dst: Path, method: str, block_size: int = 32, accuracy_level: int = 4) -> dict:
     """Quantizes one ONNX graph file; returns what the manifest records about it."""
     import onnx
@@ -108,6 +128,10 @@ def quantize_graph(src: Path, dst: Path, method: str, block_size: int = 32, accu
     inits = {i.name for i in model.graph.initializer}
     n_weight = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
     info: dict = {"method": method, "matmuls": n_matmul, "weight_matmuls": n_weight}
+    # RoPE's pair swap (wrappers.pair_swap) is a MatMul with a constant too, but quantizing it would only round the
+    # rotated activations: it stays float.
+    keep_float = signed_permutation_matmuls(model)
+    info["kept_float"] = len(keep_float)
     tmp = dst.with_name(dst.name + ".tmp.onnx")
     if method == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -119,6 +143,7 @@ def quantize_graph(src: Path, dst: Path, method: str, block_size: int = 32, accu
             per_channel=True,
             weight_type=QuantType.QInt8,
             extra_options={"MatMulConstBOnly": True},
+            nodes_to_exclude=keep_float,
         )
         out = onnx.load(str(tmp), load_external_data=True)
         info.update({"weight_type": "int8", "per_channel": True, "activations": "dynamic uint8"})
@@ -127,7 +152,8 @@ def quantize_graph(src: Path, dst: Path, method: str, block_size: int = 32, accu
 
         bits = 4 if method == "int4" else 8
         q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                 accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+                                 accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",),
+                                 nodes_to_exclude=keep_float)
         q.process()
         out = q.model.model
         info.update({"bits": bits, "block_size": block_size, "accuracy_level": accuracy_level, "symmetric": True})

@@ -11,6 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from export.quantize import signed_permutation_matmuls
+
 from .conftest import MODELS, REPO, run_cli
 
 TINY = MODELS / "tiny-flux-schnell"
@@ -54,6 +56,8 @@ def test_quantized_transformer_runs_close_to_fp32(quantized, method, rel_tol, op
         assert (folder / m["graphs"][g]["file"]).read_bytes() == (TINY / m["graphs"][g]["file"]).read_bytes()
     graph = onnx.load(str(folder / "transformer.onnx"))
     assert any(n.op_type == op for n in graph.graph.node)
+    # RoPE's pair swaps (q and k of the one double and the one single block) stay float MatMuls
+    assert len(signed_permutation_matmuls(graph)) == 4 == entry["quantization"]["kept_float"]
     ref = ort.InferenceSession(str(TINY / "transformer.onnx"), providers=["CPUExecutionProvider"])
     q = ort.InferenceSession(str(folder / "transformer.onnx"), providers=["CPUExecutionProvider"])
     feeds = _feeds(ref)
