@@ -522,9 +522,10 @@ def render(out: dict, engines: list[str], sizes, notes: Path) -> str:
          "- End-to-end: prompt to PNG bytes (text encoders, denoising, VAE, RGB, PNG), model loading excluded; "
          "'without PNG' subtracts the median PNG encoding (diffusers: PIL's zlib level 6, fluxrt: fdeflate).",
          "- Peak RSS: the engine's whole process (wait4 ru_maxrss), for all sizes it ran; the largest over rounds. "
-         "Load time: median over rounds. fluxrt's optimized-graph cache is primed first (one 64x64 run per engine); "
-         "that first start, which optimizes and writes the graphs: " + ("; ".join(
-             f"{e} {c['load_s']:.1f} s, {c['peak_rss_bytes'] / 2**20:.0f} MiB"
+         "Load time: median over rounds. fluxrt's optimized-graph cache is primed first (one 64x64 run per engine; "
+         "a cold cache optimizes and writes the graphs, which takes longer and more memory): " + ("; ".join(
+             f"{e} {c['load_s']:.1f} s, {c['peak_rss_bytes'] / 2**20:.0f} MiB, cache "
+             + ("cold" if "cold" in c["optimized_cache"].values() else "already warm")
              for e, c in out.get("fluxrt_first_start", {}).items()) or "n/a"),
          "- Load average at each engine's start: " + "; ".join(
              f"{e} " + "/".join(f"{x:.1f}" for x in out["raw"][e]["load_average_at_start"]) for e in engines), ""]
