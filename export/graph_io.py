@@ -1,5 +1,5 @@
-"""Writing ONNX graphs: inline, or with one external-data side file past the protobuf limit (shared by export,
-quantize and optimize)."""
+"""Reading and writing ONNX graphs (shared by export, quantize and optimize): constant values, and saving inline or
+with one external-data side file past the protobuf limit."""
 
 from __future__ import annotations
 
@@ -26,6 +26,18 @@ def save_graph(model: onnx.ModelProto, path: Path) -> str | None:
         return data_name
     onnx.save_model(model, str(path))
     return None
+
+
+def const_value(producers: dict, initializers: dict, name: str):
+    """The value of `name` as a numpy array when it is a Constant node's output or an initializer, else None.
+    `producers` maps output names to nodes, `initializers` names to TensorProtos."""
+    from onnx import numpy_helper
+
+    n = producers.get(name)
+    if n is not None and n.op_type == "Constant":
+        return numpy_helper.to_array(n.attribute[0].t)
+    init = initializers.get(name)
+    return None if init is None else numpy_helper.to_array(init)
 
 
 def _all_inline(model: onnx.ModelProto) -> bool:

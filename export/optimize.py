@@ -28,21 +28,15 @@ from pathlib import Path
 
 from . import manifest as mf
 from .checkpoint import ExportError
-from .graph_io import save_graph
+from .graph_io import const_value, save_graph
 from .quantize import derived_model
 
 FUSIONS = ("attention", "layernorm", "gelu")
 DEFAULT_FUSIONS = ("attention", "layernorm", "gelu")
 
 
-def _const(graph_index: dict, name: str):
-    from onnx import numpy_helper
-
-    n = graph_index["prod"].get(name)
-    if n is not None and n.op_type == "Constant":
-        return numpy_helper.to_array(n.attribute[0].t)
-    init = graph_index["init"].get(name)
-    return None if init is None else numpy_helper.to_array(init)
+def _const(idx: dict, name: str):
+    return const_value(idx["prod"], idx["init"], name)
 
 
 def _skip_casts(idx: dict, name: str) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 from . import manifest as mf
 from . import ort_flow as flow
 from .checkpoint import ExportError
-from .graph_io import save_graph
+from .graph_io import const_value, save_graph
 
 METHODS = ("int8", "int4", "int8-nbits")
 VAE_METHODS = ("int8",)
@@ -101,17 +101,13 @@ def signed_permutation_matmuls(model) -> list[str]:
     """Names of the MatMul nodes whose second input is a constant signed permutation matrix (one nonzero, +-1, in
     every row and column)."""
     import numpy as np
-    from onnx import numpy_helper
 
-    consts = {i.name: i for i in model.graph.initializer}
-    consts.update({n.output[0]: n.attribute[0].t for n in model.graph.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    producers = {o: n for n in model.graph.node for o in n.output}
+    initializers = {i.name: i for i in model.graph.initializer}
     names = []
     for n in model.graph.node:
-        if n.op_type != "MatMul" or n.input[1] not in consts:
-            continue
-        b = numpy_helper.to_array(consts[n.input[1]])
-        if b.ndim == 2 and b.shape[0] == b.shape[1] and np.isin(b, (-1, 0, 1)).all() \
+        b = const_value(producers, initializers, n.input[1]) if n.op_type == "MatMul" else None
+        if b is not None and b.ndim == 2 and b.shape[0] == b.shape[1] and np.isin(b, (-1, 0, 1)).all() \
                 and (np.abs(b).sum(0) == 1).all() and (np.abs(b).sum(1) == 1).all():
             names.append(n.name)
     return names

@@ -71,14 +71,7 @@ def test_quantized_transformer_runs_close_to_fp32(quantized, method, rel_tol, op
 def test_committed_rust_fixtures_match_the_exporter(quantized, method):
     """tests/data/quant holds what this command writes (same ops, same weights)."""
     fixture = REPO / "tests" / "data" / "quant" / f"tiny-flux-schnell-transformer-{method}.onnx"
-    new = onnx.load(str(quantized[method] / "transformer.onnx"))
-    old = onnx.load(str(fixture))
-    assert [n.op_type for n in new.graph.node] == [n.op_type for n in old.graph.node]
-    new_w = {i.name: onnx.numpy_helper.to_array(i) for i in new.graph.initializer}
-    old_w = {i.name: onnx.numpy_helper.to_array(i) for i in old.graph.initializer}
-    assert new_w.keys() == old_w.keys()
-    for k in new_w:
-        np.testing.assert_array_equal(new_w[k], old_w[k], err_msg=k)
+    _assert_same_ops_and_weights(onnx.load(str(quantized[method] / "transformer.onnx")), onnx.load(str(fixture)))
 
 
 def test_committed_fp16_fixture_matches_the_exporter(checkpoints, tmp_path):
@@ -88,9 +81,14 @@ def test_committed_fp16_fixture_matches_the_exporter(checkpoints, tmp_path):
     assert r.returncode == 0, r.stderr
     new = onnx.load(str(tmp_path / "fp16" / "transformer.onnx"))
     old = onnx.load(str(REPO / "tests" / "data" / "quant" / "tiny-flux-schnell-transformer-fp16.onnx"))
-    assert [n.op_type for n in new.graph.node] == [n.op_type for n in old.graph.node]
     assert [(i.name, i.type.tensor_type.elem_type) for i in new.graph.input] == \
         [(i.name, i.type.tensor_type.elem_type) for i in old.graph.input]
+    _assert_same_ops_and_weights(new, old)
+
+
+def _assert_same_ops_and_weights(new, old):
+    """A committed fixture is what the exporter writes now: the same nodes in order, the same weights exactly."""
+    assert [n.op_type for n in new.graph.node] == [n.op_type for n in old.graph.node]
     new_w = {i.name: onnx.numpy_helper.to_array(i) for i in new.graph.initializer}
     old_w = {i.name: onnx.numpy_helper.to_array(i) for i in old.graph.initializer}
     assert new_w.keys() == old_w.keys()
