@@ -233,17 +233,11 @@ def worker_ort(cfg: dict) -> dict:
 
 def run_fluxrt(cfg: dict, tmp: Path) -> tuple[dict, int]:
     """`fluxrt bench --json`; returns the converted result and the process's peak RSS."""
-    report = tmp / f"{cfg['engine']}.json"
     sizes = ",".join(f"{w}x{h}" for w, h in cfg["sizes"])
     imgs = tmp / f"{cfg['engine']}-images"
-    cmd = [cfg["fluxrt"], "bench", "--model", cfg["model"], "--sizes", sizes, "--steps", str(cfg["steps"]),
-           "--warmup", str(cfg["warmup"]), "--runs", str(cfg["runs"]), "--seed", str(cfg["seed"]),
-           "--prompt", cfg["prompt"], "--threads", str(cfg["threads"]), "--json", str(report),
-           "--save-images", str(imgs), "--quiet", "--provider", cfg["device"], *cfg.get("fluxrt_args", [])]
-    rc, rss, log = spawn(cmd)
-    if rc != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{log}")
-    r = json.loads(report.read_text())
+    r, rss = fluxrt_bench(cfg, tmp / f"{cfg['engine']}.json", "--sizes", sizes, "--steps", str(cfg["steps"]),
+                          "--warmup", str(cfg["warmup"]), "--runs", str(cfg["runs"]), "--seed", str(cfg["seed"]),
+                          "--prompt", cfg["prompt"], "--save-images", str(imgs))
     res = r["results"][0]
     sizes_out = []
     for z in res["sizes"]:
@@ -260,19 +254,30 @@ def run_fluxrt(cfg: dict, tmp: Path) -> tuple[dict, int]:
     return out, rss
 
 
+def engine_model(a, engine: str) -> str:
+    """The model folder an engine runs (VARIANT_MODEL: by the part of its name after the first '-')."""
+    return getattr(a, VARIANT_MODEL[engine.partition("-")[2]])
+
+
+def fluxrt_bench(cfg: dict, report: Path, *args: str) -> tuple[dict, int]:
+    """`fluxrt bench` with the engine's model, threads, provider and extra options plus `args`; returns its JSON
+    report and the process's peak RSS."""
+    cmd = [cfg["fluxrt"], "bench", "--model", cfg["model"], "--threads", str(cfg["threads"]), "--json", str(report),
+           "--quiet", "--provider", cfg["device"], *args, *cfg["fluxrt_args"], *ENGINE_ARGS.get(cfg["engine"], [])]
+    rc, rss, log = spawn(cmd)
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{log}")
+    return json.loads(report.read_text()), rss
+
+
 def prime_fluxrt_cache(cfg: dict, tmp: Path) -> dict:
     """One small `fluxrt bench` run so that the timed rounds start with a warm optimized-graph cache, as every start
     but the first after a model changes does (the first one optimizes and writes the graphs: slower, and more memory).
     Returns that cold start's load time, cache states and peak RSS."""
-    report = tmp / f"{cfg['engine']}.prime.json"
-    cmd = [cfg["fluxrt"], "bench", "--model", cfg["model"], "--sizes", "64x64", "--steps", "1", "--warmup", "0",
-           "--runs", "1", "--threads", str(cfg["threads"]), "--json", str(report), "--quiet", "--provider",
-           cfg["device"], *cfg["fluxrt_args"], *ENGINE_ARGS.get(cfg["engine"], [])]
     print(f"[compare] {cfg['engine']}: priming the optimized-graph cache", file=sys.stderr, flush=True)
-    rc, rss, log = spawn(cmd)
-    if rc != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{log}")
-    res = json.loads(report.read_text())["results"][0]
+    r, rss = fluxrt_bench(cfg, tmp / f"{cfg['engine']}.prime.json", "--sizes", "64x64", "--steps", "1", "--warmup",
+                          "0", "--runs", "1")
+    res = r["results"][0]
     return {"load_s": res["session_creation_ms"] / 1e3, "optimized_cache": res["optimized_cache"],
             "peak_rss_bytes": rss}
 
@@ -430,7 +435,7 @@ def main(argv: list[str]) -> int:
 
         np.save(noise_dir / f"noise-{w}x{h}.npy", n)
 
-    cold = {e: prime_fluxrt_cache(dict(base, engine=e, model=getattr(a, VARIANT_MODEL[e.partition("-")[2]])), tmp)
+    cold = {e: prime_fluxrt_cache(dict(base, engine=e, model=engine_model(a, e)), tmp)
             for e in engines if e.startswith("fluxrt")}
     results, rss = {}, {}
     for rnd in range(a.rounds):
@@ -438,9 +443,8 @@ def main(argv: list[str]) -> int:
         order = engines[k:] + engines[:k] if rnd % 2 == 0 else list(reversed(engines[k:] + engines[:k]))
         for e in order:
             cfg = dict(base, engine=e, image_dir=str(image_dir), noise_dir=str(noise_dir),
-                       model=getattr(a, VARIANT_MODEL[e.partition("-")[2]]),
+                       model=engine_model(a, e),
                        checkpoint=a.checkpoint, result=str(tmp / f"{e}.result.json"))
-            cfg["fluxrt_args"] = cfg["fluxrt_args"] + ENGINE_ARGS.get(e, [])
             load = os.getloadavg()[0]
             print(f"[compare] round {rnd + 1}/{a.rounds} {e}: starting (load average {load:.2f})", file=sys.stderr,
                   flush=True)
@@ -479,7 +483,7 @@ def main(argv: list[str]) -> int:
         versions.update(results[e].get("versions", {}))
     out = {"machine": machine(), "versions": versions, "settings": {k: v for k, v in base.items() if k != "fluxrt"},
            "model": a.model, "int8_model": a.int8, "int4_model": a.int4,
-           "variant_models": {e: getattr(a, VARIANT_MODEL[e.partition("-")[2]]) for e in engines if "-" in e},
+           "variant_models": {e: engine_model(a, e) for e in engines if "-" in e},
            "summary": summary, "peak_rss_bytes": rss, "fluxrt_first_start": cold, "psnr_vs_fluxrt": psnrs,
            "load_s": {e: statistics.median(results[e]["load_s"]) for e in engines}, "raw": results,
            "rounds": a.rounds,
