@@ -1695,8 +1695,8 @@ fn non_finite(stage: &str, bad: usize, len: usize) -> Error {
     )
 }
 
-/// What every denoising loop reads, the same for the device, host-bound and plain loops: the text conditioning,
-/// the schedule, the distilled guidance and the position ids of one generation.
+/// What the device and host-bound denoising loops read (the plain loop takes the same values one by one): the text
+/// conditioning, the schedule, the distilled guidance and the position ids of one generation.
 #[derive(Clone, Copy)]
 struct LoopInputs<'a> {
     txt: &'a ArrayD<f32>,
@@ -1710,6 +1710,7 @@ struct LoopInputs<'a> {
     /// host-bound loop cannot run it; the device loop combines the rows in its step graph.
     cfg: Option<(&'a ArrayD<f32>, &'a ArrayD<f32>, f32)>,
 }
+
 /// fluxrt's name of an ONNX Runtime provider (`CUDAExecutionProvider` -> `cuda`); other names as they are.
 fn provider_name(ort_name: &str) -> String {
     ort_name
@@ -1717,6 +1718,7 @@ fn provider_name(ort_name: &str) -> String {
         .map(|p| p.name().to_string())
         .unwrap_or_else(|_| ort_name.to_string())
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
