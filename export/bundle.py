@@ -45,6 +45,20 @@ def build_tiny(models_dir: Path, goldens_dir: Path | None, work_dir: Path, force
     log(f"{exported[1].name} shares {len(shared)} files with {exported[0].name}: {', '.join(shared)}")
 
 
-def build_preset_model(preset: str, out_dir: Path, work_dir: Path, force: bool, validate: bool, log=print) -> dict:
+def build_preset_model(preset: str, out_dir: Path, work_dir: Path, force: bool, validate: bool, log=print,
+                       lora_slots: bool | None = None) -> dict:
     ck = presets.build_checkpoint(preset, Path(work_dir) / preset)
-    return export_model(ck, out_dir, validate=validate, force=force, log=log)
+    manifest = export_model(ck, out_dir, validate=validate, force=force, log=log, lora_slots=lora_slots)
+    report_checkpoint(ck, log)
+    return manifest
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def report_checkpoint(checkpoint: Path, log=print) -> None:
+    """Says where a preset's diffusers checkpoint stays and how much disk it takes (it is kept: the next export of the
+    same preset reuses it)."""
+    log(f"the random-weight checkpoint stays in {checkpoint} ({folder_bytes(checkpoint) / 1e9:.2f} GB; reused by "
+        f"the next export of this preset, delete the folder when done, or choose it with --work)")

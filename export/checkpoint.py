@@ -114,17 +114,17 @@ def load(root: Path, graphs: list[str], dtype=torch.float32) -> Checkpoint:
     ck.transformer = _load(
         "transformer",
         root / "transformer",
-        lambda d, t: FluxTransformer2DModel.from_pretrained(d, torch_dtype=t, **kw),
+        lambda d, t: FluxTransformer2DModel.from_pretrained(d, dtype=t, **kw),
         dtype,
     ) if "transformer" in needed else _config_only_transformer(root)
     if "vae" in needed:
-        ck.vae = _load("VAE", root / "vae", lambda d, t: AutoencoderKL.from_pretrained(d, torch_dtype=t, **kw), dtype)
+        ck.vae = _load("VAE", root / "vae", lambda d, t: AutoencoderKL.from_pretrained(d, dtype=t, **kw), dtype)
     if "clip" in needed:
         ck.clip = _load("CLIP text encoder", root / "text_encoder",
-                        lambda d, t: CLIPTextModel.from_pretrained(d, torch_dtype=t, **kw), dtype)
+                        lambda d, t: CLIPTextModel.from_pretrained(d, dtype=t, **kw), dtype)
     if "t5" in needed:
         ck.t5 = _load("T5 text encoder", root / "text_encoder_2",
-                      lambda d, t: T5EncoderModel.from_pretrained(d, torch_dtype=t, **kw), dtype)
+                      lambda d, t: T5EncoderModel.from_pretrained(d, dtype=t, **kw), dtype)
     ck.scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json") if (
         root / "scheduler" / "scheduler_config.json").is_file() else None
     return ck

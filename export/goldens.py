@@ -54,7 +54,7 @@ def cases(variant: str) -> list[dict]:
 def load_pipeline(checkpoint_dir: Path):
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(checkpoint_dir, torch_dtype=torch.float32, local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(checkpoint_dir, dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -253,7 +253,7 @@ IMG2IMG_NOTES = {
                  "elements [0, n)). This holds for strength 1.0 too: the posterior draw still comes first. The "
                  "mt19937 is init_genrand(seed) (numpy's legacy RandomState(seed) gives the same stream); each "
                  "uniform is (u32 & 0xFFFFFF) * 2^-24; blocks of 16: out[j] = sqrt(-2 ln(1 - U[j])) * cos(2 pi "
-                 "U[j+8]), out[j+8] = same radius * sin(2 pi U[j+8]), j < 8 (FLUX_REFERENCE.md, Seeds).",
+                 "U[j+8]), out[j+8] = same radius * sin(2 pi U[j+8]), j < 8 (PyTorch's normal_fill, aten/src/ATen/native/cpu/DistributionTemplates.h; fluxrt's src/noise.rs).",
     "image_latents": "`image_latents_sample` = image_latent_mean + image_latent_std * posterior_eps; "
                      "`image_latents` = (image_latents_sample - shift_factor) * scaling_factor (0.1159, 0.3611).",
     "timesteps": "The full schedule for `steps` is made exactly as text-to-image (`sigmas_full`, N + 1 values "

@@ -3,6 +3,7 @@ with one external-data side file past the protobuf limit."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import onnx
@@ -26,6 +27,19 @@ def save_graph(model: onnx.ModelProto, path: Path) -> str | None:
         return data_name
     onnx.save_model(model, str(path))
     return None
+
+
+def cpu_session(path: Path):
+    """An onnxruntime CPU session for `path`, quiet, with fluxrt's thread setting: FLUXRT_THREADS intra-op threads
+    when set (as the Rust runtime reads it), else onnxruntime's default (the physical cores)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    threads = os.environ.get("FLUXRT_THREADS", "").strip()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def const_value(producers: dict, initializers: dict, name: str):

@@ -18,7 +18,9 @@ GRAPHS = ["clip", "t5", "transformer", "vae_decoder", "vae_encoder"]
 PRECISIONS = ["fp32", "fp16", "bf16"]
 DEFAULT_OPSET = 18
 
-# fp16 islands: what stays fp32 because it overflows or loses too much in fp16 (FLUX_REFERENCE.md traps).
+# fp16 islands: what stays fp32 because it overflows or loses too much in fp16 (T5's feed-forward, the transformer's
+# residual adds and norms, the VAE's mid-block attention: the node lists onnxruntime's transformers/models/flux
+# optimizer keeps out of fp16, and diffusers' fp16 clipping in T5).
 FP16_ISLANDS = {
     "clip": {"op_types": [], "whole_graph": False, "why": "CLIP-L runs in fp16 (demoDiffusion exports it so)"},
     "t5": {"op_types": [], "whole_graph": True, "why": "T5 blocks overflow fp16 activations: the graph stays fp32"},

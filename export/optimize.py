@@ -26,7 +26,6 @@ import json
 import time
 from pathlib import Path
 
-from . import manifest as mf
 from .checkpoint import ExportError
 from .graph_io import const_value, save_graph
 from .quantize import derived_model

@@ -54,6 +54,11 @@ class Preset:
     def guidance_embeds(self) -> bool:
         return self.variant == "dev"
 
+    def summary(self) -> str:
+        """One line for --help: the variant and the transformer's size."""
+        return (f"FLUX.1-{self.variant}, {self.num_layers} double + {self.num_single_layers} single blocks, "
+                f"{self.num_heads} heads x {self.head_dim}, T5 width {self.t5_d_model}")
+
 
 _TINY = dict(
     num_layers=1,

@@ -7,7 +7,7 @@ transformer graph:
   second input is a weight (`MatMulConstBOnly`; attention's activation x activation MatMuls stay fp32), activations
   quantized on the fly (DynamicQuantizeLinear + MatMulInteger). ~1.65x per transformer step on AVX-512 VNNI CPUs.
 - int4: MatMulNBits, 4-bit symmetric blocks of `block_size` along K, `accuracy_level` 4 (int8 compute). Saves
-  memory; on x86 CPUs it is not much faster than fp32 (EXPORT_NOTES).
+  memory; on x86 CPUs it is not much faster than fp32 (measured: benches/NOTES.md).
 - int8-nbits: MatMulNBits with 8 bits (same kernels as int4).
 
 `--vae int8` (alone or with `--to`) quantizes the VAE decoder's convolutions statically
@@ -36,7 +36,7 @@ from pathlib import Path
 from . import manifest as mf
 from . import ort_flow as flow
 from .checkpoint import ExportError
-from .graph_io import const_value, save_graph
+from .graph_io import const_value, cpu_session, save_graph
 
 METHODS = ("int8", "int4", "int8-nbits")
 VAE_METHODS = ("int8",)
@@ -169,17 +169,13 @@ def calibration_latents(model_dir: Path, manifest: dict, count: int = 8, size: i
     """The VAE decoder's inputs (scaled and shifted latents) that this model's own pipeline produces for `count`
     calibration prompts at size x size: text encoders and transformer run from onnxruntime, fluxrt's schedule."""
     import numpy as np
-    import onnxruntime as ort
     import torch
 
     if size <= 0 or size % 16:
         raise ExportError(f"calibration size {size} is not a positive multiple of 16")
     if count < 1:
         raise ExportError("the VAE calibration needs at least one latent (--vae-calibration-count >= 1)")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = {g: ort.InferenceSession(str(model_dir / manifest["graphs"][g]["file"]), so,
-                                    providers=["CPUExecutionProvider"]) for g in ("clip", "t5", "transformer")}
+    sess = {g: cpu_session(model_dir / manifest["graphs"][g]["file"]) for g in ("clip", "t5", "transformer")}
     np_types = {"tensor(int32)": np.int32, "tensor(int64)": np.int64}
     toks = flow.tokenizers(model_dir, manifest)
     has_guidance = any(i.name == "guidance" for i in sess["transformer"].get_inputs())

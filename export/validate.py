@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from . import onnx_export as ox
+from .graph_io import cpu_session
 from .wrappers import wrap
 
 # Pass when max_abs <= atol, or (for graphs whose outputs are large) max_abs <= rtol * max|reference|.
@@ -31,12 +32,6 @@ class Result:
         return f"{self.graph:12s} {where:22s} max_abs={self.max_abs:.3e} max_rel={self.max_rel:.3e} {verdict} {self.note}"
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def validate_graph(graph: str, path: Path, parts, precision: str) -> list[Result]:
@@ -45,7 +40,7 @@ def validate_graph(graph: str, path: Path, parts, precision: str) -> list[Result
     atol, rtol = TOLERANCES[precision]
     results = []
     try:
-        sess = _session(path)
+        sess = cpu_session(path)
     except Exception as e:  # onnxruntime raises its own exception types
         first = str(e).splitlines()[0]
         return [Result(graph, s, float("nan"), float("nan"), False, f"onnxruntime cannot load it: {first}")

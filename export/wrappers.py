@@ -1,4 +1,5 @@
-"""Torch modules whose forward() is exactly one ONNX graph of the official contract (FLUX_REFERENCE.md).
+"""Torch modules whose forward() is exactly one ONNX graph of the official contract (the I/O of the BFL
+FLUX.1-*-onnx exports as NVIDIA TensorRT's demo/Diffusion builds them; src/model/contract.rs).
 
 Each wrapper fixes the input/output names, dtypes and ranks; the exporter only adds dynamic axes.
 """

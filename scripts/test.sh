@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test of fluxrt on a fresh machine: installs the export stack (Python venv, pinned), builds the
-# crate, checks formatting and lints, runs the Rust tests (unit, parity with diffusers, CLI, layouts) and the
-# export step's pytest suite.
+# Runs every test of fluxrt on a fresh machine: installs the export stack (scripts/export-env.sh: a pinned Python
+# venv), builds the crate, checks formatting and lints, runs the Rust tests (unit, parity with diffusers, CLI,
+# layouts, server) and the export step's pytest suite, then the fixture-regeneration tests again on PyTorch's other
+# CPU kernel path (docs/testing.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,17 +17,8 @@ trap 'rm -rf "$scratch"' EXIT
 export FLUXRT_OPTIMIZED_CACHE="$scratch/optimized"
 export CARGO_INCREMENTAL=0
 
-echo "== export stack: $FLUXRT_VENV"
-if [ ! -x "$FLUXRT_PYTHON" ]; then
-  python3 -m venv "$FLUXRT_VENV"
-fi
-stamp="$FLUXRT_VENV/.fluxrt-requirements"
-if ! cmp -s export/requirements.txt "$stamp" 2>/dev/null; then
-  # No pip cache: the torch wheels alone would keep several GiB of downloads on disk.
-  "$FLUXRT_PYTHON" -m pip install --quiet --no-cache-dir --upgrade pip
-  "$FLUXRT_PYTHON" -m pip install --quiet --no-cache-dir -r export/requirements.txt
-  cp export/requirements.txt "$stamp"
-fi
+echo "== export stack"
+bash scripts/export-env.sh
 
 echo "== cargo fmt / clippy"
 cargo fmt --all -- --check
@@ -36,3 +28,8 @@ echo "== cargo test"
 cargo test --no-fail-fast
 echo "== pytest export/tests"
 "$FLUXRT_PYTHON" -m pytest export/tests -q -p no:cacheprovider --basetemp "$scratch/pytest"
+# The committed fixtures must hold on any CPU (docs/testing.md): the tests that rebuild them run again on PyTorch's
+# scalar kernels, which give other last bits than the AVX2/AVX-512 ones this machine picks by itself.
+echo "== pytest -m regeneration, ATEN_CPU_CAPABILITY=default"
+ATEN_CPU_CAPABILITY=default "$FLUXRT_PYTHON" -m pytest export/tests -q -p no:cacheprovider -m regeneration \
+  --basetemp "$scratch/pytest-default"

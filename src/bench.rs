@@ -386,11 +386,7 @@ fn machine() -> Machine {
 pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
     opts.validate()?;
     let lib = runtime::init(opts.load.ort_lib.as_deref())?;
-    let threads = opts
-        .load
-        .threads
-        .filter(|&t| t > 0)
-        .unwrap_or_else(runtime::physical_cores);
+    let threads = runtime::intra_threads(opts.load.threads);
     let mut results = Vec::new();
     let mut model_info = None;
     let mut steps_used = opts.steps.unwrap_or(0);

@@ -475,8 +475,8 @@ fn parent_dir(path: &Path) -> &Path {
 ///
 /// * an existing file, unless `overwrite` -> [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput)
 ///   naming it, with the hint `--overwrite`; an existing folder -> invalid input, always;
-/// * a parent folder that is missing, is not a folder, or where a file cannot be created ->
-///   [`ErrorKind::Io`](crate::ErrorKind::Io) naming the folder. Writability is tested by creating and
+/// * a parent folder that is missing, is not a folder, or where a file cannot be created -> invalid input too (the
+///   user's path is wrong: exit code 2) naming the folder. Writability is tested by creating and
 ///   removing a temporary file there, which is what [`write_atomically`] will do (permission bits alone
 ///   say nothing for root, ACLs or read-only mounts).
 pub fn check_writable(paths: &[PathBuf], overwrite: bool) -> Result<()> {
@@ -506,15 +506,20 @@ pub fn check_writable(paths: &[PathBuf], overwrite: bool) -> Result<()> {
         }
         match std::fs::metadata(dir) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::io(format!(
+                return Err(Error::input(format!(
                     "the output folder {} does not exist",
                     dir.display()
                 ))
                 .with_hint("create it first, or choose another output path"));
             }
-            Err(e) => return Err(Error::io_at("access the output folder", dir, e)),
+            Err(e) => {
+                return Err(Error::input(format!(
+                    "cannot access the output folder {}: {e}",
+                    dir.display()
+                )))
+            }
             Ok(meta) if !meta.is_dir() => {
-                return Err(Error::io(format!(
+                return Err(Error::input(format!(
                     "the output folder {} is not a folder",
                     dir.display()
                 ))
@@ -526,7 +531,13 @@ pub fn check_writable(paths: &[PathBuf], overwrite: bool) -> Result<()> {
         tempfile::Builder::new()
             .prefix(".fluxrt-write-check-")
             .tempfile_in(dir)
-            .map_err(|e| Error::io_at("write to the output folder", dir, e))?;
+            .map_err(|e| {
+                Error::input(format!(
+                    "cannot write to the output folder {}: {e}",
+                    dir.display()
+                ))
+                .with_hint("choose a folder you can write to")
+            })?;
     }
     Ok(())
 }
@@ -897,14 +908,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("no/such/dir");
         let e = check_writable(&[missing.join("out.png")], false).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Io);
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
         assert!(e.message.contains(&missing.display().to_string()), "{e}");
 
         // A parent that is a regular file cannot be written into, even by root.
         let file = dir.path().join("plain-file");
         std::fs::write(&file, b"x").unwrap();
         let e = check_writable(&[file.join("out.png")], true).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Io);
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
         assert!(e.message.contains(&file.display().to_string()), "{e}");
     }
 
@@ -922,7 +933,7 @@ mod tests {
         let result = check_writable(&[ro.join("out.png")], false);
         assert_eq!(result.is_ok(), can_write, "{result:?}");
         if let Err(e) = result {
-            assert_eq!(e.kind, ErrorKind::Io);
+            assert_eq!(e.kind, ErrorKind::InvalidInput);
             assert!(e.message.contains(&ro.display().to_string()), "{e}");
         }
         std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -50,11 +50,11 @@ impl fmt::Debug for InitImage {
 }
 
 impl InitImage {
-    /// Reads a PNG or JPEG file. A missing or unreadable file is an I/O error; a file that is not a PNG or JPEG
-    /// image (or a damaged one) is an input error; both name the file.
+    /// Reads a PNG or JPEG file. A missing or unreadable file, a file that is not a PNG or JPEG image, or a damaged
+    /// one is an input error (a bad request) naming the file.
     pub fn open(path: &Path) -> Result<InitImage> {
         let bytes = std::fs::read(path).map_err(|e| {
-            Error::io(format!(
+            Error::input(format!(
                 "cannot read the init image {}: {e}",
                 path.display()
             ))
@@ -116,6 +116,21 @@ impl InitImage {
             .with_hint("pass --width and --height to scale it up"));
         }
         Ok((w, h))
+    }
+
+    /// What to tell the user when the output takes [`default_size`](Self::default_size) and that floored the
+    /// image's size (`None` when it is already a multiple).
+    pub fn floor_warning(&self, vae_factor: usize) -> Option<String> {
+        let (w, h) = self.default_size(vae_factor).ok()?;
+        ((w, h) != (self.width(), self.height())).then(|| {
+            format!(
+                "the init image is {}x{}; the output is {w}x{h} (each side floored to a multiple of {}), the \
+                 image scaled and cropped to it; pass the width and height to choose another size",
+                self.width(),
+                self.height(),
+                latents::size_multiple(vae_factor)
+            )
+        })
     }
 }
 
@@ -385,8 +400,9 @@ mod tests {
 
     #[test]
     fn bad_init_images_are_clear_errors() {
+        // A path the user gave that is not there is a bad request (exit code 2), like every other.
         let e = InitImage::open(Path::new("/nonexistent/init.png")).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Io);
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
         assert!(e.message.contains("/nonexistent/init.png"), "{e}");
         let e = InitImage::from_bytes(b"hello, not an image", "notes.txt").unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidInput);
@@ -405,6 +421,13 @@ mod tests {
         let img = InitImage::from_bytes(&png, "gray.png").unwrap();
         assert_eq!(img.rgb().get_pixel(3, 3).0, [7, 7, 7]);
         assert_eq!(img.default_size(8).unwrap(), (16, 16));
+        let w = img.floor_warning(8).unwrap();
+        assert!(
+            w.contains("20x18") && w.contains("16x16") && w.contains("multiple of 16"),
+            "{w}"
+        );
+        let exact = InitImage::from_rgb(gradient(32, 48)).unwrap();
+        assert_eq!(exact.floor_warning(8), None);
         let tiny = InitImage::from_rgb(gradient(12, 40)).unwrap();
         assert_eq!(
             tiny.default_size(8).unwrap_err().kind,

@@ -10,6 +10,7 @@ pub mod error;
 pub mod guidance;
 pub mod image_out;
 pub mod img2img;
+pub mod json;
 pub mod latents;
 pub mod lora;
 pub mod noise;

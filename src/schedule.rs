@@ -1,6 +1,6 @@
 //! The rectified-flow Euler schedule, reproducing diffusers' `FluxPipeline` +
-//! `FlowMatchEulerDiscreteScheduler` bit for bit (same f64/f32 order of operations), so a run here walks
-//! the same sigmas as the Python reference.
+//! `FlowMatchEulerDiscreteScheduler` with the same f64/f32 order of operations, so a run here walks the same sigmas
+//! as the Python reference (to the last bit where both libms' `exp` agree, which they do on the goldens' cases).
 //!
 //! diffusers' path: the pipeline builds `np.linspace(1, 1/N, N)` in f64 and `mu = calculate_shift(S)`;
 //! `set_timesteps` casts the sigmas to f32 and shifts them in f32 (numpy keeps Python scalars weak); the

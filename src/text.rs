@@ -642,6 +642,19 @@ impl PromptTokenizer {
         prompts.iter().map(|p| self.encode(p)).collect()
     }
 
+    /// The vocabulary entry of each id as the tokenizer stores it (CLIP `photo</w>`, T5 `▁photo`); `?` for an id
+    /// outside the vocabulary.
+    pub fn token_strings(&self, ids: &[i64]) -> Vec<String> {
+        ids.iter()
+            .map(|&id| {
+                u32::try_from(id)
+                    .ok()
+                    .and_then(|id| self.tokenizer.id_to_token(id))
+                    .unwrap_or_else(|| "?".into())
+            })
+            .collect()
+    }
+
     /// Decodes ids back to text (special tokens skipped), e.g. to show what truncation removed.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer

@@ -570,16 +570,42 @@ fn a_graph_with_a_renamed_input_or_wrong_dtype_is_reported_before_inference() {
 
 #[test]
 fn tokenize_prints_both_tokenizers() {
-    let o = run(&["tokenize", "--prompt", "a photo of a cat"]);
+    let o = run(&["tokenize", "--prompt", "a photo of a cat", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let clip: Vec<i64> = serde_json::from_value(v["clip"]["ids"].clone()).unwrap();
     assert_eq!(&clip[..7], &[49406, 320, 1125, 539, 320, 2368, 49407]);
     assert_eq!(clip.len(), 77);
+    assert_eq!(v["clip"]["tokens"][2], "photo</w>");
+    assert_eq!(v["clip"]["padding"], 70);
     let t5: Vec<i64> = serde_json::from_value(v["t5"]["ids"].clone()).unwrap();
     assert_eq!(&t5[..8], &[3, 9, 1202, 13, 3, 9, 1712, 1]);
     assert_eq!(t5.len(), 256);
+    assert_eq!(v["t5"]["tokens"].as_array().unwrap().len(), 8);
     assert_eq!(v["clip"]["truncated"], false);
+    // Without --json: one line per token with its string, the padding counted, not listed.
+    let o = run(&["tokenize", "--prompt", "a photo of a cat"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("CLIP: 7 of 77 tokens used, 70 padding"),
+        "{text}"
+    );
+    assert!(
+        text.contains("T5: 8 of 256 tokens used, 248 padding"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1125  photo</w>") && text.contains("1202  ▁photo"),
+        "{text}"
+    );
+    assert!(text.lines().count() < 25, "padding is not listed:\n{text}");
+    let long = "word ".repeat(80);
+    let text = stdout(&run(&["tokenize", "--prompt", &long]));
+    assert!(
+        text.contains("truncated: the last 5 token(s) do not fit"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -614,4 +640,131 @@ fn info_and_providers_describe_the_setup() {
         .unwrap();
     assert_eq!(cuda["usable"], false);
     assert!(cuda["reason"].as_str().unwrap().len() > 5);
+}
+
+/// The README's promise: a request the user can fix exits with 2 (as clap's usage errors do), anything else with 1.
+#[test]
+fn bad_requests_exit_with_code_2_and_a_broken_model_with_1() {
+    let dir = tmp();
+    let out = dir.path().join("o.png");
+    let o = out.to_str().unwrap();
+    let missing = dir.path().join("missing");
+    let m = missing.to_str().unwrap();
+    let missing_out = missing.join("o.png");
+    let lora = missing.join("l.safetensors");
+    let config = missing.join("fluxrt.toml");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["generate", "--prompt", "x", "--model", m, "--output", o],
+        vec![
+            "generate",
+            "--prompt",
+            "x",
+            "--init-image",
+            m,
+            "--output",
+            o,
+        ],
+        vec![
+            "generate",
+            "--prompt",
+            "x",
+            "--output",
+            missing_out.to_str().unwrap(),
+        ],
+        vec![
+            "generate",
+            "--prompt",
+            "x",
+            "--lora",
+            lora.to_str().unwrap(),
+            "--output",
+            o,
+        ],
+        vec![
+            "generate",
+            "--prompt",
+            "x",
+            "--config",
+            config.to_str().unwrap(),
+            "--output",
+            o,
+        ],
+        vec!["generate", "--prompt", "x", "--width", "100", "--output", o],
+        vec!["generate", "--prompt", "x", "--threads", "0", "--output", o],
+        vec!["info", "--model", m],
+        vec!["tokenize", "--prompt", "x", "--model", m],
+    ];
+    for args in cases {
+        let r = run(&args);
+        assert_eq!(r.status.code(), Some(2), "fluxrt {args:?}: {}", stderr(&r));
+        assert!(!stderr(&r).contains("panicked"), "{}", stderr(&r));
+    }
+    assert!(!out.exists());
+    // A model folder whose graph is damaged is not the request's fault.
+    let broken = copy_model("tiny-flux-schnell", &dir.path().join("broken"));
+    std::fs::write(broken.join("t5.onnx"), b"not a graph").unwrap();
+    let r = run(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--model",
+        broken.to_str().unwrap(),
+        "--output",
+        o,
+    ]);
+    assert_eq!(r.status.code(), Some(1), "{}", stderr(&r));
+}
+
+/// `fluxrt info MODEL | head`: a reader that stops early is not an error, and never a panic.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    use std::process::Stdio;
+    let dir = tmp();
+    let out = dir.path().join("o.png");
+    let model_dir = model("tiny-flux-dev");
+    let m = model_dir.to_str().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["info", m],
+        vec!["info", "--json", "--model", m],
+        vec!["providers"],
+        vec!["providers", "--json"],
+        vec!["tokenize", "--prompt", "a photo of a cat"],
+        vec!["tokenize", "--json", "--prompt", "a photo of a cat"],
+        vec!["cache", "--dir", dir.path().to_str().unwrap()],
+        vec![
+            "generate",
+            "--prompt",
+            "x",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--json",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        vec![
+            "bench", "--sizes", "64x64", "--runs", "1", "--warmup", "0", "--quiet",
+        ],
+        vec![
+            "bench", "--sizes", "64x64", "--runs", "1", "--warmup", "0", "--quiet", "--json", "-",
+        ],
+    ];
+    for args in cases {
+        let mut child = fluxrt()
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before anything is written
+        let o = child.wait_with_output().unwrap();
+        let err = stderr(&o);
+        assert!(
+            !err.contains("panicked"),
+            "fluxrt {args:?} panicked:\n{err}"
+        );
+        assert!(o.status.success(), "fluxrt {args:?}: {:?}\n{err}", o.status);
+        let _ = std::fs::remove_file(&out);
+    }
 }

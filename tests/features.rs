@@ -8,15 +8,10 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use fluxrt::img2img::InitImage;
-use fluxrt::pipeline::{LoadOptions, Pipeline, Quiet, Request, Trace};
+use fluxrt::pipeline::{LoadOptions, Pipeline, Quiet, Request};
 use fluxrt::runtime::Canceller;
 use fluxrt::vae_tiling::{self, TilingMode, VaeTiling};
 use ndarray::{s, Array4, Axis};
-
-/// The text-to-image tolerances: ids exact; noise and sigmas 1e-6 (timesteps 1e-6 of their 1000 scale); every
-/// ONNX stage 1e-4.
-const EXACT_TOL: f32 = 1e-6;
-const GRAPH_TOL: f32 = 1e-4;
 
 #[derive(Debug, Clone, serde::Deserialize)]
 struct FeatureCase {
@@ -100,58 +95,6 @@ fn request(pipe: &Pipeline, c: &FeatureCase) -> Request {
     req
 }
 
-/// Text stages and the per-step latents and image, shared by both features.
-fn check_common(what: &dyn Fn(&str) -> String, tr: &Trace, g: &Golden, steps_run: usize) {
-    assert_eq!(
-        tr.clip_ids[0],
-        g.i64("clip_input_ids").1,
-        "{}",
-        what("CLIP ids")
-    );
-    assert_eq!(tr.t5_ids[0], g.i64("t5_input_ids").1, "{}", what("T5 ids"));
-    assert_close(
-        &what("pooled embeds"),
-        tr.pooled_embeds.as_ref().unwrap().as_slice().unwrap(),
-        &g.f32("pooled_prompt_embeds").1,
-        GRAPH_TOL,
-    );
-    assert_close(
-        &what("T5 embeds"),
-        tr.prompt_embeds.as_ref().unwrap().as_slice().unwrap(),
-        &g.f32("prompt_embeds").1,
-        GRAPH_TOL,
-    );
-    assert_close(
-        &what("noise"),
-        tr.noise.as_ref().unwrap().as_slice().unwrap(),
-        &g.f32("noise").1,
-        EXACT_TOL,
-    );
-    assert_close(&what("sigmas"), &tr.sigmas, &g.f32("sigmas").1, EXACT_TOL);
-    assert_close(
-        &what("timesteps"),
-        &tr.timesteps,
-        &g.f32("timesteps").1,
-        EXACT_TOL * 1000.0,
-    );
-    let (shape, steps) = g.f32("latents");
-    assert_eq!(shape[0], steps_run, "{}", what("golden steps"));
-    assert_eq!(tr.latents.len(), steps_run, "{}", what("steps run"));
-    let per = steps.len() / steps_run;
-    for (i, x) in tr.latents.iter().enumerate() {
-        assert_close(
-            &what(&format!("latents after step {}", i + 1)),
-            x.as_slice().unwrap(),
-            &steps[i * per..(i + 1) * per],
-            GRAPH_TOL,
-        );
-    }
-    let img = tr.images.as_ref().unwrap();
-    let (ishape, want) = g.f32("image");
-    assert_eq!(img.shape(), &ishape[..], "{}", what("image shape"));
-    assert_close(&what("image"), img.as_slice().unwrap(), &want, GRAPH_TOL);
-}
-
 fn check_img2img(model_name: &str) {
     let mut pipe = load(model_name);
     for c in feature_cases(model_name, "img2img") {
@@ -176,18 +119,18 @@ fn check_img2img(model_name: &str) {
         let tr = out.trace.expect("trace requested");
         let steps_run = c.steps_run.unwrap();
         assert_eq!(c.steps - c.t_start.unwrap(), steps_run);
-        check_common(&what, &tr, &g, steps_run);
-        assert_close(
+        assert_trace_matches(&what, &tr, &g, steps_run);
+        assert_fixture(
             &what("init latents (x0)"),
             tr.init_latents.as_ref().unwrap().as_slice().unwrap(),
             &g.f32("image_latents").1,
-            GRAPH_TOL,
+            Computed::Evaluations(1),
         );
-        assert_close(
+        assert_fixture(
             &what("starting latents (x_t)"),
             tr.start_latents.as_ref().unwrap().as_slice().unwrap(),
             &g.f32("x_t_packed").1,
-            GRAPH_TOL,
+            Computed::Evaluations(1),
         );
         assert_eq!(out.timings.denoise.len(), steps_run);
     }
@@ -228,7 +171,7 @@ fn check_true_cfg(model_name: &str) {
             "{}",
             what("negative T5 ids")
         );
-        assert_close(
+        assert_fixture(
             &what("negative pooled embeds"),
             tr.negative_pooled_embeds
                 .as_ref()
@@ -236,9 +179,9 @@ fn check_true_cfg(model_name: &str) {
                 .as_slice()
                 .unwrap(),
             &g.f32("negative_pooled_prompt_embeds").1,
-            GRAPH_TOL,
+            Computed::Evaluations(1),
         );
-        assert_close(
+        assert_fixture(
             &what("negative T5 embeds"),
             tr.negative_prompt_embeds
                 .as_ref()
@@ -246,9 +189,9 @@ fn check_true_cfg(model_name: &str) {
                 .as_slice()
                 .unwrap(),
             &g.f32("negative_prompt_embeds").1,
-            GRAPH_TOL,
+            Computed::Evaluations(1),
         );
-        check_common(&what, &tr, &g, c.steps);
+        assert_trace_matches(&what, &tr, &g, c.steps);
         let schnell = model_name.contains("schnell");
         assert_eq!(
             out.warnings.iter().any(|w| w.contains("schnell")),
@@ -555,6 +498,46 @@ fn cli_img2img_takes_the_init_image_size_and_resizes_other_sizes() {
         .map(String::from),
     );
     assert_eq!(decode_png(&out).dimensions(), (64, 80));
+    // A size that is not a multiple of 16 is floored, and said so (on stderr and in --json's warnings); the summary
+    // counts the steps that ran (strength 0.5 of 4: 2).
+    let odd = dir.path().join("odd.png");
+    image::RgbImage::from_pixel(300, 200, image::Rgb([90, 120, 200]))
+        .save(&odd)
+        .unwrap();
+    let out = dir.path().join("c.png");
+    let args = [
+        "generate",
+        "--prompt",
+        "a cat",
+        "--seed",
+        "1",
+        "--init-image",
+        odd.to_str().unwrap(),
+        "--strength",
+        "0.5",
+        "--output",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from);
+    let o = run_ok(&args);
+    assert_eq!(decode_png(&out).dimensions(), (288, 192));
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning: the init image is 300x200; the output is 288x192"),
+        "{err}"
+    );
+    assert!(err.contains("2 of 4 steps (strength 0.5)"), "{err}");
+    let mut json_args = args.to_vec();
+    json_args.extend(["--json".into(), "--overwrite".into()]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&run_ok(&json_args))).unwrap();
+    assert!(
+        v["warnings"][0].as_str().unwrap().contains("288x192"),
+        "{v}"
+    );
+    assert_eq!(
+        (v["steps"].as_u64(), v["steps_run"].as_u64()),
+        (Some(4), Some(2))
+    );
 }
 
 #[test]
@@ -570,7 +553,7 @@ fn bad_input_is_a_clear_error_without_panic() {
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
         (
             vec!["--init-image", "/nonexistent/dir/init.png"],
-            1,
+            2,
             "cannot read the init image /nonexistent/dir/init.png",
         ),
         (

@@ -5,6 +5,7 @@ Run from the repo root: python -m pytest export/tests -q
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +18,19 @@ MODELS = REPO / "models"
 GOLDENS = REPO / "tests" / "goldens"
 PYTHON = sys.executable
 
+# FLUXRT_THREADS sets the intra-op threads of every engine the suite runs: onnxruntime (graph_io.cpu_session, the Rust
+# runtime) and PyTorch, whose thread pool reads OMP_NUM_THREADS when it starts (here and in CLI subprocesses).
+if os.environ.get("FLUXRT_THREADS") and not os.environ.get("OMP_NUM_THREADS"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["FLUXRT_THREADS"]
+
 # variant -> preset name; the committed model folders are models/<Preset.name>
 VARIANTS = {"schnell": "tiny-schnell", "dev": "tiny-dev"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "regeneration: rebuilds committed fixtures and compares them (.ci/run repeats these under "
+        "ATEN_CPU_CAPABILITY=default, PyTorch's other CPU kernel path)")
 
 
 def run_cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -75,3 +87,22 @@ def validation(checkpoints, exported) -> dict[str, list]:
         parts = ckpt.load(checkpoints[v], list(GRAPHS))
         out[v] = validate_model(exported[v]["dir"], exported[v]["manifest"], parts)
     return out
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The largest differences from committed fixtures of this run, against their tolerances (tolerance.py)."""
+    from .tolerance import RECORDED
+
+    if not RECORDED:
+        return
+    worst, seen = [], set()
+    for c in sorted(RECORDED, key=lambda c: c.share, reverse=True):
+        if (c.max_abs, c.tolerance) not in seen:  # the same tensor compared in several goldens counts once
+            seen.add((c.max_abs, c.tolerance))
+            worst.append(c)
+    terminalreporter.section("largest differences from committed fixtures (docs/testing.md)")
+    nonzero = sum(1 for c in RECORDED if c.max_abs > 0)
+    terminalreporter.write_line(f"{len(RECORDED)} float comparisons, {nonzero} not bit-identical; the largest:")
+    for c in worst[:8]:
+        terminalreporter.write_line(f"  {c.share:6.1%} of tolerance  max abs {c.max_abs:.3e} <= {c.tolerance:.3e}  "
+                                    f"{c.what}")

@@ -175,3 +175,41 @@ def test_layout_does_not_touch_an_existing_folder(cli):
     occupied = cli[1]["layout_occupied"]
     assert sorted(p.name for p in occupied.iterdir()) == ["keep.txt"]
     assert (occupied / "keep.txt").read_text() == KEEP
+
+
+@pytest.mark.parametrize("module", ["onnx", "torch"])
+def test_a_python_without_the_stack_gets_one_line_naming_the_install_command(module, tmp_path):
+    """As from a system Python: the export step's packages cannot be imported (here: blocked)."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    code = (f"import sys, runpy; sys.modules[{module!r}] = None; sys.argv = ['export', 'tiny', '--models', "
+            f"{str(tmp_path / 'models')!r}]; runpy.run_module('export', run_name='__main__', alter_sys=True)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"has no `{module}`" in lines[0] and "bash scripts/export-env.sh" in lines[0], lines[0]
+    assert not (tmp_path / "models").exists()
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from export import __main__ as cli
+
+    missing = []
+
+    def walk(parser, name):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub_name, sub in a.choices.items():
+                    walk(sub, f"{name} {sub_name}")
+            elif not a.help:
+                missing.append(f"{name} {'/'.join(a.option_strings) or a.dest}")
+
+    walk(cli.export_parser(), "python -m export")
+    walk(cli.sub_parser(), "python -m export")
+    assert not missing, missing

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
 from export import graph_io
 from export import onnx_export as ox
+from export.graph_io import cpu_session
 from export.validate import validate_graph
 
 
@@ -35,7 +35,7 @@ def test_big_graphs_are_saved_with_one_side_file(checkpoints, tmp_path, monkeypa
     size = (tmp_path / "transformer.onnx.data").stat().st_size
     ox.export_graph("transformer", parts, path)
     assert (tmp_path / "transformer.onnx.data").stat().st_size == size
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = cpu_session(path)
     d = ox.dims(parts)
     ex = ox.example_inputs("transformer", d, ox.VALIDATION_SHAPES[0], seed=3)
     out = sess.run(None, ox.numpy_inputs("transformer", path, ex))[0]

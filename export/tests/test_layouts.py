@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from .conftest import MODELS, run_cli_many
+from export.graph_io import cpu_session
 
 SCHNELL, DEV = MODELS / "tiny-flux-schnell", MODELS / "tiny-flux-dev"
 
@@ -81,11 +82,7 @@ def feeds_for(path, seed=0):
 
 
 def run(path, feeds):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, dict(feeds))
+    return cpu_session(path).run(None, dict(feeds))
 
 
 def onnx_files(root):

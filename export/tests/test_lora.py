@@ -15,6 +15,7 @@ from export import checkpoint as ckpt
 from export import lora
 from export import onnx_export as ox
 from export.__main__ import main
+from export.graph_io import cpu_session
 from export.run import export_model
 from export.wrappers import wrap
 
@@ -40,9 +41,7 @@ def lora_files(checkpoints, tmp_path_factory) -> dict:
 
 
 def ort_outputs(path, parts) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = cpu_session(path)
     d = ox.dims(parts)
     return [sess.run(None, ox.numpy_inputs("transformer", path, ox.example_inputs("transformer", d, s, seed=77)))[0]
             for s in SHAPES]

@@ -17,15 +17,13 @@ import onnxruntime as ort
 import pytest
 
 from .conftest import MODELS, run_cli, run_cli_many
+from export.graph_io import cpu_session
 
 TINY = MODELS / "tiny-flux-schnell"
 VAE_PSNR_DB = 30.0
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+_session = cpu_session
 
 
 def _rgb(images: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ use fluxrt::pipeline::DEFAULT_MAX_PIXELS;
 use fluxrt::runtime;
 use fluxrt::{Error, Result};
 
-use super::common::{model_path, SessionArgs};
+use super::common::{model_path, print_out, SessionArgs};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
@@ -36,16 +36,12 @@ pub struct Args {
     /// Write the report as JSON to FILE (`-` for stdout; the table then goes to stderr). See docs/bench.md.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// The prompt of every run.
     #[arg(long, default_value = "a photo of a cat")]
     prompt: String,
+    /// The seed of every run (the same seed each time, so runs are comparable).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Do not read or write the optimized-graph cache.
-    #[arg(long)]
-    no_optimized_cache: bool,
-    /// Optimized-graph cache folder (default: FLUXRT_OPTIMIZED_CACHE or ~/.cache/fluxrt/optimized).
-    #[arg(long, value_name = "DIR")]
-    optimized_cache: Option<PathBuf>,
     /// Run the denoising loop with plain runs instead of an I/O binding.
     #[arg(long)]
     no_io_binding: bool,
@@ -78,11 +74,6 @@ pub fn run(a: Args) -> Result<()> {
     o.prompt = a.prompt.clone();
     o.seed = a.seed;
     a.session.apply(&mut o.load)?;
-    if a.no_optimized_cache {
-        o.load.optimized_cache = None;
-    } else if let Some(dir) = &a.optimized_cache {
-        o.load.optimized_cache = Some(dir.clone());
-    }
     o.load.io_binding = !a.no_io_binding;
     o.load.low_memory = a.low_memory;
     o.save_images = a.save_images.clone();
@@ -100,7 +91,7 @@ pub fn run(a: Args) -> Result<()> {
     let json = serde_json::to_string_pretty(&report).expect("the report serializes");
     let to_stdout = a.json.as_deref().is_some_and(|p| p.as_os_str() == "-");
     match &a.json {
-        Some(_) if to_stdout => println!("{json}"),
+        Some(_) if to_stdout => print_out(&(json + "\n"))?,
         Some(path) => std::fs::write(path, json + "\n")
             .map_err(|e| Error::io(format!("cannot write {}: {e}", path.display())))?,
         None => {}
@@ -108,7 +99,7 @@ pub fn run(a: Args) -> Result<()> {
     if to_stdout {
         eprint!("{}", report.table());
     } else {
-        print!("{}", report.table());
+        print_out(&report.table())?;
     }
     let skipped: Vec<String> = report
         .results

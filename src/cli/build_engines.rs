@@ -169,7 +169,7 @@ pub fn run(a: Args) -> Result<()> {
             "gpu": host.gpu_label(ep.device_id.unwrap_or(0)),
             "seconds": total.elapsed().as_secs_f64(),
             "graphs": rows,
-        }));
+        }))?;
     }
     Ok(())
 }

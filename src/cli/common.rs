@@ -35,8 +35,8 @@ pub struct SessionArgs {
     /// onnxruntime package, system paths.
     #[arg(long, value_name = "PATH", global = true)]
     pub ort_lib: Option<PathBuf>,
-    /// Threads per graph (default: physical cores).
-    #[arg(long)]
+    /// Intra-op threads per graph (default: the physical cores).
+    #[arg(long, value_name = "N", env = "FLUXRT_THREADS", value_parser = positive)]
     pub threads: Option<usize>,
     /// Graph optimization level: disable, basic, extended, all.
     #[arg(long, default_value = "all")]
@@ -52,6 +52,13 @@ pub struct SessionArgs {
     /// (about 1.2x).
     #[arg(long)]
     pub no_cpu_arena: bool,
+    /// Do not read or write the optimized-graph cache (CPU sessions then optimize every graph at every load).
+    #[arg(long, conflicts_with = "optimized_cache")]
+    pub no_optimized_cache: bool,
+    /// Optimized-graph cache folder (default: FLUXRT_OPTIMIZED_CACHE, else ~/.cache/fluxrt/optimized; see
+    /// `fluxrt cache`).
+    #[arg(long, value_name = "DIR")]
+    pub optimized_cache: Option<PathBuf>,
     /// A TOML file whose [providers] section holds the execution provider settings (docs/providers.md);
     /// flags given here override it.
     #[arg(long, value_name = "FILE", env = "FLUXRT_CONFIG")]
@@ -86,6 +93,11 @@ impl SessionArgs {
         opts.ep = c.ep;
         opts.transformer_precision = c.transformer_precision;
         opts.device_loop = self.device_loop;
+        if self.no_optimized_cache {
+            opts.optimized_cache = None;
+        } else if let Some(dir) = &self.optimized_cache {
+            opts.optimized_cache = Some(dir.clone());
+        }
         Ok(())
     }
 }
@@ -150,10 +162,29 @@ pub fn model_path(explicit: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| candidates[0].clone())
 }
 
-/// Prints a JSON value to stdout.
-pub fn print_json(v: &serde_json::Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).expect("JSON values serialize")
-    );
+/// A whole number of at least 1 (clap value parser).
+pub fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected a whole number of at least 1, got `{s}`")),
+    }
+}
+
+/// Prints a JSON value to stdout ([`print_out`]).
+pub fn print_json(v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).expect("JSON values serialize");
+    print_out(&(text + "\n"))
+}
+
+/// Writes `text` to stdout. A reader that has gone away (`fluxrt info | head`) is not an error: the rest of the
+/// output is simply not wanted. Any other write failure (a full disk behind a redirect) is.
+pub fn print_out(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(fluxrt::Error::io(format!(
+            "cannot write to standard output: {e}"
+        ))),
+        _ => Ok(()),
+    }
 }

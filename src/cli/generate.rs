@@ -173,11 +173,17 @@ pub fn run(a: Args) -> Result<()> {
 
     let mut req = Request::new(&pipe, a.input.prompt.clone(), seed);
     req.prompt_2 = a.input.prompt_2.clone();
+    // Said before the run, and in --json's warnings.
+    let mut warnings = Vec::new();
     if let Some(init) = &init {
         // diffusers' default size for img2img: the init image's, floored to the size multiple.
-        let (w, h) = init.default_size(pipe.spec.vae.downsample_factor)?;
+        let vae_factor = pipe.spec.vae.downsample_factor;
+        let (w, h) = init.default_size(vae_factor)?;
         req.width = w;
         req.height = h;
+        if a.width.is_none() && a.height.is_none() {
+            warnings.extend(init.floor_warning(vae_factor));
+        }
     }
     req.width = a.width.unwrap_or(req.width);
     req.height = a.height.unwrap_or(req.height);
@@ -195,13 +201,16 @@ pub fn run(a: Args) -> Result<()> {
     }
     if a.guidance.is_some() {
         if pipe.variant() == fluxrt::model::Variant::Schnell {
-            eprintln!(
-                "warning: --guidance is ignored: {} is a schnell model without guidance embedding",
+            warnings.push(format!(
+                "--guidance is ignored: {} is a schnell model without guidance embedding",
                 pipe.spec.name
-            );
+            ));
         } else {
             req.guidance = a.guidance;
         }
+    }
+    for w in &warnings {
+        eprintln!("warning: {w}");
     }
 
     let bar = ProgressBar::new(req.steps as u64);
@@ -217,6 +226,8 @@ pub fn run(a: Args) -> Result<()> {
     for w in &out.warnings {
         eprintln!("warning: {w}");
     }
+    warnings.extend(out.warnings.iter().cloned());
+    let steps_run = out.timings.denoise.len();
 
     let provider = pipe
         .providers()
@@ -264,22 +275,22 @@ pub fn run(a: Args) -> Result<()> {
             "width": req.width,
             "height": req.height,
             "steps": req.steps,
-            "guidance": req.guidance,
+            "guidance": fluxrt::json::opt_f32_number(req.guidance),
             "providers": pipe.providers().active.iter().map(|p| p.name()).collect::<Vec<_>>(),
             "graph_providers": pipe.graph_providers(),
             "graph_nodes": pipe.graph_nodes(),
             "device_loop": pipe.device_loop().name(),
             "denoise_loop": pipe.denoise_loop().name(),
             "device_loop_fallback": pipe.device_loop_fallback(),
-            "warnings": out.warnings,
+            "warnings": warnings,
             "init_image": a.init_image,
             "strength": req.init_image.is_some().then_some(req.strength),
-            "steps_run": out.timings.denoise.len(),
+            "steps_run": steps_run,
             "negative_prompt": req.negative_prompt,
-            "true_cfg": fluxrt::guidance::active(&req).then_some(req.true_cfg),
+            "true_cfg": fluxrt::json::opt_f32_number(fluxrt::guidance::active(&req).then_some(req.true_cfg)),
             "loras": req.loras.iter().map(|c| {
                 let mut d = c.lora.describe();
-                d["scale"] = json!(c.scale);
+                d["scale"] = fluxrt::json::f32_number(c.scale);
                 d
             }).collect::<Vec<_>>(),
             "vae_tiling": {
@@ -301,17 +312,25 @@ pub fn run(a: Args) -> Result<()> {
                 "generate_total": ms(t.total),
                 "in_onnxruntime": ms(t.in_ort),
             },
-        }));
+        }))?;
     } else {
         for (path, s) in paths.iter().zip(&seeds) {
             eprintln!("wrote {} (seed {s})", path.display());
         }
+        // img2img runs the tail of the schedule: say how many steps really ran.
+        let steps = if steps_run == req.steps {
+            format!("{steps_run} steps")
+        } else {
+            format!(
+                "{steps_run} of {} steps (strength {})",
+                req.steps, req.strength
+            )
+        };
         eprintln!(
-            "{} image(s) {}x{}, {} steps in {:.2}s on {provider} (model load {:.2}s)",
+            "{} image(s) {}x{}, {steps} in {:.2}s on {provider} (model load {:.2}s)",
             out.images.len(),
             req.width,
             req.height,
-            req.steps,
             t.total.as_secs_f64(),
             t.load.as_secs_f64()
         );

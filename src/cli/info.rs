@@ -8,21 +8,26 @@ use fluxrt::runtime::{self, Graph, SessionConfig};
 use fluxrt::Result;
 use serde_json::json;
 
-use super::common::{model_path, print_json};
+use super::common::{model_path, print_json, print_out};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
-    /// Model folder. Default: the bundled tiny-flux-schnell.
+    /// Model folder, as `--model` or positionally. Default: the bundled tiny-flux-schnell.
+    #[arg(value_name = "MODEL", conflicts_with = "model")]
+    folder: Option<PathBuf>,
+    /// Model folder (the same as the positional MODEL, as on every other subcommand).
+    #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
     /// ONNX Runtime library (file or folder).
     #[arg(long, value_name = "PATH")]
     ort_lib: Option<PathBuf>,
+    /// Print the same as JSON on stdout.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let mut spec = ModelSpec::resolve(&model_path(a.model))?;
+    let mut spec = ModelSpec::resolve(&model_path(a.model.or(a.folder)))?;
     runtime::init(a.ort_lib.as_deref())?;
     let cfg = SessionConfig {
         threads: Some(1),
@@ -62,22 +67,26 @@ pub fn run(a: Args) -> Result<()> {
             "scheduler": sched,
             "vae": spec.vae,
             "graphs": gj,
-        }));
+        }))?;
         return Ok(());
     }
-    println!("model     {} ({})", spec.name, spec.root.display());
-    println!("layout    {}", spec.layout.name());
-    println!("variant   {}", spec.variant.map_or("unknown", |v| v.name()));
-    println!(
-        "defaults  {}x{}, {} steps, guidance {}, T5 length {}",
+    let mut text = String::new();
+    text += &format!("model     {} ({})\n", spec.name, spec.root.display());
+    text += &format!("layout    {}\n", spec.layout.name());
+    text += &format!(
+        "variant   {}\n",
+        spec.variant.map_or("unknown", |v| v.name())
+    );
+    text += &format!(
+        "defaults  {}x{}, {} steps, guidance {}, T5 length {}\n",
         d.width,
         d.height,
         d.steps,
         d.guidance.map_or("none".to_string(), |g| g.to_string()),
         d.t5_max_length
     );
-    println!(
-        "scheduler shift {}, dynamic shifting {} (base {} / max {}, seq {}..{})",
+    text += &format!(
+        "scheduler shift {}, dynamic shifting {} (base {} / max {}, seq {}..{})\n",
         sched.shift,
         sched.use_dynamic_shifting,
         sched.base_shift,
@@ -85,23 +94,23 @@ pub fn run(a: Args) -> Result<()> {
         sched.base_image_seq_len,
         sched.max_image_seq_len
     );
-    println!(
-        "vae       scale {}, shift {}, downsample {}",
+    text += &format!(
+        "vae       scale {}, shift {}, downsample {}\n",
         spec.vae.scaling_factor, spec.vae.shift_factor, spec.vae.downsample_factor
     );
     for (role, g, graph) in &graphs {
-        println!("\n{} ({})", role.name(), g.path.display());
+        text += &format!("\n{} ({})\n", role.name(), g.path.display());
         for i in graph.inputs() {
-            println!("  in   {i}");
+            text += &format!("  in   {i}\n");
         }
         for o in graph.outputs() {
-            println!("  out  {o}");
+            text += &format!("  out  {o}\n");
         }
         for p in contract::check(*role, dev, graph.inputs(), graph.outputs(), &|n| {
             g.actual_name(n)
         }) {
-            println!("  PROBLEM {p}");
+            text += &format!("  PROBLEM {p}\n");
         }
     }
-    Ok(())
+    print_out(&text)
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod build_engines;
+mod cache;
 mod common;
 mod generate;
 mod info;
@@ -40,6 +41,8 @@ enum Command {
     Serve(serve::Args),
     /// Build and cache every graph's TensorRT engine for a size and batch range, ahead of deployment.
     BuildEngines(build_engines::Args),
+    /// Show or clear the optimized-graph cache (CPU sessions' optimized graphs, kept between runs).
+    Cache(cache::Args),
 }
 
 pub fn main() -> std::process::ExitCode {
@@ -52,6 +55,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Serve(a) => serve::run(a),
         Command::BuildEngines(a) => build_engines::run(a),
+        Command::Cache(a) => cache::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -71,5 +75,65 @@ fn exit_code(e: &Error) -> std::process::ExitCode {
     match e.kind {
         ErrorKind::InvalidInput => std::process::ExitCode::from(2),
         _ => std::process::ExitCode::from(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_option_of_every_subcommand_has_help() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                if arg.get_help().is_none() && !arg.is_hide_set() {
+                    missing.push(format!("{} --{}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
+
+    #[test]
+    fn provider_flags_sit_under_their_provider_and_only_in_long_help() {
+        let cli = Cli::command();
+        let generate = cli.find_subcommand("generate").unwrap();
+        for arg in generate.get_arguments() {
+            let long = arg.get_long().unwrap_or_default();
+            let provider = ["trt-", "cuda-", "dml-", "coreml-"]
+                .iter()
+                .any(|p| long.starts_with(p))
+                && !matches!(long, "trt-sizes" | "trt-batch");
+            if provider {
+                let heading = arg.get_help_heading().unwrap_or_default();
+                assert!(
+                    heading.contains(" provider ([providers."),
+                    "--{long}: {heading}"
+                );
+                assert!(arg.is_hide_short_help_set(), "--{long} is in -h");
+            }
+        }
+    }
+
+    #[test]
+    fn every_subcommand_takes_the_model_as_model() {
+        let cli = Cli::command();
+        for name in [
+            "generate",
+            "info",
+            "tokenize",
+            "bench",
+            "serve",
+            "build-engines",
+        ] {
+            let sub = cli.find_subcommand(name).unwrap();
+            assert!(
+                sub.get_arguments().any(|a| a.get_long() == Some("model")),
+                "{name} has no --model"
+            );
+        }
     }
 }

@@ -15,6 +15,7 @@ use fluxrt::runtime::trt_profile::{BatchRange, SizeRange};
 #[command(
     next_help_heading = "Execution provider settings (also [providers] in --config; see docs/providers.md)"
 )]
+// Each provider's own flags under its heading, shown by --help only (-h keeps the short list).
 pub struct ProviderFlags {
     /// GPU index for CUDA and TensorRT (default 0); the adapter index for DirectML.
     #[arg(long, value_name = "N")]
@@ -31,71 +32,126 @@ pub struct ProviderFlags {
     pub transformer_precision: Option<String>,
 
     /// TensorRT: allow fp16 kernels [default: false].
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    #[arg(long, help_heading = "TensorRT provider ([providers.tensorrt] in --config)", hide_short_help = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub trt_fp16: Option<bool>,
     /// TensorRT: allow bf16 kernels [default: false].
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    #[arg(long, help_heading = "TensorRT provider ([providers.tensorrt] in --config)", hide_short_help = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub trt_bf16: Option<bool>,
     /// TensorRT: keep LayerNorm in fp32 when fp16 is on [default: true].
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    #[arg(long, help_heading = "TensorRT provider ([providers.tensorrt] in --config)", hide_short_help = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub trt_layer_norm_fp32: Option<bool>,
     /// TensorRT: cache built engines, keyed by model, ONNX Runtime, GPU and shape range [default: true].
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    #[arg(long, help_heading = "TensorRT provider ([providers.tensorrt] in --config)", hide_short_help = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub trt_engine_cache: Option<bool>,
     /// TensorRT: root folder of the engine and timing caches [default: ~/.cache/fluxrt/tensorrt].
-    #[arg(long, value_name = "DIR")]
+    #[arg(
+        long,
+        help_heading = "TensorRT provider ([providers.tensorrt] in --config)",
+        hide_short_help = true,
+        value_name = "DIR"
+    )]
     pub trt_cache_dir: Option<PathBuf>,
     /// TensorRT: keep a timing cache to speed up later engine builds [default: true].
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    #[arg(long, help_heading = "TensorRT provider ([providers.tensorrt] in --config)", hide_short_help = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub trt_timing_cache: Option<bool>,
     /// TensorRT: builder optimization level 0-5 [default: 3].
-    #[arg(long, value_name = "0-5")]
+    #[arg(
+        long,
+        help_heading = "TensorRT provider ([providers.tensorrt] in --config)",
+        hide_short_help = true,
+        value_name = "0-5"
+    )]
     pub trt_opt_level: Option<u8>,
     /// TensorRT: builder workspace limit, e.g. 8GiB [default: TensorRT's].
-    #[arg(long, value_name = "BYTES")]
+    #[arg(
+        long,
+        help_heading = "TensorRT provider ([providers.tensorrt] in --config)",
+        hide_short_help = true,
+        value_name = "BYTES"
+    )]
     pub trt_workspace: Option<ByteSize>,
     /// TensorRT: capture CUDA graphs of the transformer (static shapes only; runs the device loop) [default: false].
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    #[arg(long, help_heading = "TensorRT provider ([providers.tensorrt] in --config)", hide_short_help = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub trt_cuda_graph: Option<bool>,
 
     /// CUDA: cuDNN convolution algorithm search: exhaustive, heuristic or default [default: exhaustive].
-    #[arg(long, value_name = "MODE")]
+    #[arg(
+        long,
+        help_heading = "CUDA provider ([providers.cuda] in --config)",
+        hide_short_help = true,
+        value_name = "MODE"
+    )]
     pub cuda_conv_search: Option<ConvSearch>,
     /// CUDA: memory arena growth: next-power-of-two or same-as-requested [default: same-as-requested].
-    #[arg(long, value_name = "STRATEGY")]
+    #[arg(
+        long,
+        help_heading = "CUDA provider ([providers.cuda] in --config)",
+        hide_short_help = true,
+        value_name = "STRATEGY"
+    )]
     pub cuda_arena_extend: Option<ArenaExtend>,
     /// CUDA: memory arena limit, e.g. 40GiB [default: none].
-    #[arg(long, value_name = "BYTES")]
+    #[arg(
+        long,
+        help_heading = "CUDA provider ([providers.cuda] in --config)",
+        hide_short_help = true,
+        value_name = "BYTES"
+    )]
     pub cuda_mem_limit: Option<ByteSize>,
     /// CUDA: TF32 math for fp32 matmuls and convolutions [default: true].
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    #[arg(long, help_heading = "CUDA provider ([providers.cuda] in --config)", hide_short_help = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub cuda_tf32: Option<bool>,
     /// CUDA: capture CUDA graphs of the transformer (static shapes only; runs the device loop) [default: false].
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    #[arg(long, help_heading = "CUDA provider ([providers.cuda] in --config)", hide_short_help = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub cuda_graph: Option<bool>,
 
     /// DirectML: adapter preference without --device-id: default, high-performance, minimum-power
     /// [default: high-performance].
-    #[arg(long, value_name = "PREF")]
+    #[arg(
+        long,
+        help_heading = "DirectML provider ([providers.directml] in --config)",
+        hide_short_help = true,
+        value_name = "PREF"
+    )]
     pub dml_performance: Option<DmlPerformance>,
     /// DirectML: adapters to choose from without --device-id: gpu, npu, any [default: gpu].
-    #[arg(long, value_name = "KIND")]
+    #[arg(
+        long,
+        help_heading = "DirectML provider ([providers.directml] in --config)",
+        hide_short_help = true,
+        value_name = "KIND"
+    )]
     pub dml_device_filter: Option<DmlDeviceFilter>,
 
     /// CoreML: model format: mlprogram or neuralnetwork [default: mlprogram].
-    #[arg(long, value_name = "FORMAT")]
+    #[arg(
+        long,
+        help_heading = "CoreML provider ([providers.coreml] in --config)",
+        hide_short_help = true,
+        value_name = "FORMAT"
+    )]
     pub coreml_format: Option<CoreMlFormat>,
     /// CoreML: compute units: all, cpu-and-gpu, cpu-and-ne, cpu-only [default: all].
-    #[arg(long, value_name = "UNITS")]
+    #[arg(
+        long,
+        help_heading = "CoreML provider ([providers.coreml] in --config)",
+        hide_short_help = true,
+        value_name = "UNITS"
+    )]
     pub coreml_compute_units: Option<ComputeUnits>,
     /// CoreML: cache compiled models [default: true].
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    #[arg(long, help_heading = "CoreML provider ([providers.coreml] in --config)", hide_short_help = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub coreml_cache: Option<bool>,
     /// CoreML: compiled model cache folder [default: ~/.cache/fluxrt/coreml].
-    #[arg(long, value_name = "DIR")]
+    #[arg(
+        long,
+        help_heading = "CoreML provider ([providers.coreml] in --config)",
+        hide_short_help = true,
+        value_name = "DIR"
+    )]
     pub coreml_cache_dir: Option<PathBuf>,
     /// CoreML: only hand Core ML inputs of static shape [default: false].
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
+    #[arg(long, help_heading = "CoreML provider ([providers.coreml] in --config)", hide_short_help = true, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = BoolishValueParser::new())]
     pub coreml_static_shapes: Option<bool>,
 }
 

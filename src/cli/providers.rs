@@ -7,13 +7,14 @@ use fluxrt::runtime::{self, Provider};
 use fluxrt::Result;
 use serde_json::json;
 
-use super::common::print_json;
+use super::common::{print_json, print_out};
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
     /// ONNX Runtime library (file or folder).
     #[arg(long, value_name = "PATH")]
     ort_lib: Option<PathBuf>,
+    /// Print the same as JSON on stdout.
     #[arg(long)]
     json: bool,
 }
@@ -62,29 +63,29 @@ pub fn run(a: Args) -> Result<()> {
                 "usable": why.is_none(),
                 "reason": why,
             })).collect::<Vec<_>>(),
-        }));
+        }))?;
         return Ok(());
     }
-    println!(
-        "ONNX Runtime {} at {} (found via {})",
+    let mut text = format!(
+        "ONNX Runtime {} at {} (found via {})\nlibrary offers: {}\n",
         lib.version(),
         lib.path().display(),
-        lib.source()
+        lib.source(),
+        in_library.join(", ")
     );
-    println!("library offers: {}", in_library.join(", "));
     for (p, compiled, inlib, why) in rows {
         let status = match &why {
             None => "usable".to_string(),
             Some(w) => format!("not usable: {w}"),
         };
-        println!(
-            "  {:10} fluxrt build: {:3}  library: {:3}  {status}",
+        text += &format!(
+            "  {:10} fluxrt build: {:3}  library: {:3}  {status}\n",
             p.name(),
             yes(compiled),
             yes(inlib)
         );
     }
-    Ok(())
+    print_out(&text)
 }
 
 fn yes(b: bool) -> &'static str {

@@ -86,12 +86,12 @@ impl ModelSpec {
     /// Resolves a model folder; every missing piece is an error that names it.
     pub fn resolve(root: &Path) -> Result<ModelSpec> {
         if !root.exists() {
-            return Err(Error::model(format!("model folder {} does not exist", root.display())).with_hint(
+            return Err(Error::input(format!("model folder {} does not exist", root.display())).with_hint(
                 "pass --model with a folder made by `python -m export`, or an official FLUX.1 ONNX download",
             ));
         }
         if !root.is_dir() {
-            return Err(Error::model(format!("{} is not a folder", root.display()))
+            return Err(Error::input(format!("{} is not a folder", root.display()))
                 .with_hint("--model takes the model folder, not a file inside it"));
         }
         let spec = if root.join(manifest::FILE_NAME).is_file() {
@@ -101,7 +101,7 @@ impl ModelSpec {
         } else if root.join("transformer").join("model.onnx").is_file() {
             from_optimum(root)?
         } else {
-            return Err(Error::model(format!(
+            return Err(Error::input(format!(
                 "{} holds no Flux model: no manifest.json, no BFL `*.opt/` folders, no optimum `transformer/model.onnx`",
                 root.display()
             ))
@@ -505,9 +505,9 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_folder_is_a_model_error_with_a_hint() {
+    fn a_missing_folder_is_a_bad_request_with_a_hint() {
         let e = ModelSpec::resolve(Path::new("/nonexistent/model")).unwrap_err();
-        assert_eq!(e.kind, crate::ErrorKind::Model);
+        assert_eq!(e.kind, crate::ErrorKind::InvalidInput);
         assert!(e.message.contains("does not exist"), "{e}");
         assert!(e.hint.is_some());
     }

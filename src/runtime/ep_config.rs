@@ -443,8 +443,12 @@ pub fn parse_config(text: &str, origin: &str) -> Result<ProvidersLayer> {
 
 /// Reads a config file's `[providers]` section; relative folders in it are relative to the file's folder.
 pub fn load_config(path: &Path) -> Result<ProvidersLayer> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| Error::io_at("read config file", path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::input(format!(
+            "cannot read the config file {}: {e}",
+            path.display()
+        ))
+    })?;
     let mut layer = parse_config(&text, &path.display().to_string())?;
     layer.anchor_paths(path.parent().unwrap_or(Path::new(".")));
     Ok(layer)
@@ -1991,7 +1995,7 @@ mod tests {
         assert_eq!(l.tensorrt.cache_dir, Some(d.path().join("engines")));
         assert_eq!(l.coreml.cache_dir, Some(PathBuf::from("/abs")));
         let e = load_config(&d.path().join("missing.toml")).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Io);
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
     }
 
     #[test]

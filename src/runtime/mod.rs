@@ -5,6 +5,7 @@
 //!   [`probe`], which tries each requested provider once and returns a [`ProviderPlan`].
 //! - [`ep_config`]: provider settings ([`EpSettings`]: TensorRT, CUDA, DirectML, CoreML) from a config file and flags,
 //!   and the options each provider receives per graph; [`trt_profile`]: TensorRT shape profiles from a size range.
+//! - [`optimized_cache`]: CPU sessions' optimized graphs, cached on disk within a size budget.
 //! - [`session`]: [`Graph`], one loaded ONNX graph, run with f32/i64 arrays that are converted to the graph's
 //!   declared element types (f16, bf16, i32, ...) and back to f32; [`Canceller`] stops runs from another thread.
 //! - [`placement`]: which provider ONNX Runtime really placed each graph's nodes on (from its session log).
@@ -26,6 +27,7 @@
 
 pub mod ep_config;
 pub mod library;
+pub mod optimized_cache;
 pub mod placement;
 pub mod providers;
 pub mod session;
@@ -34,9 +36,10 @@ pub mod trt_profile;
 
 pub use ep_config::{EpSettings, ProviderConfig, ProvidersLayer};
 pub use library::{init, OrtLibrary};
+pub use optimized_cache::{optimized_cache_dir, optimized_cache_key, CacheUse};
 pub use providers::{available_in_library, compiled_in, parse_list, probe, Provider, ProviderPlan};
 pub use session::{
-    optimized_cache_dir, optimized_cache_key, physical_cores, Binding, CacheUse, Canceller, Dim,
-    ElemType, Graph, IoInfo, Optimization, Outputs, SessionConfig, TensorIn,
+    intra_threads, physical_cores, Binding, Canceller, Dim, ElemType, Graph, IoInfo, Optimization,
+    Outputs, SessionConfig, TensorIn,
 };
 pub use step_graph::{DeviceLoop, LoopKind};

@@ -17,6 +17,7 @@ use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
 use super::ep_config::{self, EpSettings};
 use super::library;
+use super::optimized_cache::{load_cached, CacheUse, CACHE_DATA_FILE};
 use super::placement::{self, NodeCounts};
 use super::providers::{self, Provider, ProviderPlan};
 use crate::{Error, ErrorKind, Result};
@@ -63,7 +64,7 @@ impl FromStr for Optimization {
 /// How to build sessions.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// Intra-op threads; `None` = the number of physical cores this process may use.
+    /// Intra-op threads; `None` = `FLUXRT_THREADS`, else the physical cores ([`intra_threads`]).
     pub threads: Option<usize>,
     pub optimization: Optimization,
     /// From [`providers::probe`]; the default is CPU only.
@@ -94,6 +95,18 @@ impl Default for SessionConfig {
             ep: EpSettings::default(),
         }
     }
+}
+
+/// The intra-op threads of a session: `requested` when set (and not 0), else `FLUXRT_THREADS` (a positive number;
+/// the CLI's `--threads` reads it too and refuses a bad value), else [`physical_cores`].
+pub fn intra_threads(requested: Option<usize>) -> usize {
+    requested.filter(|&t| t > 0).unwrap_or_else(|| {
+        std::env::var("FLUXRT_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or_else(physical_cores)
+    })
 }
 
 /// The number of physical cores available to this process (at least 1): logical CPUs the process may use, divided
@@ -447,10 +460,7 @@ impl Graph {
         if !cfg.cpu_arena {
             eps.push(ort::ep::CPU::default().with_arena_allocator(false).build());
         }
-        let threads = cfg
-            .threads
-            .filter(|&t| t > 0)
-            .unwrap_or_else(physical_cores);
+        let threads = intra_threads(cfg.threads);
         // DirectML requires memory patterns off and sequential execution.
         let needs = ep_config::session_overrides(&providers);
         let cuda_graphs = cfg.ep.cuda_graphs(&providers, role);
@@ -754,277 +764,6 @@ fn build_session(
         builder = builder.with_execution_providers(eps)?;
     }
     builder.commit_from_file(path)
-}
-
-/// Whether a session came from the optimized-graph cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CacheUse {
-    /// No cache (turned off, a non-CPU provider, or optimization disabled).
-    Off,
-    /// Optimized from the model file, and the result written to the cache.
-    Cold,
-    /// Loaded from the cache; the optimizer did not run.
-    Warm,
-}
-
-impl CacheUse {
-    pub fn name(self) -> &'static str {
-        match self {
-            CacheUse::Off => "off",
-            CacheUse::Cold => "cold",
-            CacheUse::Warm => "warm",
-        }
-    }
-}
-
-const CACHE_MODEL_FILE: &str = "model.onnx";
-const CACHE_DATA_FILE: &str = "model.data";
-/// Bumped when the cache layout or key changes.
-const CACHE_FORMAT: &str = "fluxrt-optimized-v1";
-
-/// The usual optimized-graph cache: `FLUXRT_OPTIMIZED_CACHE` (a folder, or `off`/`0`/`none` to turn the cache off),
-/// else `$XDG_CACHE_HOME/fluxrt/optimized`, else `~/.cache/fluxrt/optimized`. `None` when turned off or no home
-/// folder is known.
-pub fn optimized_cache_dir() -> Option<PathBuf> {
-    if let Some(v) = std::env::var_os("FLUXRT_OPTIMIZED_CACHE") {
-        let s = v.to_string_lossy();
-        if matches!(
-            s.trim().to_ascii_lowercase().as_str(),
-            "" | "0" | "off" | "none" | "false" | "no"
-        ) {
-            return None;
-        }
-        return Some(PathBuf::from(v));
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|h| PathBuf::from(h).join(".cache"))
-        })?;
-    Some(base.join("fluxrt").join("optimized"))
-}
-
-/// The cache entry name of a model: a hash of the cache format, ONNX Runtime's version, the provider, the
-/// optimization level, the CPU (layout optimizations are CPU-specific), and the model file's size, mtime and a
-/// content fingerprint (its first and last MiB and 64 evenly spaced 64 KiB samples), plus the size and mtime of the
-/// external data files beside it. Returns `<file stem>-<16 hex digits>`.
-pub fn optimized_cache_key(
-    ort_version: &str,
-    provider: Provider,
-    optimization: Optimization,
-    model: &Path,
-) -> std::io::Result<String> {
-    use std::hash::Hasher;
-    use std::io::{Read, Seek, SeekFrom};
-
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    let put = |h: &mut std::collections::hash_map::DefaultHasher, s: &str| {
-        h.write(s.as_bytes());
-        h.write_u8(0xff);
-    };
-    put(&mut h, CACHE_FORMAT);
-    put(&mut h, ort_version);
-    put(&mut h, provider.name());
-    put(&mut h, &format!("{optimization:?}"));
-    put(&mut h, &cpu_signature());
-    let meta = std::fs::metadata(model)?;
-    let stamp = |m: &std::fs::Metadata| {
-        let mtime = m
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        format!("{}:{mtime}", m.len())
-    };
-    put(&mut h, &stamp(&meta));
-    let len = meta.len();
-    let mut f = std::fs::File::open(model)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut sample = |h: &mut std::collections::hash_map::DefaultHasher,
-                      at: u64,
-                      n: usize|
-     -> std::io::Result<()> {
-        let n = n.min(len.saturating_sub(at) as usize);
-        f.seek(SeekFrom::Start(at))?;
-        f.read_exact(&mut buf[..n])?;
-        h.write(&buf[..n]);
-        Ok(())
-    };
-    sample(&mut h, 0, 1 << 20)?;
-    sample(&mut h, len.saturating_sub(1 << 20), 1 << 20)?;
-    for i in 1..=64u64 {
-        sample(&mut h, len / 65 * i, 64 << 10)?;
-    }
-    // External data files beside the model (`x.onnx.data`, `x.onnx_data`, `x.data`, ...).
-    let stem = model.file_stem().map(|s| s.to_string_lossy().into_owned());
-    if let (Some(dir), Some(stem)) = (model.parent(), stem) {
-        let mut side: Vec<(String, String)> = std::fs::read_dir(if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        })?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let is_side = name.starts_with(&stem)
-                && Some(name.as_str()) != model.file_name().and_then(|n| n.to_str())
-                && !name.ends_with(".onnx");
-            let m = e.metadata().ok()?;
-            (is_side && m.is_file()).then(|| (name, stamp(&m)))
-        })
-        .collect();
-        side.sort();
-        for (n, st) in side {
-            put(&mut h, &n);
-            put(&mut h, &st);
-        }
-    }
-    let stem = model
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let stem: String = stem
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(40)
-        .collect();
-    Ok(format!("{stem}-{:016x}", h.finish()))
-}
-
-/// The CPU model and its feature flags (Linux), so a cache never serves a graph optimized for another CPU.
-fn cpu_signature() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |key: &str| {
-        info.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    format!(
-        "{}|{}|{}",
-        std::env::consts::ARCH,
-        field("model name"),
-        field("flags")
-    )
-}
-
-/// Builds a session from a model file at an optimization level, optionally saving the optimized graph.
-type BuildFn<'a> = dyn Fn(&Path, Optimization, Option<&Path>) -> ort::Result<Session> + 'a;
-
-/// Loads through the optimized-graph cache: a warm entry is loaded with the optimizer off; otherwise the model is
-/// optimized, written to a private temporary folder and renamed into place (so concurrent loads never see half an
-/// entry). Any cache trouble (read-only folder, a damaged entry) falls back to a plain load.
-fn load_cached(
-    dir: &Path,
-    ort_version: &str,
-    model: &Path,
-    level: Optimization,
-    build: &BuildFn<'_>,
-) -> ort::Result<(Session, CacheUse)> {
-    let Ok(key) = optimized_cache_key(ort_version, Provider::Cpu, level, model) else {
-        return Ok((build(model, level, None)?, CacheUse::Off));
-    };
-    let entry = dir.join(&key);
-    let cached = entry.join(CACHE_MODEL_FILE);
-    if cached.is_file() {
-        match build(&cached, Optimization::Disable, None) {
-            Ok(s) => {
-                // Mark the entry as recently used, for pruning.
-                if let Ok(f) = std::fs::File::options().append(true).open(&cached) {
-                    let _ = f.set_modified(std::time::SystemTime::now());
-                }
-                return Ok((s, CacheUse::Warm));
-            }
-            Err(_) => {
-                // A damaged entry: drop it and rebuild below.
-                let _ = std::fs::remove_dir_all(&entry);
-            }
-        }
-    }
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let tmp = dir.join(format!(
-        ".{key}.tmp-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    if std::fs::create_dir_all(&tmp).is_err() {
-        return Ok((build(model, level, None)?, CacheUse::Off));
-    }
-    let result = build(model, level, Some(&tmp.join(CACHE_MODEL_FILE)));
-    let ok = result.is_ok() && tmp.join(CACHE_MODEL_FILE).is_file();
-    if !(ok && std::fs::rename(&tmp, &entry).is_ok()) {
-        // Another process got there first, or the write failed.
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    if ok {
-        prune_cache(dir, &entry, cache_budget());
-    }
-    Ok((result?, if ok { CacheUse::Cold } else { CacheUse::Off }))
-}
-
-/// The cache's size budget: `FLUXRT_OPTIMIZED_CACHE_MAX_MB`, default 10 GiB.
-fn cache_budget() -> u64 {
-    std::env::var("FLUXRT_OPTIMIZED_CACHE_MAX_MB")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(10 << 30, |mb| mb << 20)
-}
-
-/// Keeps the cache within `budget` bytes by removing the least recently used entries (never `keep`), and removes
-/// temporary folders left by crashed writers (older than an hour).
-fn prune_cache(dir: &Path, keep: &Path, budget: u64) {
-    let Ok(list) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let now = std::time::SystemTime::now();
-    let mut entries = Vec::new();
-    for e in list.filter_map(|e| e.ok()) {
-        let path = e.path();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
-            let old = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| now.duration_since(t).ok())
-                .is_some_and(|age| age > Duration::from_secs(3600));
-            if old && name.contains(".tmp-") {
-                let _ = std::fs::remove_dir_all(&path);
-            }
-            continue;
-        }
-        let (mut size, mut used) = (0u64, std::time::UNIX_EPOCH);
-        for f in std::fs::read_dir(&path).into_iter().flatten().flatten() {
-            if let Ok(m) = f.metadata() {
-                size += m.len();
-                if f.file_name() == CACHE_MODEL_FILE {
-                    used = m.modified().unwrap_or(used);
-                }
-            }
-        }
-        entries.push((used, size, path));
-    }
-    let mut total: u64 = entries.iter().map(|e| e.1).sum();
-    entries.sort();
-    for (_, size, path) in entries {
-        if total <= budget {
-            break;
-        }
-        if path != keep && std::fs::remove_dir_all(&path).is_ok() {
-            total -= size;
-        }
-    }
 }
 
 /// Inputs bound once and outputs written into preallocated buffers, for loops that run one graph many times

@@ -615,10 +615,7 @@ fn editor_session(
         }
     }
     let needs = super::ep_config::session_overrides(&active);
-    let threads = cfg
-        .threads
-        .filter(|&t| t > 0)
-        .unwrap_or_else(super::session::physical_cores);
+    let threads = super::session::intra_threads(cfg.threads);
     let make = || -> ort::Result<Session> {
         let mut b = Session::builder(lib.env())?.with_intra_threads(threads)?;
         if needs.no_memory_pattern {

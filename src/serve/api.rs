@@ -595,6 +595,9 @@ pub fn parse_native_with(
         limits,
         model,
     )?;
+    if let (Some(i), None, None) = (&init, r.width, r.height) {
+        parsed.warnings.extend(i.floor_warning(model.vae_factor));
+    }
     // img2img, true CFG and VAE tiling (crate::img2img, crate::guidance, crate::vae_tiling).
     if r.strength.is_some() && init.is_none() {
         return Err(ApiError::invalid("strength", "strength needs init_image"));

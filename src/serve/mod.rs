@@ -943,10 +943,10 @@ async fn native_inner(
         "width": req.width,
         "height": req.height,
         "steps": req.steps,
-        "guidance": req.guidance,
+        "guidance": crate::json::opt_f32_number(req.guidance),
         "loras": req.loras.iter().map(|c| json!({
             "name": loras.name_of(&c.lora),
-            "scale": c.scale,
+            "scale": crate::json::f32_number(c.scale),
         })).collect::<Vec<_>>(),
         "providers": model.providers,
         "batch": {"requests": done.batch_requests, "images": done.batch_images},

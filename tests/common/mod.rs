@@ -103,6 +103,132 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert!(d <= tol, "{what}: max abs diff {d:e} > {tol:e}");
 }
 
+/// How a committed fixture tensor was computed, which sets how far a value computed here may be from it
+/// ([`fixture_tol`]; the rule and its reasoning: docs/testing.md, "Floats against committed fixtures").
+#[derive(Debug, Clone, Copy)]
+pub enum Computed {
+    /// One or two transcendentals per element: randn draws, the schedule's exponentials.
+    Elementwise,
+    /// The output of this many chained graph evaluations: a text encoder or the VAE encoder 1; the latents after
+    /// step k (1-based) 1 + k; the image after n steps n + 2.
+    Evaluations(usize),
+}
+
+#[derive(serde::Deserialize)]
+struct ToleranceRule {
+    ulps_elementwise: f32,
+    ulps_per_evaluation: f32,
+}
+
+/// tests/fixture_tolerance.json, which the Python suite reads too.
+fn tolerance_rule() -> &'static ToleranceRule {
+    static RULE: std::sync::OnceLock<ToleranceRule> = std::sync::OnceLock::new();
+    RULE.get_or_init(|| {
+        let path = root().join("tests/fixture_tolerance.json");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    })
+}
+
+/// The largest |got - want| allowed against the fixture `want`: `ulps * f32::EPSILON * max|want|`, with `ulps` per
+/// element or per chained evaluation from tests/fixture_tolerance.json.
+pub fn fixture_tol(want: &[f32], how: Computed) -> f32 {
+    let rule = tolerance_rule();
+    let ulps = match how {
+        Computed::Elementwise => rule.ulps_elementwise,
+        Computed::Evaluations(n) => rule.ulps_per_evaluation * n as f32,
+    };
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    ulps * f32::EPSILON * scale
+}
+
+/// `got` (computed here) against the committed fixture `want`, within [`fixture_tol`].
+pub fn assert_fixture(what: &str, got: &[f32], want: &[f32], how: Computed) {
+    let d = max_abs_diff(what, got, want);
+    let tol = fixture_tol(want, how);
+    if std::env::var_os("FLUXRT_FIXTURE_REPORT").is_some() {
+        // `cargo test -- --nocapture` shows how much of each tolerance a machine uses.
+        eprintln!(
+            "fixture {:6.1}% of tolerance  {d:.3e} <= {tol:.3e}  {what}",
+            100.0 * d / tol.max(f32::MIN_POSITIVE)
+        );
+    }
+    assert!(
+        d <= tol,
+        "{what}: max abs diff {d:e} > {tol:e} ({how:?}; docs/testing.md)"
+    );
+}
+
+/// Every text-to-image stage of a trace against a diffusers golden: token ids exactly; noise, sigmas and timesteps
+/// elementwise; the embeddings, the latents after each of the `steps_run` steps and the image by their evaluation
+/// counts ([`Computed`]).
+pub fn assert_trace_matches(
+    what: &dyn Fn(&str) -> String,
+    tr: &fluxrt::pipeline::Trace,
+    g: &Golden,
+    steps_run: usize,
+) {
+    use Computed::{Elementwise, Evaluations};
+    assert_eq!(
+        tr.clip_ids[0],
+        g.i64("clip_input_ids").1,
+        "{}",
+        what("CLIP ids")
+    );
+    assert_eq!(tr.t5_ids[0], g.i64("t5_input_ids").1, "{}", what("T5 ids"));
+    let flat =
+        |a: &Option<ndarray::ArrayD<f32>>| a.as_ref().expect("traced").as_slice().unwrap().to_vec();
+    let (pooled, txt) = (flat(&tr.pooled_embeds), flat(&tr.prompt_embeds));
+    assert_fixture(
+        &what("pooled embeds"),
+        &pooled,
+        &g.f32("pooled_prompt_embeds").1,
+        Evaluations(1),
+    );
+    assert_fixture(
+        &what("T5 embeds"),
+        &txt,
+        &g.f32("prompt_embeds").1,
+        Evaluations(1),
+    );
+    let noise = tr.noise.as_ref().expect("traced");
+    assert_fixture(
+        &what("noise"),
+        noise.as_slice().unwrap(),
+        &g.f32("noise").1,
+        Elementwise,
+    );
+    assert_fixture(&what("sigmas"), &tr.sigmas, &g.f32("sigmas").1, Elementwise);
+    assert_fixture(
+        &what("timesteps"),
+        &tr.timesteps,
+        &g.f32("timesteps").1,
+        Elementwise,
+    );
+    let (shape, steps) = g.f32("latents");
+    assert_eq!(shape[0], steps_run, "{}", what("golden steps"));
+    assert_eq!(tr.latents.len(), steps_run, "{}", what("steps run"));
+    let per = steps.len() / steps_run;
+    for (i, x) in tr.latents.iter().enumerate() {
+        assert_fixture(
+            &what(&format!("latents after step {}", i + 1)),
+            x.as_slice().unwrap(),
+            &steps[i * per..(i + 1) * per],
+            Evaluations(i + 2),
+        );
+    }
+    let img = tr.images.as_ref().expect("traced");
+    let (ishape, want) = g.f32("image");
+    assert_eq!(img.shape(), &ishape[..], "{}", what("image shape"));
+    assert_fixture(
+        &what("image"),
+        img.as_slice().unwrap(),
+        &want,
+        Evaluations(steps_run + 2),
+    );
+}
+
 /// The export stack's Python: FLUXRT_PYTHON, else the venv .ci/run makes.
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("FLUXRT_PYTHON") {
