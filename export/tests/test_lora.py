@@ -51,7 +51,7 @@ def diffusers_reference(checkpoint, lora_file, scale) -> list[np.ndarray]:
     """diffusers' own path: FluxPipeline.from_pretrained, load_lora_weights(file), fuse_lora(lora_scale=scale)."""
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(checkpoint, torch_dtype=torch.float32, local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(checkpoint, dtype=torch.float32, local_files_only=True)
     pipe.load_lora_weights(str(lora_file))
     pipe.fuse_lora(lora_scale=scale)
     parts = ckpt.Checkpoint(root=checkpoint, model_index={}, transformer=pipe.transformer)
