@@ -6,6 +6,7 @@
 //! negative prompt ([`guidance`]), tiled VAE decode/encode ([`vae_tiling`]) and run-time LoRA ([`lora`]).
 
 pub mod bench;
+pub mod config;
 pub mod error;
 pub mod guidance;
 pub mod image_out;

@@ -21,8 +21,9 @@ use crate::runtime::{Dim, IoInfo};
 use crate::{Error, Result};
 
 /// Graph input suffixes of a LoRA slot: `M.lora_A` `[in, r]`, `M.lora_B` `[r, out]`.
-pub const A_SUFFIX: &str = ".lora_A";
-pub const B_SUFFIX: &str = ".lora_B";
+pub use crate::model::contract::{
+    is_lora_slot_input as is_slot_input, LORA_A_SUFFIX as A_SUFFIX, LORA_B_SUFFIX as B_SUFFIX,
+};
 
 const TEXT_ENCODER_HINT: &str =
     "fluxrt applies LoRAs to the transformer only at run time; fuse a LoRA with text-encoder \
@@ -32,11 +33,6 @@ const NO_SLOTS_HINT: &str =
      (or fuse the LoRA at export: --lora FILE:SCALE)";
 const OTHER_MODEL_HINT: &str =
     "use a LoRA trained for this model (FLUX.1 LoRAs do not fit the tiny test models, and the other way round)";
-
-/// Whether a graph input is a LoRA slot factor (fed whole, never sliced per image).
-pub fn is_slot_input(name: &str) -> bool {
-    name.ends_with(A_SUFFIX) || name.ends_with(B_SUFFIX)
-}
 
 /// One LoRA slot of a transformer graph: a Linear layer by its diffusers module path, and its sizes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,6 +13,7 @@ use ndarray::{Array3, Array4, ArrayD, Axis};
 
 use crate::image_out;
 use crate::latents;
+use crate::model::shapes::ShapePlan;
 use crate::model::{contract, ModelSpec, Role, Variant};
 use crate::noise;
 use crate::runtime::{
@@ -55,8 +56,11 @@ pub struct LoadOptions {
     /// The device-resident denoising loop (latents, embeddings and ids stay in device memory, the Euler step runs
     /// there too): `Auto` turns it on for GPU providers. See docs/providers.md.
     pub device_loop: runtime::DeviceLoop,
-    /// GPU provider settings: TensorRT profiles and caches, CUDA, DirectML, CoreML (docs/providers.md).
+    /// GPU provider settings: TensorRT, CUDA, DirectML, CoreML (docs/providers.md).
     pub ep: runtime::EpSettings,
+    /// The declared image size and batch range (`--trt-sizes`, `--trt-batch`): TensorRT profiles, and the one static
+    /// shape of CUDA graphs.
+    pub shapes: Option<crate::model::shapes::ShapeRange>,
     /// The BFL transformer folder to use (`fp32`, `fp16`, `bf16`, `fp8`, `fp4`); `None` picks one for the
     /// provider. fp8 and fp4 need TensorRT.
     pub transformer_precision: Option<String>,
@@ -78,6 +82,7 @@ impl LoadOptions {
             io_binding: true,
             device_loop: runtime::DeviceLoop::Auto,
             ep: runtime::EpSettings::default(),
+            shapes: None,
             transformer_precision: None,
         }
     }
@@ -344,6 +349,8 @@ pub struct Pipeline {
     /// Warnings about the loaded model on these providers (e.g. a bf16 transformer on the CUDA EP); the CLI and
     /// the server print them once, after loading.
     load_warnings: Vec<String>,
+    /// The declared shape range and the model's shapes (TensorRT profiles, CUDA graphs, request checks).
+    shapes: ShapePlan,
 }
 
 impl Pipeline {
@@ -356,12 +363,23 @@ impl Pipeline {
         let plan: ProviderPlan = runtime::probe(&opts.providers, opts.no_fallback)?;
         // The transformer precision for the providers (BFL layout); fp8/fp4 only with TensorRT.
         spec.select_transformer_precision_for(&plan.active, opts.transformer_precision.as_deref())?;
-        let load_warnings: Vec<String> =
-            crate::model::precision_warning(&plan.active, spec.transformer_precision())
-                .into_iter()
-                .collect();
+        let shapes = ShapePlan::new(&spec, opts.shapes)?;
+        // Said once by the CLI and the server: settings without effect here, and a bf16 transformer on CUDA.
+        let mut load_warnings = shapes.warnings(&opts.ep, &plan.active);
+        load_warnings.extend(crate::model::precision_warning(
+            &plan.active,
+            spec.transformer_precision(),
+        ));
+        let mut graphs = BTreeMap::new();
+        for (role, g) in &spec.graphs {
+            graphs.insert(
+                role.name().to_string(),
+                shapes.graph_options_of(*role, &g.path)?,
+            );
+        }
         let session = SessionConfig {
-            ep: opts.ep.for_model(&spec)?,
+            ep: opts.ep.clone(),
+            graphs,
             threads: opts.threads,
             providers: plan,
             optimization: opts.optimization,
@@ -435,6 +453,7 @@ impl Pipeline {
             lora_slots,
             lora_cache: None,
             load_warnings,
+            shapes,
         })
     }
 
@@ -508,9 +527,11 @@ impl Pipeline {
 
     /// Whether the transformer's session captures CUDA graphs (then only the device loop may run it).
     pub fn transformer_cuda_graphs(&self) -> bool {
-        self.session
-            .ep
-            .cuda_graphs(&self.session.providers.active, Role::Transformer.name())
+        self.shapes.captures_cuda_graphs(
+            &self.session.ep,
+            &self.session.providers.active,
+            Role::Transformer,
+        )
     }
 
     /// Warnings about the loaded model on these providers, for the caller to show once.
@@ -663,15 +684,16 @@ impl Pipeline {
         let images: usize = reqs.iter().map(|r| r.num_images).sum();
         let active = &self.session.providers.active;
         // Every graph call counts: true CFG's 2B transformer rows, the VAE's tiles when tiling applies.
-        let shape = runtime::trt_profile::RequestShape {
+        let shape = crate::model::shapes::RequestShape {
             true_cfg: crate::guidance::active(first),
             vae_tiles: first
                 .vae_tiling
                 .tile_sizes(first.width, first.height, vae_factor),
             encodes: first.init_image.is_some(),
-            ..runtime::trt_profile::RequestShape::new(first.width, first.height, images)
+            ..crate::model::shapes::RequestShape::new(first.width, first.height, images)
         };
-        self.session.ep.check_request_shape(active, &shape)?;
+        self.shapes
+            .check_request_shape(&self.session.ep, active, &shape)?;
         let mut t = Timings {
             load: self.load_time,
             ..Default::default()

@@ -7,12 +7,11 @@ mod common;
 use std::path::Path;
 
 use common::*;
+use fluxrt::config::{load_config, ProvidersLayer};
+use fluxrt::model::shapes::{self, engine_cache_status, ModelShapes, ShapePlan, ShapeRange};
 use fluxrt::model::{Layout, ModelSpec};
 use fluxrt::pipeline::{LoadOptions, Pipeline};
-use fluxrt::runtime::ep_config::{
-    engine_cache_status, load_config, HostInfo, ProviderOptions, ProvidersLayer,
-};
-use fluxrt::runtime::trt_profile::{self, ModelShapes, ShapeRange};
+use fluxrt::runtime::ep::{GraphInfo, HostInfo, ProviderOptions};
 use fluxrt::runtime::{EpSettings, Provider};
 use fluxrt::ErrorKind;
 
@@ -56,7 +55,7 @@ memory_limit = "40GiB"
     // Flags win: device 0, CUDA TF32 off, engine cache off.
     let flags = ProvidersLayer {
         device_id: Some(0),
-        cuda: fluxrt::runtime::ep_config::CudaLayer {
+        cuda: fluxrt::runtime::ep::CudaLayer {
             tf32: Some(false),
             ..Default::default()
         },
@@ -68,20 +67,19 @@ memory_limit = "40GiB"
         Some(vec![Provider::TensorRt, Provider::Cuda, Provider::Cpu])
     );
     let spec = ModelSpec::resolve(&model("tiny-flux-schnell")).unwrap();
-    let ep = c.ep.for_model(&spec).unwrap();
+    let ep = c.ep.clone();
     let host = HostInfo {
         ort_version: "1.31.1".into(),
         gpus: vec![],
     };
-    let g = fluxrt::runtime::ep_config::GraphInfo::read(
-        "transformer",
-        &spec.graphs[&fluxrt::model::Role::Transformer].path,
-        true,
-    )
-    .unwrap();
+    let path = &spec.graphs[&fluxrt::model::Role::Transformer].path;
+    let g = GraphInfo::read("transformer", path).unwrap();
+    let plan = ShapePlan::new(&spec, c.shapes).unwrap();
+    let opts = plan
+        .graph_options_of(fluxrt::model::Role::Transformer, path)
+        .unwrap();
     let trt = ep
-        .provider_options(Provider::TensorRt, Some(&g), &host)
-        .unwrap()
+        .provider_options(Provider::TensorRt, Some((&g, &opts)), &host)
         .ort_options();
     assert_eq!(get(&trt, "device_id").as_deref(), Some("0"));
     assert_eq!(get(&trt, "trt_fp16_enable").as_deref(), Some("true"));
@@ -117,7 +115,6 @@ memory_limit = "40GiB"
     );
     let cuda = ep
         .provider_options(Provider::Cuda, None, &host)
-        .unwrap()
         .ort_options();
     assert_eq!(
         cuda,
@@ -132,7 +129,7 @@ memory_limit = "40GiB"
         .map(|(k, v)| (k.to_string(), v.to_string()))
     );
     assert!(matches!(
-        ep.provider_options(Provider::Cpu, None, &host).unwrap(),
+        ep.provider_options(Provider::Cpu, None, &host),
         ProviderOptions::Defaults(Provider::Cpu)
     ));
 }
@@ -185,9 +182,9 @@ fn profiles_for_every_graph_of_the_bundled_models() {
     };
     for (m, t5) in [("tiny-flux-schnell", 256), ("tiny-flux-dev", 512)] {
         let spec = ModelSpec::resolve(&model(m)).unwrap();
-        let shapes = ModelShapes::of(&spec).unwrap();
-        assert_eq!(shapes.t5_len, t5, "{m}");
-        let all = trt_profile::model_profiles(&spec, &range, &shapes).unwrap();
+        let model_shapes = ModelShapes::of(&spec).unwrap();
+        assert_eq!(model_shapes.t5_len, t5, "{m}");
+        let all = shapes::model_profiles(&spec, &range, &model_shapes).unwrap();
         assert_eq!(all.len(), spec.graphs.len());
         for (role, p) in &all {
             assert!(!p.is_empty(), "{m} {role}");
@@ -235,17 +232,18 @@ fn profiles_for_every_graph_of_the_bundled_models() {
 
 #[test]
 fn requests_outside_the_built_profile_are_refused() {
-    let ep = EpSettings {
-        shapes: Some(ShapeRange {
+    let ep = EpSettings::default();
+    let plan = ShapePlan {
+        range: Some(ShapeRange {
             sizes: "512-1024".parse().unwrap(),
             batch: "1-4".parse().unwrap(),
         }),
-        ..Default::default()
+        model: ModelShapes::default(),
     };
     let trt = [Provider::TensorRt, Provider::Cuda, Provider::Cpu];
-    assert!(ep.check_request(&trt, 768, 1024, 2).is_ok());
+    assert!(plan.check_request(&ep, &trt, 768, 1024, 2).is_ok());
     for (w, h, n) in [(1280, 1024, 1), (512, 496, 1), (1024, 1024, 5)] {
-        let e = ep.check_request(&trt, w, h, n).unwrap_err();
+        let e = plan.check_request(&ep, &trt, w, h, n).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidInput, "{w}x{h}x{n}");
         assert!(
             e.message
@@ -254,7 +252,9 @@ fn requests_outside_the_built_profile_are_refused() {
         );
     }
     // Not on TensorRT: the range does not restrict requests.
-    assert!(ep.check_request(&[Provider::Cpu], 1280, 1024, 9).is_ok());
+    assert!(plan
+        .check_request(&ep, &[Provider::Cpu], 1280, 1024, 9)
+        .is_ok());
 }
 
 /// A BFL-layout copy of the tiny schnell model whose transformer folder is named `precision`.
@@ -319,19 +319,19 @@ fn engine_cache_report_for_the_server() {
     let spec = ModelSpec::resolve(&model("tiny-flux-schnell")).unwrap();
     let mut ep = EpSettings::default();
     ep.tensorrt.cache_dir = Some(d.path().to_path_buf());
-    ep.shapes = Some(ShapeRange {
+    let mut range = Some(ShapeRange {
         sizes: "128-256".parse().unwrap(),
         batch: "1-2".parse().unwrap(),
     });
     let host = HostInfo::detect("1.31.1");
-    let before = engine_cache_status(&spec, &ep, &host).unwrap();
+    let before = engine_cache_status(&spec, &ep, range, &host).unwrap();
     assert_eq!(before.len(), spec.graphs.len());
     assert!(before.iter().all(|s| !s.hit && s.engines == 0));
     // An engine file appears where the TensorRT provider writes it: a hit for that graph only.
     let t = before.iter().find(|s| s.graph == "transformer").unwrap();
     std::fs::create_dir_all(&t.dir).unwrap();
     std::fs::write(t.dir.join("TensorrtExecutionProvider_x_sm90.engine"), b"e").unwrap();
-    let after = engine_cache_status(&spec, &ep, &host).unwrap();
+    let after = engine_cache_status(&spec, &ep, range, &host).unwrap();
     let hits: Vec<&str> = after
         .iter()
         .filter(|s| s.hit)
@@ -339,16 +339,18 @@ fn engine_cache_report_for_the_server() {
         .collect();
     assert_eq!(hits, ["transformer"]);
     // Another range is another engine.
-    ep.shapes = Some(ShapeRange {
+    range = Some(ShapeRange {
         sizes: "128-512".parse().unwrap(),
         batch: "1-2".parse().unwrap(),
     });
-    assert!(engine_cache_status(&spec, &ep, &host)
+    assert!(engine_cache_status(&spec, &ep, range, &host)
         .unwrap()
         .iter()
         .all(|s| !s.hit));
     ep.tensorrt.engine_cache = false;
-    assert!(engine_cache_status(&spec, &ep, &host).unwrap().is_empty());
+    assert!(engine_cache_status(&spec, &ep, range, &host)
+        .unwrap()
+        .is_empty());
 }
 
 fn fails(args: &[&str], code: i32, needles: &[&str]) -> String {

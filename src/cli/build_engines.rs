@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args as ClapArgs;
+use fluxrt::model::shapes::{self, engine_cache_status, ShapePlan};
 use fluxrt::model::ModelSpec;
-use fluxrt::runtime::ep_config::{engine_cache_status, HostInfo};
-use fluxrt::runtime::trt_profile::{self, ModelShapes};
+use fluxrt::runtime::ep::HostInfo;
 use fluxrt::runtime::{self, Graph, Provider, SessionConfig};
 use fluxrt::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -37,7 +37,7 @@ pub fn run(a: Args) -> Result<()> {
         )
         .with_hint("pass --provider tensorrt (or tensorrt,cuda as the server will run)"));
     }
-    let Some(range) = config.ep.shapes else {
+    let Some(range) = config.shapes else {
         return Err(Error::input("build-engines needs the shape range the engines will serve").with_hint(
             "give --trt-sizes MIN-MAX and --trt-batch MIN-MAX (default 1), e.g. --trt-sizes 512-1024 --trt-batch 1-4",
         ));
@@ -69,18 +69,26 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("warning: provider {p} not used: {why}");
     }
     spec.select_transformer_precision(true, config.transformer_precision.as_deref())?;
-    let ep = config.ep.for_model(&spec)?;
-    for w in ep.warnings(&plan.active) {
+    let ep = config.ep.clone();
+    let shape_plan = ShapePlan::new(&spec, Some(range))?;
+    for w in shape_plan.warnings(&ep, &plan.active) {
         eprintln!("warning: {w}");
     }
-    let model = ep.model.unwrap_or_else(ModelShapes::default);
-    let profiles = trt_profile::model_profiles(&spec, &range, &model)?;
+    let profiles = shapes::model_profiles(&spec, &range, &shape_plan.model)?;
     let host = HostInfo::detect(lib.version());
-    let before = engine_cache_status(&spec, &ep, &host)?;
+    let before = engine_cache_status(&spec, &ep, Some(range), &host)?;
+    let mut graphs = std::collections::BTreeMap::new();
+    for (role, g) in &spec.graphs {
+        graphs.insert(
+            role.name().to_string(),
+            shape_plan.graph_options_of(*role, &g.path)?,
+        );
+    }
     let session = SessionConfig {
         threads: a.runtime.session.threads,
         providers: plan.clone(),
         ep: ep.clone(),
+        graphs,
         ..Default::default()
     };
 
@@ -121,7 +129,7 @@ pub fn run(a: Args) -> Result<()> {
             }
         };
         drop(graph);
-        let status = engine_cache_status(&spec, &ep, &host)?
+        let status = engine_cache_status(&spec, &ep, Some(range), &host)?
             .into_iter()
             .find(|s| s.graph == role.name());
         let profile = profiles.iter().find(|(r, _)| r == role).map(|(_, p)| p);

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use fluxrt::config::{self, ProviderConfig, ProvidersLayer};
 use fluxrt::pipeline::LoadOptions;
-use fluxrt::runtime::ep_config::{self, ProviderConfig, ProvidersLayer};
 use fluxrt::runtime::{self, Provider};
 use fluxrt::Result;
 
@@ -75,7 +75,7 @@ impl SessionArgs {
     /// The provider settings: defaults, then the config file, then the flags.
     pub fn provider_config(&self) -> Result<ProviderConfig> {
         let file = match &self.config {
-            Some(path) => ep_config::load_config(path)?,
+            Some(path) => config::load_config(path)?,
             None => ProvidersLayer::default(),
         };
         ProvidersLayer::resolve(&[&file, &self.ep.layer()])
@@ -91,6 +91,7 @@ impl SessionArgs {
         opts.memory_pattern = self.memory_pattern;
         opts.cpu_arena = !self.no_cpu_arena;
         opts.ep = c.ep;
+        opts.shapes = c.shapes;
         opts.transformer_precision = c.transformer_precision;
         opts.device_loop = self.device_loop;
         if self.no_optimized_cache {

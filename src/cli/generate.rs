@@ -154,18 +154,15 @@ pub fn run(a: Args) -> Result<()> {
     // CUDA graphs need one static shape; with --width and --height it is this request's (no --trt-sizes needed).
     if let (Some(w), Some(h)) = (a.width, a.height) {
         let true_cfg = a.true_cfg.unwrap_or(fluxrt::guidance::DEFAULT_TRUE_CFG);
-        opts.ep
-            .pin_request_shape(&fluxrt::runtime::trt_profile::RequestShape {
-                true_cfg: fluxrt::guidance::is_on(true_cfg, a.negative_prompt.is_some()),
-                ..fluxrt::runtime::trt_profile::RequestShape::new(w, h, a.num_images)
-            })?;
+        let shape = fluxrt::model::shapes::RequestShape {
+            true_cfg: fluxrt::guidance::is_on(true_cfg, a.negative_prompt.is_some()),
+            ..fluxrt::model::shapes::RequestShape::new(w, h, a.num_images)
+        };
+        fluxrt::model::shapes::pin_request_shape(&mut opts.shapes, &opts.ep, &shape)?;
     }
     let mut pipe = Pipeline::load(&opts)?;
     for (p, why) in &pipe.providers().rejected {
         eprintln!("warning: provider {p} not used: {why}");
-    }
-    for w in opts.ep.warnings(&pipe.providers().active) {
-        eprintln!("warning: {w}");
     }
     for w in pipe.load_warnings() {
         eprintln!("warning: {w}");

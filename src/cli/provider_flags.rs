@@ -5,11 +5,12 @@ use std::path::PathBuf;
 
 use clap::builder::BoolishValueParser;
 use clap::Args;
-use fluxrt::runtime::ep_config::{
+use fluxrt::config::ProvidersLayer;
+use fluxrt::model::shapes::{BatchRange, SizeRange};
+use fluxrt::runtime::ep::{
     ArenaExtend, ByteSize, ComputeUnits, ConvSearch, CoreMlFormat, CoreMlLayer, CudaLayer,
-    DirectMlLayer, DmlDeviceFilter, DmlPerformance, ProvidersLayer, TensorRtLayer,
+    DirectMlLayer, DmlDeviceFilter, DmlPerformance, TensorRtLayer,
 };
-use fluxrt::runtime::trt_profile::{BatchRange, SizeRange};
 
 #[derive(Args, Debug, Clone, Default)]
 #[command(
@@ -201,7 +202,7 @@ impl ProviderFlags {
 mod tests {
     use super::*;
     use clap::Parser;
-    use fluxrt::runtime::ep_config::ProvidersLayer;
+    use fluxrt::config::ProvidersLayer;
 
     #[derive(Parser)]
     struct Cli {
@@ -283,7 +284,7 @@ mod tests {
 
     #[test]
     fn flags_override_the_config_file() {
-        let file: ProvidersLayer = fluxrt::runtime::ep_config::parse_config(
+        let file: ProvidersLayer = fluxrt::config::parse_config(
             "[providers]\ndevice_id = 1\n[providers.tensorrt]\nfp16 = true\ntiming_cache = false\n",
             "f.toml",
         )

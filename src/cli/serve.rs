@@ -82,7 +82,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut load = a.runtime.load_options(model_path(a.model.clone()))?;
     load.low_memory = a.low_memory;
     // A batch never exceeds the batch range TensorRT engines are built for (requests outside it are refused).
-    let max_batch = match load.ep.shapes.as_ref() {
+    let max_batch = match load.shapes.as_ref() {
         Some(s) => a.max_batch.min(s.batch.max as usize),
         None => a.max_batch,
     };

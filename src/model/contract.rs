@@ -115,6 +115,17 @@ pub fn optimum_names(role: Role) -> &'static [(&'static str, &'static str)] {
     }
 }
 
+/// The run-time LoRA slot inputs of a transformer graph (export/lora_slots.py): `M.lora_A` `[in, r]` and `M.lora_B`
+/// `[r, out]` for a Linear layer `M`, each rank a dimension named `lora_rank_<i>`.
+pub const LORA_A_SUFFIX: &str = ".lora_A";
+pub const LORA_B_SUFFIX: &str = ".lora_B";
+pub const LORA_RANK_PREFIX: &str = "lora_rank_";
+
+/// Whether a graph input is a LoRA slot factor (optional, fed whole, never sliced per image).
+pub fn is_lora_slot_input(name: &str) -> bool {
+    name.ends_with(LORA_A_SUFFIX) || name.ends_with(LORA_B_SUFFIX)
+}
+
 fn kind_of(t: &ElemType) -> Option<Kind> {
     match t {
         ElemType::F32 | ElemType::F16 | ElemType::BF16 => Some(Kind::Float),
@@ -175,7 +186,7 @@ pub fn check(
         .collect();
     for io in graph_inputs {
         // Run-time LoRA slots (crate::lora) are fed only when a LoRA is active.
-        if role == Role::Transformer && crate::lora::is_slot_input(&io.name) {
+        if role == Role::Transformer && is_lora_slot_input(&io.name) {
             continue;
         }
         if !known.contains(&io.name) {

@@ -8,6 +8,7 @@
 
 pub mod contract;
 pub mod manifest;
+pub mod shapes;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

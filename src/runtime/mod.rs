@@ -25,21 +25,23 @@
 //! # Ok(()) }
 //! ```
 
-pub mod ep_config;
+pub mod cancel;
+pub mod ep;
 pub mod library;
+pub mod onnx_io;
 pub mod optimized_cache;
 pub mod placement;
+pub mod profile;
 pub mod providers;
 pub mod session;
 pub mod step_graph;
-pub mod trt_profile;
+pub mod types;
 
-pub use ep_config::{EpSettings, ProviderConfig, ProvidersLayer};
+pub use cancel::Canceller;
+pub use ep::{EpSettings, GraphOptions};
 pub use library::{init, OrtLibrary};
 pub use optimized_cache::{optimized_cache_dir, optimized_cache_key, CacheUse};
-pub use providers::{available_in_library, compiled_in, parse_list, probe, Provider, ProviderPlan};
-pub use session::{
-    intra_threads, physical_cores, Binding, Canceller, Dim, ElemType, Graph, IoInfo, Optimization,
-    Outputs, SessionConfig, TensorIn,
-};
+pub use providers::{available_in_library, compiled_in, probe, ProviderPlan};
+pub use session::{intra_threads, physical_cores, Binding, Graph, Outputs, SessionConfig};
 pub use step_graph::{DeviceLoop, LoopKind};
+pub use types::{parse_list, Dim, ElemType, IoInfo, Optimization, Provider, TensorIn};

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use ort::session::Session;
 
-use super::providers::Provider;
-use super::session::Optimization;
+use super::types::Optimization;
+use super::types::Provider;
 
 /// Whether a session came from the optimized-graph cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

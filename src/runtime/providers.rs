@@ -6,149 +6,18 @@
 //! rejected.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Mutex;
 
 use ort::ep::{self, ExecutionProviderDispatch};
 use ort::session::Session;
 
-use super::ep_config::{self, EpSettings, GraphInfo, HostInfo};
+use super::ep::{
+    prepare_cache_dirs, EpSettings, GraphInfo, GraphOptions, HostInfo, ProviderOptions,
+};
 use super::library;
+use super::types::Provider;
 use crate::{Error, Result};
-
-/// An ONNX Runtime execution provider that fluxrt knows how to register.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Provider {
-    Cpu,
-    Cuda,
-    TensorRt,
-    DirectMl,
-    CoreMl,
-    Rocm,
-    MiGraphX,
-    OpenVino,
-}
-
-impl Provider {
-    pub const ALL: [Provider; 8] = [
-        Provider::Cpu,
-        Provider::Cuda,
-        Provider::TensorRt,
-        Provider::DirectMl,
-        Provider::CoreMl,
-        Provider::Rocm,
-        Provider::MiGraphX,
-        Provider::OpenVino,
-    ];
-
-    /// The short name used on the command line (`cuda`, `tensorrt`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            Provider::Cpu => "cpu",
-            Provider::Cuda => "cuda",
-            Provider::TensorRt => "tensorrt",
-            Provider::DirectMl => "directml",
-            Provider::CoreMl => "coreml",
-            Provider::Rocm => "rocm",
-            Provider::MiGraphX => "migraphx",
-            Provider::OpenVino => "openvino",
-        }
-    }
-
-    /// ONNX Runtime's name (`CUDAExecutionProvider`, ...), as `GetAvailableProviders` lists it.
-    pub fn ort_name(self) -> &'static str {
-        match self {
-            Provider::Cpu => "CPUExecutionProvider",
-            Provider::Cuda => "CUDAExecutionProvider",
-            Provider::TensorRt => "TensorrtExecutionProvider",
-            Provider::DirectMl => "DmlExecutionProvider",
-            Provider::CoreMl => "CoreMLExecutionProvider",
-            Provider::Rocm => "ROCMExecutionProvider",
-            Provider::MiGraphX => "MIGraphXExecutionProvider",
-            Provider::OpenVino => "OpenVINOExecutionProvider",
-        }
-    }
-
-    /// The cargo feature that compiles the provider into fluxrt (`None` for CPU, which is always there).
-    pub fn feature(self) -> Option<&'static str> {
-        match self {
-            Provider::Cpu => None,
-            other => Some(other.name()),
-        }
-    }
-
-    /// The ONNX Runtime package that contains the provider.
-    fn package(self) -> &'static str {
-        match self {
-            Provider::Cpu => "onnxruntime",
-            Provider::Cuda | Provider::TensorRt => "onnxruntime-gpu",
-            Provider::DirectMl => "onnxruntime-directml (Windows)",
-            Provider::CoreMl => "onnxruntime (the macOS build)",
-            Provider::Rocm => "onnxruntime-rocm",
-            Provider::MiGraphX => "onnxruntime-migraphx",
-            Provider::OpenVino => "onnxruntime-openvino",
-        }
-    }
-}
-
-impl fmt::Display for Provider {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Provider {
-    type Err = Error;
-
-    /// Case-insensitive; accepts aliases (`trt`, `dml`, `ov`, ...) and ONNX Runtime's names (`CUDAExecutionProvider`).
-    fn from_str(s: &str) -> Result<Provider> {
-        let key = s.trim().to_ascii_lowercase().replace(['-', '_', ' '], "");
-        let key = key.strip_suffix("executionprovider").unwrap_or(&key);
-        let p = match key {
-            "cpu" => Provider::Cpu,
-            "cuda" => Provider::Cuda,
-            "tensorrt" | "trt" | "nvtensorrt" => Provider::TensorRt,
-            "directml" | "dml" => Provider::DirectMl,
-            "coreml" => Provider::CoreMl,
-            "rocm" => Provider::Rocm,
-            "migraphx" => Provider::MiGraphX,
-            "openvino" | "ov" => Provider::OpenVino,
-            _ => {
-                return Err(
-                    Error::input(format!("unknown execution provider {:?}", s.trim())).with_hint(
-                        format!(
-                            "valid providers: {} (aliases: trt, dml, ov)",
-                            Provider::ALL.map(Provider::name).join(", ")
-                        ),
-                    ),
-                )
-            }
-        };
-        Ok(p)
-    }
-}
-
-/// Parses a comma-separated list like `tensorrt,cuda,cpu`, in priority order. Duplicates are dropped.
-pub fn parse_list(s: &str) -> Result<Vec<Provider>> {
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let p: Provider = part.parse()?;
-        if !out.contains(&p) {
-            out.push(p);
-        }
-    }
-    if out.is_empty() {
-        return Err(
-            Error::input(format!("empty execution provider list {s:?}")).with_hint(format!(
-                "give one or more of: {}",
-                Provider::ALL.map(Provider::name).join(", ")
-            )),
-        );
-    }
-    Ok(out)
-}
 
 /// Whether this fluxrt binary was built with the provider's cargo feature.
 pub fn compiled_in(p: Provider) -> bool {
@@ -339,44 +208,47 @@ fn register_on_throwaway(
     Ok(())
 }
 
-/// The `ort` provider object for `p` with `settings`, for the graph `(role, path)` (its TensorRT profile and
-/// the cache folders keyed by it; `None` when probing), if compiled in. Registered with `error_on_failure`. Creates
-/// the provider's cache folders. The options come from [`EpSettings::provider_options_for`]; without a graph (probing,
-/// the device loop's step graph) CUDA graphs stay off.
+/// The `ort` provider object for `p` with `settings`, for the graph `(label, path, options)` (its TensorRT profile,
+/// CUDA graphs and the cache folders keyed by it; `None` when probing), if compiled in. Registered with
+/// `error_on_failure`. Creates the provider's cache folders. The options come from [`EpSettings::provider_options`];
+/// without a graph (probing, the device loop's step graph) CUDA graphs stay off.
 pub(crate) fn dispatch(
     p: Provider,
     settings: &EpSettings,
-    graph: Option<(&str, &Path)>,
+    graph: Option<(&str, &Path, &GraphOptions)>,
 ) -> Result<Option<ExecutionProviderDispatch>> {
     if !compiled_in(p) {
         return Ok(None);
     }
     let host = HostInfo::detect(library::get().map_or("", |l| l.version()));
+    // Only TensorRT and CoreML key caches by the graph file.
     let info = match graph {
-        Some((role, path)) if matches!(p, Provider::TensorRt | Provider::CoreMl) => {
-            Some(GraphInfo::read(
-                role,
-                path,
-                p == Provider::TensorRt && settings.shapes.is_some(),
-            )?)
+        Some((label, path, _)) if matches!(p, Provider::TensorRt | Provider::CoreMl) => {
+            Some(GraphInfo::read(label, path)?)
         }
         _ => None,
     };
-    let opts =
-        settings.provider_options_for(p, graph.map(|(role, _)| role), info.as_ref(), &host)?;
+    let opts = match (&info, graph) {
+        (Some(g), Some((_, _, o))) => settings.provider_options(p, Some((g, o)), &host),
+        // CUDA reads the graph's options (CUDA graphs), not its file.
+        (None, Some((_, _, o))) if p == Provider::Cuda => {
+            ProviderOptions::Cuda(settings.cuda.options(settings.gpu_id(), o))
+        }
+        _ => settings.provider_options(p, None, &host),
+    };
     if let Some(g) = &info {
-        ep_config::prepare_cache_dirs(&opts, g, &host)?;
+        prepare_cache_dirs(&opts, g, &host)?;
     }
     let d: ExecutionProviderDispatch = match (p, &opts) {
         (Provider::Cpu, _) => ep::CPU::default().build(),
         #[cfg(feature = "cuda")]
-        (Provider::Cuda, ep_config::ProviderOptions::Cuda(o)) => o.to_ort().build(),
+        (Provider::Cuda, ProviderOptions::Cuda(o)) => o.to_ort().build(),
         #[cfg(feature = "tensorrt")]
-        (Provider::TensorRt, ep_config::ProviderOptions::TensorRt(o)) => o.to_ort().build(),
+        (Provider::TensorRt, ProviderOptions::TensorRt(o)) => o.to_ort().build(),
         #[cfg(feature = "directml")]
-        (Provider::DirectMl, ep_config::ProviderOptions::DirectMl(o)) => o.to_ort().build(),
+        (Provider::DirectMl, ProviderOptions::DirectMl(o)) => o.to_ort().build(),
         #[cfg(feature = "coreml")]
-        (Provider::CoreMl, ep_config::ProviderOptions::CoreMl(o)) => o.to_ort().build(),
+        (Provider::CoreMl, ProviderOptions::CoreMl(o)) => o.to_ort().build(),
         #[cfg(feature = "rocm")]
         (Provider::Rocm, _) => ep::ROCm::default().build(),
         #[cfg(feature = "migraphx")]
@@ -394,54 +266,6 @@ mod tests {
     use super::*;
     use crate::runtime::library::tests::test_library;
     use crate::ErrorKind;
-
-    #[test]
-    fn parse_names_and_aliases() {
-        assert_eq!("CPU".parse::<Provider>().unwrap(), Provider::Cpu);
-        assert_eq!(" Cuda ".parse::<Provider>().unwrap(), Provider::Cuda);
-        assert_eq!("trt".parse::<Provider>().unwrap(), Provider::TensorRt);
-        assert_eq!("TensorRT".parse::<Provider>().unwrap(), Provider::TensorRt);
-        assert_eq!("dml".parse::<Provider>().unwrap(), Provider::DirectMl);
-        assert_eq!("CoreML".parse::<Provider>().unwrap(), Provider::CoreMl);
-        assert_eq!("MIGraphX".parse::<Provider>().unwrap(), Provider::MiGraphX);
-        assert_eq!("open-vino".parse::<Provider>().unwrap(), Provider::OpenVino);
-        assert_eq!(
-            "CUDAExecutionProvider".parse::<Provider>().unwrap(),
-            Provider::Cuda
-        );
-        for p in Provider::ALL {
-            assert_eq!(p.name().parse::<Provider>().unwrap(), p);
-            assert_eq!(p.ort_name().parse::<Provider>().unwrap(), p);
-        }
-    }
-
-    #[test]
-    fn unknown_name_lists_valid_ones() {
-        let err = "vulkan".parse::<Provider>().unwrap_err();
-        assert_eq!(err.kind, ErrorKind::InvalidInput);
-        assert!(err.message.contains("vulkan"), "{err}");
-        let hint = err.hint.unwrap();
-        for p in Provider::ALL {
-            assert!(hint.contains(p.name()), "{hint}");
-        }
-    }
-
-    #[test]
-    fn parse_lists() {
-        assert_eq!(
-            parse_list("tensorrt,cuda,cpu").unwrap(),
-            vec![Provider::TensorRt, Provider::Cuda, Provider::Cpu]
-        );
-        assert_eq!(
-            parse_list(" cuda , cuda,cpu,").unwrap(),
-            vec![Provider::Cuda, Provider::Cpu]
-        );
-        assert_eq!(
-            parse_list("cuda,gpu").unwrap_err().kind,
-            ErrorKind::InvalidInput
-        );
-        assert_eq!(parse_list(" , ").unwrap_err().kind, ErrorKind::InvalidInput);
-    }
 
     #[test]
     fn cpu_is_always_compiled_in() {

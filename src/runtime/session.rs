@@ -3,63 +3,22 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use ort::ep::ExecutionProviderDispatch;
-use ort::session::builder::GraphOptimizationLevel;
-use ort::session::{RunOptions, Session, SessionInputValue};
+use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 
-use super::ep_config::{self, EpSettings};
+use super::cancel::Canceller;
+use super::ep::{self, EpSettings, GraphOptions};
 use super::library;
 use super::optimized_cache::{load_cached, CacheUse, CACHE_DATA_FILE};
 use super::placement::{self, NodeCounts};
-use super::providers::{self, Provider, ProviderPlan};
+use super::providers::{self, ProviderPlan};
+use super::types::{given_str, shape_str, Dim, ElemType, IoInfo, Optimization, Provider, TensorIn};
 use crate::{Error, ErrorKind, Result};
-
-/// ONNX Runtime's graph optimization level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Optimization {
-    /// No graph rewrites.
-    Disable,
-    /// Constant folding and redundant node removal.
-    Basic,
-    /// Plus fusions (attention, GELU, LayerNorm, ...).
-    Extended,
-    /// Everything, including layout changes (ONNX Runtime's default).
-    #[default]
-    All,
-}
-
-impl From<Optimization> for GraphOptimizationLevel {
-    fn from(o: Optimization) -> Self {
-        match o {
-            Optimization::Disable => GraphOptimizationLevel::Disable,
-            Optimization::Basic => GraphOptimizationLevel::Level1,
-            Optimization::Extended => GraphOptimizationLevel::Level2,
-            Optimization::All => GraphOptimizationLevel::All,
-        }
-    }
-}
-
-impl FromStr for Optimization {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "disable" | "disabled" | "none" | "off" | "0" => Ok(Optimization::Disable),
-            "basic" | "1" => Ok(Optimization::Basic),
-            "extended" | "2" => Ok(Optimization::Extended),
-            "all" | "3" | "99" => Ok(Optimization::All),
-            _ => Err(Error::input(format!("unknown optimization level {s:?}"))
-                .with_hint("use one of: disable, basic, extended, all")),
-        }
-    }
-}
 
 /// How to build sessions.
 #[derive(Debug, Clone)]
@@ -79,8 +38,11 @@ pub struct SessionConfig {
     /// Used for CPU-only sessions: the first load writes the optimized graph there, later loads read it back and
     /// skip the optimizer.
     pub optimized_cache: Option<PathBuf>,
-    /// GPU provider settings (TensorRT, CUDA, DirectML, CoreML); see [`ep_config`].
+    /// GPU provider settings (TensorRT, CUDA, DirectML, CoreML); see [`ep`].
     pub ep: EpSettings,
+    /// Per graph, by the label [`Graph::load`] gets: its TensorRT profile and whether it may capture CUDA graphs
+    /// (the layer above decides; a graph without an entry gets neither).
+    pub graphs: std::collections::BTreeMap<String, GraphOptions>,
 }
 
 impl Default for SessionConfig {
@@ -93,6 +55,7 @@ impl Default for SessionConfig {
             cpu_arena: true,
             optimized_cache: None,
             ep: EpSettings::default(),
+            graphs: Default::default(),
         }
     }
 }
@@ -139,239 +102,6 @@ fn smt_width() -> Option<usize> {
     Some(n)
 }
 
-/// An input or output element type.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ElemType {
-    F32,
-    F16,
-    BF16,
-    I32,
-    I64,
-    /// Anything else, by ONNX Runtime's name (`bool`, `u8`, `f64`, `sequence<...>`, ...).
-    Other(String),
-}
-
-impl ElemType {
-    fn from_ort(ty: TensorElementType) -> ElemType {
-        match ty {
-            TensorElementType::Float32 => ElemType::F32,
-            TensorElementType::Float16 => ElemType::F16,
-            TensorElementType::Bfloat16 => ElemType::BF16,
-            TensorElementType::Int32 => ElemType::I32,
-            TensorElementType::Int64 => ElemType::I64,
-            other => ElemType::Other(other.to_string()),
-        }
-    }
-}
-
-impl fmt::Display for ElemType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ElemType::F32 => "f32",
-            ElemType::F16 => "f16",
-            ElemType::BF16 => "bf16",
-            ElemType::I32 => "i32",
-            ElemType::I64 => "i64",
-            ElemType::Other(s) => s,
-        })
-    }
-}
-
-/// One dimension of a declared shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Dim {
-    Fixed(i64),
-    /// A dynamic dimension, by its name in the graph (`batch`, `seq`, ...), or `?` when it has none.
-    Symbolic(String),
-}
-
-impl fmt::Display for Dim {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Dim::Fixed(n) => write!(f, "{n}"),
-            Dim::Symbolic(s) => f.write_str(s),
-        }
-    }
-}
-
-/// A graph input or output as the model declares it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IoInfo {
-    pub name: String,
-    pub dtype: ElemType,
-    pub shape: Vec<Dim>,
-}
-
-impl IoInfo {
-    fn from_outlet(name: &str, ty: &ValueType) -> IoInfo {
-        match ty {
-            ValueType::Tensor {
-                ty,
-                shape,
-                dimension_symbols,
-            } => IoInfo {
-                name: name.to_string(),
-                dtype: ElemType::from_ort(*ty),
-                shape: shape
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &d)| {
-                        if d >= 0 {
-                            Dim::Fixed(d)
-                        } else {
-                            match dimension_symbols.get(i).filter(|s| !s.is_empty()) {
-                                Some(s) => Dim::Symbolic(s.clone()),
-                                None => Dim::Symbolic("?".to_string()),
-                            }
-                        }
-                    })
-                    .collect(),
-            },
-            other => IoInfo {
-                name: name.to_string(),
-                dtype: ElemType::Other(other.to_string()),
-                shape: Vec::new(),
-            },
-        }
-    }
-}
-
-impl fmt::Display for IoInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}{}", self.name, self.dtype, shape_str(&self.shape))
-    }
-}
-
-fn shape_str(dims: &[Dim]) -> String {
-    format!(
-        "[{}]",
-        dims.iter()
-            .map(Dim::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
-}
-
-fn given_str(shape: &[usize]) -> String {
-    format!(
-        "[{}]",
-        shape
-            .iter()
-            .map(usize::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
-}
-
-/// An input array. It is converted to the element type the graph declares: f32 to f16/bf16 (or kept), i64 to i32 (or
-/// kept). Contiguous arrays already in the declared type are passed without a copy.
-#[derive(Debug, Clone)]
-pub enum TensorIn<'a> {
-    F32(ArrayViewD<'a, f32>),
-    I64(ArrayViewD<'a, i64>),
-}
-
-impl TensorIn<'_> {
-    fn shape(&self) -> &[usize] {
-        match self {
-            TensorIn::F32(a) => a.shape(),
-            TensorIn::I64(a) => a.shape(),
-        }
-    }
-    fn kind(&self) -> &'static str {
-        match self {
-            TensorIn::F32(_) => "f32",
-            TensorIn::I64(_) => "i64",
-        }
-    }
-}
-
-impl<'a> From<ArrayViewD<'a, f32>> for TensorIn<'a> {
-    fn from(a: ArrayViewD<'a, f32>) -> Self {
-        TensorIn::F32(a)
-    }
-}
-
-impl<'a> From<ArrayViewD<'a, i64>> for TensorIn<'a> {
-    fn from(a: ArrayViewD<'a, i64>) -> Self {
-        TensorIn::I64(a)
-    }
-}
-
-impl<'a> From<&'a ArrayD<f32>> for TensorIn<'a> {
-    fn from(a: &'a ArrayD<f32>) -> Self {
-        TensorIn::F32(a.view())
-    }
-}
-
-impl<'a> From<&'a ArrayD<i64>> for TensorIn<'a> {
-    fn from(a: &'a ArrayD<i64>) -> Self {
-        TensorIn::I64(a.view())
-    }
-}
-
-/// Cancels runs from another thread. Cheap to clone; create one per job, hand clones to whoever may cancel, and pass
-/// it to [`Graph::run_with`]. Once cancelled it stays cancelled: every later run with it fails with
-/// [`ErrorKind::Cancelled`] without running. Needs no ONNX Runtime to create.
-#[derive(Clone, Default)]
-pub struct Canceller {
-    inner: Arc<CancelInner>,
-}
-
-#[derive(Default)]
-struct CancelInner {
-    cancelled: AtomicBool,
-    /// The run options of the runs in flight with this canceller.
-    running: Mutex<Vec<Arc<RunOptions>>>,
-}
-
-impl fmt::Debug for Canceller {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Canceller")
-            .field("cancelled", &self.is_cancelled())
-            .finish()
-    }
-}
-
-impl Canceller {
-    pub fn new() -> Canceller {
-        Canceller::default()
-    }
-
-    /// Cancels the runs in flight with this handle (ONNX Runtime stops between kernels) and every later one.
-    pub fn cancel(&self) {
-        let running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
-        self.inner.cancelled.store(true, Ordering::SeqCst);
-        for opts in running.iter() {
-            let _ = opts.terminate();
-        }
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.inner.cancelled.load(Ordering::SeqCst)
-    }
-
-    /// Registers a run; `None` when already cancelled.
-    fn begin(&self) -> Result<Option<Arc<RunOptions>>> {
-        let mut opts = RunOptions::new()
-            .map_err(|e| Error::runtime(format!("cannot create run options: {e}")))?;
-        placement::quiet(&mut opts)
-            .map_err(|e| Error::runtime(format!("cannot set the run's log level: {e}")))?;
-        let opts = Arc::new(opts);
-        let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
-        if self.is_cancelled() {
-            return Ok(None);
-        }
-        running.push(Arc::clone(&opts));
-        Ok(Some(opts))
-    }
-
-    fn end(&self, opts: &Arc<RunOptions>) {
-        let mut running = self.inner.running.lock().unwrap_or_else(|e| e.into_inner());
-        running.retain(|o| !Arc::ptr_eq(o, opts));
-    }
-}
-
 /// A run's outputs: `(name, values as f32)` in the graph's output order, copied out of ONNX Runtime's memory.
 pub type Outputs = Vec<(String, ArrayD<f32>)>;
 
@@ -388,7 +118,7 @@ pub struct Graph {
     providers: Vec<Provider>,
     /// Nodes per provider as ONNX Runtime placed them ([`placement`]).
     placement: NodeCounts,
-    /// Whether the session captures CUDA graphs ([`EpSettings::cuda_graphs`](super::ep_config::EpSettings::cuda_graphs)).
+    /// Whether the session captures CUDA graphs ([`EpSettings::cuda_graphs`]).
     cuda_graphs: bool,
     /// Time spent inside ONNX Runtime's run calls of this graph, summed.
     ort_time: Duration,
@@ -443,9 +173,11 @@ impl Graph {
         };
         // CPU is always ONNX Runtime's implicit last provider; registering it explicitly would turn its arena off,
         // which is only done when asked for.
+        let none = GraphOptions::default();
+        let graph_opts = cfg.graphs.get(role).unwrap_or(&none);
         let mut eps = Vec::new();
         for p in providers.iter().copied().filter(|p| *p != Provider::Cpu) {
-            match providers::dispatch(p, &cfg.ep, Some((role, path)))? {
+            match providers::dispatch(p, &cfg.ep, Some((role, path, graph_opts)))? {
                 Some(d) => eps.push(d),
                 None => {
                     return Err(Error::provider(format!(
@@ -462,13 +194,14 @@ impl Graph {
         }
         let threads = intra_threads(cfg.threads);
         // DirectML requires memory patterns off and sequential execution.
-        let needs = ep_config::session_overrides(&providers);
-        let cuda_graphs = cfg.ep.cuda_graphs(&providers, role);
-        let static_dims = if cuda_graphs {
-            let declared = super::trt_profile::read_declared_inputs(path)?;
-            cfg.ep.static_dimensions(role, &declared)?
-        } else {
-            Vec::new()
+        let needs = ep::session_overrides(&providers);
+        let cuda_graphs = cfg.ep.cuda_graphs(&providers, graph_opts);
+        let static_dims = match (&graph_opts.profile, cuda_graphs) {
+            (Some(profile), true) => {
+                let declared = super::onnx_io::read_declared_inputs(path)?;
+                super::profile::static_dimensions(role, profile, &declared)?
+            }
+            _ => Vec::new(),
         };
         // The placement report of the session in use (a damaged cache entry makes a second build).
         let placed = std::cell::RefCell::new(NodeCounts::new());

@@ -33,8 +33,9 @@ use ort::value::{
 };
 
 use super::library;
-use super::providers::{self, Provider};
-use super::session::{ElemType, Graph, SessionConfig, TensorIn};
+use super::providers;
+use super::session::{Graph, SessionConfig};
+use super::types::{ElemType, Provider, TensorIn};
 use crate::{Error, Result};
 
 /// `--device-loop`: whether the denoising loop keeps its tensors in device memory.
@@ -128,7 +129,7 @@ pub const CUDA_GRAPH_HINT: &str =
      false in the config file), or use --device-loop on or auto";
 
 /// Which loop to run with `mode` on `active` providers, when the transformer session captures CUDA graphs
-/// (`cuda_graphs`, [`super::ep_config::EpSettings::cuda_graphs`]) or not. A captured graph replays the device
+/// (`cuda_graphs`, [`super::ep::EpSettings::cuda_graphs`]) or not. A captured graph replays the device
 /// addresses of its capture run, and only the device loop keeps every transformer input and output in fixed
 /// buffers: with CUDA graphs the device loop is required (`auto` takes it on any provider) and `off` is an error.
 pub fn loop_plan(mode: DeviceLoop, active: &[Provider], cuda_graphs: bool) -> Result<LoopPlan> {
@@ -594,7 +595,7 @@ impl StepGraph {
 
 /// A session of a model built with the Model Editor (`what` names it in errors) on `cfg`'s providers
 /// ([`step_providers`]). Never with CUDA graphs: the provider options come without a graph role, which keeps them
-/// off ([`super::ep_config::captures_cuda_graphs`]); these graphs read host scalars and ping-pong buffers.
+/// off (their sessions get no [`super::ep::GraphOptions`]); these graphs read host scalars and ping-pong buffers.
 fn editor_session(
     what: &str,
     cfg: &SessionConfig,
@@ -614,7 +615,7 @@ fn editor_session(
             }
         }
     }
-    let needs = super::ep_config::session_overrides(&active);
+    let needs = super::ep::session_overrides(&active);
     let threads = super::session::intra_threads(cfg.threads);
     let make = || -> ort::Result<Session> {
         let mut b = Session::builder(lib.env())?.with_intra_threads(threads)?;

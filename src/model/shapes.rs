@@ -1,23 +1,23 @@
-//! TensorRT optimization profiles: min/opt/max shapes for every dynamic input of every graph, derived from a
-//! declared resolution range and batch range (`--trt-sizes 512-1024 --trt-batch 1-4`), so that one engine per graph
-//! serves the whole range and ONNX Runtime never rebuilds an engine for a new shape.
+//! The shapes of a FLUX model's graph calls, for TensorRT profiles and CUDA graphs: the declared image size and batch
+//! range (`--trt-sizes 512-1024 --trt-batch 1-4`), the graph calls one request makes ([`RequestShape`]), and each
+//! graph's optimization profile ([`derive`]), so that one engine per graph serves the whole range and ONNX Runtime
+//! never rebuilds an engine for a new shape. [`ShapePlan`] puts them together for a loaded model: the options of each
+//! graph's session ([`GraphOptions`]: profile, CUDA-graph capture) and the refusal of requests outside the range.
 //!
 //! Each dynamic dimension gets its value from what it means in the FLUX.1 contract (the transformer's
 //! `hidden_states` is `[B, S, 64]`, the VAE decoder's `latent` is `[B, 16, h, w]`, ...), or, for an input the
 //! contract does not know, from the graph's own dimension name (`B`, `S`, `L`, `h`, `w`, `H`, `W`, as the export
-//! step writes them). Fixed dimensions keep their declared value. Everything here is pure except
-//! [`read_declared_inputs`], which reads a graph's declared inputs from the ONNX file without loading weights.
-//!
-//! The strings are in the format of the TensorRT execution provider's `trt_profile_{min,opt,max}_shapes`:
-//! `name:d1xd2x...,name2:...`, one entry per dynamic input in the graph's declared order.
+//! step writes them). Fixed dimensions keep their declared value.
 
 use std::fmt;
-use std::io::{BufReader, Read, Seek};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use super::session::{Dim, ElemType, IoInfo};
-use crate::model::{contract, ModelSpec, Role, Variant};
+use super::{contract, Defaults, ModelSpec, Role, Variant};
+use crate::runtime::ep::{EpSettings, GraphInfo, GraphOptions, HostInfo};
+use crate::runtime::onnx_io::read_declared_inputs;
+use crate::runtime::profile::{InputProfile, Profile};
+use crate::runtime::{Dim, IoInfo, Provider};
 use crate::{Error, Result};
 
 /// Image sizes a profile covers, in pixels: width and height each between `min` and `max` (inclusive), tuned for
@@ -456,57 +456,13 @@ impl ModelShapes {
         let d = spec
             .defaults
             .clone()
-            .unwrap_or_else(|| crate::model::Defaults::for_variant(variant));
+            .unwrap_or_else(|| Defaults::for_variant(variant));
         Ok(ModelShapes {
             t5_len: d.t5_max_length as u32,
             clip_len: spec.clip_tokenizer.settings.max_length as u32,
             default_size: (d.width, d.height),
             vae_factor: spec.vae.downsample_factor as u32,
         })
-    }
-}
-
-/// The min/opt/max shape of one input.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InputProfile {
-    pub name: String,
-    pub min: Vec<i64>,
-    pub opt: Vec<i64>,
-    pub max: Vec<i64>,
-}
-
-/// A graph's optimization profile: every dynamic input, in declared order.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Profile {
-    pub inputs: Vec<InputProfile>,
-}
-
-impl Profile {
-    fn join(&self, pick: impl Fn(&InputProfile) -> &Vec<i64>) -> String {
-        self.inputs
-            .iter()
-            .map(|i| {
-                let dims: Vec<String> = pick(i).iter().map(i64::to_string).collect();
-                format!("{}:{}", i.name, dims.join("x"))
-            })
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-    /// `trt_profile_min_shapes`
-    pub fn min_shapes(&self) -> String {
-        self.join(|i| &i.min)
-    }
-    /// `trt_profile_opt_shapes`
-    pub fn opt_shapes(&self) -> String {
-        self.join(|i| &i.opt)
-    }
-    /// `trt_profile_max_shapes`
-    pub fn max_shapes(&self) -> String {
-        self.join(|i| &i.max)
-    }
-    /// No dynamic input: TensorRT needs no profile.
-    pub fn is_empty(&self) -> bool {
-        self.inputs.is_empty()
     }
 }
 
@@ -530,16 +486,14 @@ enum Axis {
     Width,
 }
 
-/// A run-time LoRA slot input (crate::lora: `M.lora_A` / `M.lora_B`, rank dimension `lora_rank_<i>`). These are
-/// overridable initializers, not required inputs: ONNX Runtime's TensorRT provider sees them as weights (their
-/// zero-rank defaults), so they get no profile.
+/// A run-time LoRA slot input ([`contract::is_lora_slot_input`]): an overridable initializer, not a required input.
+/// ONNX Runtime's TensorRT provider sees it as a weight (its zero-rank default), so it gets no profile.
 fn is_lora_slot(io: &IoInfo) -> bool {
-    io.name.ends_with(".lora_A")
-        || io.name.ends_with(".lora_B")
+    contract::is_lora_slot_input(&io.name)
         || io
             .shape
             .iter()
-            .any(|d| matches!(d, Dim::Symbolic(s) if s.starts_with("lora_rank_")))
+            .any(|d| matches!(d, Dim::Symbolic(s) if s.starts_with(contract::LORA_RANK_PREFIX)))
 }
 
 /// The axes of a contract input (contract names), `None` for an input the contract does not define.
@@ -692,211 +646,213 @@ pub fn model_profiles(
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Reading a graph's declared inputs straight from the ONNX protobuf (ModelProto.graph.input), skipping everything
-// else by seeking, so that a graph with inline weights is not read into memory.
+// A loaded model's shapes on its providers
 
-/// The declared inputs of an ONNX file (name, element type, shape with symbolic names), without ONNX Runtime and
-/// without reading weights. Initializers listed as inputs (old exports) appear with their fixed shapes.
-pub fn read_declared_inputs(path: &Path) -> Result<Vec<IoInfo>> {
-    let bad =
-        |why: String| {
-            Error::model(format!("cannot read the inputs of {}: {why}", path.display())).with_hint(
-            "re-export the graph or re-download the model (the file may be incomplete or damaged)",
-        )
+/// Whether the session of `role` may capture CUDA graphs: only the transformer's. A captured graph replays the device
+/// addresses of its capture run, so every input and output must stay in the same device buffer for the session's
+/// lifetime; only the denoising loop's transformer is driven that way (the device loop's fixed buffers). The text
+/// encoders and the VAE run once per request through plain runs, and would gain little from a graph anyway.
+pub fn may_capture_cuda_graphs(role: Role) -> bool {
+    role == Role::Transformer
+}
+
+/// The declared shape range of a loaded model (or none) and the model's fixed shapes: what each graph's session is
+/// told (profile, CUDA graphs) and which requests it may then serve.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShapePlan {
+    pub range: Option<ShapeRange>,
+    pub model: ModelShapes,
+}
+
+impl ShapePlan {
+    /// The plan of `spec` with `range`. The model's shapes are read (the transformer's header, for a layout without a
+    /// manifest) only when a range is declared: without one nothing needs them.
+    pub fn new(spec: &ModelSpec, range: Option<ShapeRange>) -> Result<ShapePlan> {
+        let model = match range {
+            Some(_) => ModelShapes::of(spec)?,
+            None => ModelShapes::default(),
         };
-    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
-    let mut r = BufReader::new(file);
-    let mut inputs = Vec::new();
-    let mut pos = 0u64;
-    let mut found_graph = false;
-    while pos < len {
-        let (field, wire) = read_key(&mut r, &mut pos).map_err(bad)?;
-        if field == 7 && wire == 2 {
-            let n = read_varint(&mut r, &mut pos).map_err(bad)?;
-            let end = pos
-                .checked_add(n)
-                .filter(|&e| e <= len)
-                .ok_or_else(|| bad("truncated graph".into()))?;
-            found_graph = true;
-            while pos < end {
-                let (gfield, gwire) = read_key(&mut r, &mut pos).map_err(bad)?;
-                if gfield == 11 && gwire == 2 {
-                    let n = read_varint(&mut r, &mut pos).map_err(bad)?;
-                    if n > 1 << 20 {
-                        return Err(bad("an input description larger than 1 MiB".into()));
-                    }
-                    let mut buf = vec![0u8; n as usize];
-                    r.read_exact(&mut buf).map_err(|e| bad(e.to_string()))?;
-                    pos += n;
-                    inputs.push(parse_value_info(&buf).map_err(bad)?);
-                } else {
-                    skip(&mut r, &mut pos, gwire).map_err(bad)?;
-                }
-            }
+        Ok(ShapePlan { range, model })
+    }
+
+    /// One image size and one batch size: CUDA graphs may be captured.
+    pub fn is_static(&self) -> bool {
+        self.range.as_ref().is_some_and(ShapeRange::is_static)
+    }
+
+    /// The options of the session of `role`, whose file declares `inputs` (read by the caller only when a range is
+    /// declared: `None` otherwise): the TensorRT profile of the declared range, and CUDA graphs for the transformer
+    /// when the range is one shape.
+    pub fn graph_options(&self, role: Role, inputs: Option<&[IoInfo]>) -> Result<GraphOptions> {
+        let profile = match (&self.range, inputs) {
+            (Some(range), Some(inputs)) => Some(derive(Some(role), inputs, range, &self.model)?),
+            _ => None,
+        };
+        Ok(GraphOptions {
+            profile,
+            capture_cuda_graphs: may_capture_cuda_graphs(role) && self.is_static(),
+        })
+    }
+
+    /// [`graph_options`](Self::graph_options) for the graph file at `path`, reading its declared inputs when a range
+    /// needs them. A profile error names the graph file.
+    pub fn graph_options_of(&self, role: Role, path: &Path) -> Result<GraphOptions> {
+        let inputs = match self.range {
+            Some(_) => Some(read_declared_inputs(path)?),
+            None => None,
+        };
+        self.graph_options(role, inputs.as_deref())
+            .map_err(|e| Error {
+                message: format!("{role} graph {}: {}", path.display(), e.message),
+                ..e
+            })
+    }
+
+    /// Whether the session of `role` captures CUDA graphs on `active` with `ep` (then only the device loop may run it).
+    pub fn captures_cuda_graphs(&self, ep: &EpSettings, active: &[Provider], role: Role) -> bool {
+        may_capture_cuda_graphs(role) && self.is_static() && ep.cuda_graphs_asked(active)
+    }
+
+    /// The range requests must stay in with these providers, and what it belongs to: the TensorRT profile when
+    /// TensorRT is active with a declared range, or the static shape of CUDA graphs on the CUDA provider.
+    pub fn request_range(
+        &self,
+        ep: &EpSettings,
+        active: &[Provider],
+    ) -> Option<(&ShapeRange, &'static str)> {
+        let range = self.range.as_ref()?;
+        if active.contains(&Provider::TensorRt) {
+            Some((range, "the TensorRT profile the engines were built for"))
+        } else if active.contains(&Provider::Cuda) && ep.cuda.cuda_graph && range.is_static() {
+            Some((range, "the static shape the CUDA graphs were captured for"))
         } else {
-            skip(&mut r, &mut pos, wire).map_err(bad)?;
+            None
         }
     }
-    if !found_graph {
-        return Err(bad("no graph in the file (is it an ONNX model?)".into()));
-    }
-    Ok(inputs)
-}
 
-type PbResult<T> = std::result::Result<T, String>;
-
-fn read_varint(r: &mut impl Read, pos: &mut u64) -> PbResult<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let mut b = [0u8; 1];
-        r.read_exact(&mut b)
-            .map_err(|_| "unexpected end of file".to_string())?;
-        *pos += 1;
-        v |= u64::from(b[0] & 0x7f) << shift;
-        if b[0] & 0x80 == 0 {
-            return Ok(v);
+    /// Refuses a request of `batch` images at `width` x `height` outside [`request_range`](Self::request_range),
+    /// instead of letting TensorRT rebuild its engine (minutes) or a CUDA graph replay the wrong shape.
+    pub fn check_request(
+        &self,
+        ep: &EpSettings,
+        active: &[Provider],
+        width: u32,
+        height: u32,
+        batch: usize,
+    ) -> Result<()> {
+        match self.request_range(ep, active) {
+            Some((range, what)) => range.check_request(width, height, batch, what),
+            None => Ok(()),
         }
     }
-    Err("malformed varint".into())
-}
 
-fn read_key(r: &mut impl Read, pos: &mut u64) -> PbResult<(u64, u8)> {
-    let k = read_varint(r, pos)?;
-    Ok((k >> 3, (k & 7) as u8))
-}
-
-fn skip<R: Read + Seek>(r: &mut BufReader<R>, pos: &mut u64, wire: u8) -> PbResult<()> {
-    let n = match wire {
-        0 => {
-            read_varint(r, pos)?;
-            return Ok(());
+    /// Like [`check_request`](Self::check_request) for every graph call of a request: true CFG's 2B transformer
+    /// rows and the VAE's tiles ([`RequestShape`]).
+    pub fn check_request_shape(
+        &self,
+        ep: &EpSettings,
+        active: &[Provider],
+        req: &RequestShape,
+    ) -> Result<()> {
+        match self.request_range(ep, active) {
+            Some((range, what)) => range.check_shape(req, what),
+            None => Ok(()),
         }
-        1 => 8,
-        2 => read_varint(r, pos)?,
-        5 => 4,
-        w => return Err(format!("unsupported protobuf wire type {w}")),
-    };
-    let n = i64::try_from(n).map_err(|_| "field too large".to_string())?;
-    r.seek_relative(n).map_err(|e| e.to_string())?;
-    *pos += n as u64;
-    Ok(())
+    }
+
+    /// Settings that have no effect with these providers and shapes, one sentence each (the providers' own
+    /// included).
+    pub fn warnings(&self, ep: &EpSettings, active: &[Provider]) -> Vec<String> {
+        let mut w = Vec::new();
+        let static_hint = "CUDA graphs need one image size and one batch size (e.g. --trt-sizes 1024 --trt-batch 1); they stay off";
+        if active.contains(&Provider::TensorRt) && ep.tensorrt.cuda_graph && !self.is_static() {
+            w.push(format!("TensorRT: {static_hint}"));
+        }
+        if active.contains(&Provider::Cuda) && ep.cuda.cuda_graph && !self.is_static() {
+            w.push(format!("CUDA: {static_hint}"));
+        }
+        w.extend(ep.warnings(active));
+        if active.contains(&Provider::TensorRt) && self.range.is_none() {
+            w.push(
+                "TensorRT: no shape range declared (--trt-sizes, --trt-batch): engines are built at the first request \
+                 of each new shape, which takes minutes"
+                    .into(),
+            );
+        }
+        w
+    }
 }
 
-/// Fields of one length-delimited message in memory: (field, wire, varint value or byte range).
-fn fields(buf: &[u8]) -> PbResult<Vec<(u64, u64, &[u8])>> {
+/// CUDA graphs asked for without a shape range: pins the one shape a single request needs (its size and its
+/// transformer rows) into `range`, as `--trt-sizes WxH --trt-batch ROWS` would. Returns whether it did. A declared
+/// range is left alone (its own warnings and refusals apply).
+pub fn pin_request_shape(
+    range: &mut Option<ShapeRange>,
+    ep: &EpSettings,
+    req: &RequestShape,
+) -> Result<bool> {
+    if range.is_some() || !(ep.cuda.cuda_graph || ep.tensorrt.cuda_graph) {
+        return Ok(false);
+    }
+    *range = Some(ShapeRange {
+        sizes: format!("{}x{}", req.width, req.height).parse()?,
+        batch: req.transformer_rows().to_string().parse()?,
+    });
+    Ok(true)
+}
+
+/// Whether a graph's TensorRT engine is already cached.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EngineCacheStatus {
+    pub graph: String,
+    pub dir: PathBuf,
+    /// `*.engine` files in the folder.
+    pub engines: usize,
+    pub hit: bool,
+}
+
+/// The TensorRT engine cache state of every graph of a model, with these settings and this range on this machine:
+/// what `fluxrt build-engines` produced and what `fluxrt serve` will reuse (a hit means no engine build at load).
+/// Empty when the engine cache is off.
+pub fn engine_cache_status(
+    spec: &ModelSpec,
+    ep: &EpSettings,
+    range: Option<ShapeRange>,
+    host: &HostInfo,
+) -> Result<Vec<EngineCacheStatus>> {
+    if !ep.tensorrt.engine_cache {
+        return Ok(Vec::new());
+    }
+    let plan = ShapePlan::new(spec, range)?;
     let mut out = Vec::new();
-    let mut c = std::io::Cursor::new(buf);
-    let mut pos = 0u64;
-    while (pos as usize) < buf.len() {
-        let (f, w) = read_key(&mut c, &mut pos)?;
-        match w {
-            0 => {
-                let v = read_varint(&mut c, &mut pos)?;
-                out.push((f, v, &buf[0..0]));
-            }
-            1 | 5 => {
-                pos += if w == 1 { 8 } else { 4 };
-                c.set_position(pos);
-            }
-            2 => {
-                let n = read_varint(&mut c, &mut pos)? as usize;
-                let start = pos as usize;
-                let end = start
-                    .checked_add(n)
-                    .filter(|&e| e <= buf.len())
-                    .ok_or("truncated field")?;
-                out.push((f, 0, &buf[start..end]));
-                pos = end as u64;
-                c.set_position(pos);
-            }
-            w => return Err(format!("unsupported protobuf wire type {w}")),
-        }
+    for (role, g) in &spec.graphs {
+        let info = GraphInfo::read(role.name(), &g.path)?;
+        let opts = plan.graph_options_of(*role, &g.path)?;
+        let o = ep.tensorrt.options(ep.gpu_id(), Some((&info, &opts)), host);
+        let Some(dir) = o.engine_cache_dir else {
+            continue;
+        };
+        let engines = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".engine"))
+                    .count()
+            })
+            .unwrap_or(0);
+        out.push(EngineCacheStatus {
+            graph: role.name().to_string(),
+            dir,
+            engines,
+            hit: engines > 0,
+        });
     }
     Ok(out)
-}
-
-fn onnx_elem_type(t: u64) -> ElemType {
-    match t {
-        1 => ElemType::F32,
-        10 => ElemType::F16,
-        16 => ElemType::BF16,
-        6 => ElemType::I32,
-        7 => ElemType::I64,
-        other => ElemType::Other(
-            match other {
-                2 => "u8",
-                3 => "i8",
-                4 => "u16",
-                5 => "i16",
-                8 => "string",
-                9 => "bool",
-                11 => "f64",
-                12 => "u32",
-                13 => "u64",
-                17..=20 => "f8",
-                21 | 22 | 25 | 26 => "int4",
-                23 => "fp4",
-                _ => "unknown",
-            }
-            .to_string(),
-        ),
-    }
-}
-
-/// ValueInfoProto { name = 1; type = 2 (TypeProto { tensor_type = 1 (elem_type = 1; shape = 2 { dim = 1
-/// { dim_value = 1 | dim_param = 2 } }) }) }
-fn parse_value_info(buf: &[u8]) -> PbResult<IoInfo> {
-    let mut info = IoInfo {
-        name: String::new(),
-        dtype: ElemType::Other("non-tensor".into()),
-        shape: Vec::new(),
-    };
-    for (f, _, bytes) in fields(buf)? {
-        match f {
-            1 => info.name = String::from_utf8_lossy(bytes).into_owned(),
-            2 => {
-                for (tf, _, tensor) in fields(bytes)? {
-                    if tf != 1 {
-                        continue;
-                    }
-                    for (ff, v, b) in fields(tensor)? {
-                        match ff {
-                            1 => info.dtype = onnx_elem_type(v),
-                            2 => {
-                                for (df, _, dim) in fields(b)? {
-                                    if df != 1 {
-                                        continue;
-                                    }
-                                    let mut d = Dim::Symbolic("?".into());
-                                    for (xf, xv, xb) in fields(dim)? {
-                                        match xf {
-                                            1 => d = Dim::Fixed(xv as i64),
-                                            2 if !xb.is_empty() => {
-                                                d = Dim::Symbolic(
-                                                    String::from_utf8_lossy(xb).into_owned(),
-                                                )
-                                            }
-                                            _ => {}
-                                        }
-                                    }
-                                    info.shape.push(d);
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(info)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::ElemType;
     use std::path::PathBuf;
 
     fn sym(s: &str) -> Dim {
@@ -1210,8 +1166,8 @@ mod tests {
         let r = range("512-2048", "1-4");
         let mut q = RequestShape::new(2048, 1024, 1);
         assert!(r.check_shape(&q, "the profile").is_ok());
-        q.vae_tiles = crate::vae_tiling::VaeTiling::with_mode(crate::vae_tiling::TilingMode::On)
-            .tile_sizes(2048, 1024, 8);
+        // The tiles of 1024 px tiles over 2048x1024 (vae_tiling's tile_sizes_follow_the_grid).
+        q.vae_tiles = Some(vec![(512, 256), (1024, 256), (512, 1024), (1024, 1024)]);
         let e = r.check_shape(&q, "the TensorRT profile").unwrap_err();
         assert!(e.message.contains("VAE tiles of 512x256 px"), "{e}");
         assert_tidy(&e);
@@ -1313,15 +1269,166 @@ mod tests {
         assert_eq!(get(Role::VaeDecoder).min_shapes(), "latent:1x16x16x16");
     }
 
+    fn plan(sizes: &str, batch: &str) -> ShapePlan {
+        ShapePlan {
+            range: Some(range(sizes, batch)),
+            model: ModelShapes::default(),
+        }
+    }
+
     #[test]
-    fn reader_refuses_non_onnx_files() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("x.onnx");
-        std::fs::write(&p, b"<html>404</html>").unwrap();
-        let e = read_declared_inputs(&p).unwrap_err();
-        assert_eq!(e.kind, crate::ErrorKind::Model);
-        assert!(e.message.contains("x.onnx"), "{e}");
-        let e = read_declared_inputs(&d.path().join("missing.onnx")).unwrap_err();
-        assert!(e.message.contains("missing.onnx"), "{e}");
+    fn cuda_graphs_pin_the_request_shape() {
+        let mut ep = EpSettings::default();
+        let mut r = None;
+        let one = RequestShape::new(512, 768, 1);
+        assert!(
+            !pin_request_shape(&mut r, &ep, &one).unwrap(),
+            "no CUDA graphs: nothing to pin"
+        );
+        ep.cuda.cuda_graph = true;
+        // One image with true CFG: two transformer rows.
+        let cfg = RequestShape {
+            true_cfg: true,
+            ..one
+        };
+        assert!(pin_request_shape(&mut r, &ep, &cfg).unwrap());
+        let pinned = r.unwrap();
+        assert!(pinned.is_static());
+        assert!(
+            pinned.contains(512, 768, 2)
+                && !pinned.contains(512, 768, 1)
+                && !pinned.contains(768, 512, 2)
+        );
+        // A declared range stays as it is.
+        let other = RequestShape::new(1024, 1024, 1);
+        assert!(!pin_request_shape(&mut r, &ep, &other).unwrap());
+        assert_eq!(r, Some(pinned));
+    }
+
+    #[test]
+    fn a_static_shape_fixes_the_transformers_dimensions_and_allows_capture() {
+        let transformer =
+            read_declared_inputs(&bundled("tiny-flux-schnell", "transformer.onnx")).unwrap();
+        let p = plan("512x768", "2");
+        let o = p
+            .graph_options(Role::Transformer, Some(&transformer))
+            .unwrap();
+        assert!(o.capture_cuda_graphs);
+        // B rows, S = (768/16) * (512/16) image tokens, L = the T5 length.
+        assert_eq!(
+            crate::runtime::profile::static_dimensions(
+                "transformer",
+                o.profile.as_ref().unwrap(),
+                &transformer
+            )
+            .unwrap(),
+            [
+                ("B".to_string(), 2),
+                ("S".to_string(), 1536),
+                ("L".to_string(), 256)
+            ]
+        );
+        // Only the transformer captures: the other graphs run through plain runs.
+        let vae = read_declared_inputs(&bundled("tiny-flux-schnell", "vae_decoder.onnx")).unwrap();
+        assert!(
+            !p.graph_options(Role::VaeDecoder, Some(&vae))
+                .unwrap()
+                .capture_cuda_graphs
+        );
+        // A size range is not one shape: no capture, and the image tokens S stay free (one batch and the T5 length
+        // are still one value each).
+        let ranged = plan("512-1024", "1");
+        let o = ranged
+            .graph_options(Role::Transformer, Some(&transformer))
+            .unwrap();
+        assert!(!o.capture_cuda_graphs);
+        assert_eq!(
+            crate::runtime::profile::static_dimensions(
+                "t",
+                o.profile.as_ref().unwrap(),
+                &transformer
+            )
+            .unwrap(),
+            [("B".to_string(), 1), ("L".to_string(), 256)]
+        );
+        // No range: no profile, and no header is read.
+        let none = ShapePlan {
+            range: None,
+            model: ModelShapes::default(),
+        };
+        assert_eq!(
+            none.graph_options(Role::Transformer, None).unwrap(),
+            GraphOptions::default()
+        );
+    }
+
+    #[test]
+    fn cuda_graphs_only_for_the_transformer_with_a_static_shape() {
+        let mut ep = EpSettings::default();
+        ep.tensorrt.cuda_graph = true;
+        ep.cuda.cuda_graph = true;
+        let p = plan("1024", "1");
+        for active in [
+            vec![Provider::Cuda],
+            vec![Provider::TensorRt, Provider::Cuda],
+        ] {
+            assert!(
+                p.captures_cuda_graphs(&ep, &active, Role::Transformer),
+                "{active:?}"
+            );
+            for role in [Role::Clip, Role::T5, Role::VaeDecoder, Role::VaeEncoder] {
+                assert!(!p.captures_cuda_graphs(&ep, &active, role), "{role}");
+            }
+        }
+        assert!(!p.captures_cuda_graphs(&ep, &[Provider::Cpu], Role::Transformer));
+        assert!(p
+            .warnings(&ep, &[Provider::TensorRt, Provider::Cuda])
+            .is_empty());
+        // A range is not static: no capture, and a warning that says why.
+        let ranged = plan("512-1024", "1-4");
+        assert!(!ranged.captures_cuda_graphs(&ep, &[Provider::Cuda], Role::Transformer));
+        assert!(ranged.warnings(&ep, &[Provider::TensorRt])[0]
+            .contains("CUDA graphs need one image size"));
+        // Without a declared shape there is nothing static.
+        let none = ShapePlan {
+            range: None,
+            model: ModelShapes::default(),
+        };
+        assert!(!none.captures_cuda_graphs(&ep, &[Provider::Cuda], Role::Transformer));
+        assert_eq!(none.warnings(&ep, &[Provider::Cuda]).len(), 1);
+    }
+
+    #[test]
+    fn request_range_refusal() {
+        let mut ep = EpSettings::default();
+        let p = plan("512-1024", "1-4");
+        let trt = [Provider::TensorRt, Provider::Cpu];
+        assert!(p.check_request(&ep, &trt, 1024, 1024, 4).is_ok());
+        let e = p.check_request(&ep, &trt, 2048, 1024, 1).unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::InvalidInput);
+        assert!(
+            e.message.contains("TensorRT profile") && e.message.contains("512-1024"),
+            "{e}"
+        );
+        // Without TensorRT (and without CUDA graphs) nothing is refused.
+        assert!(p
+            .check_request(&ep, &[Provider::Cuda, Provider::Cpu], 2048, 1024, 9)
+            .is_ok());
+        // CUDA graphs on the CUDA provider pin one shape.
+        let p = plan("1024", "1");
+        ep.cuda.cuda_graph = true;
+        let e = p
+            .check_request(&ep, &[Provider::Cuda], 512, 512, 1)
+            .unwrap_err();
+        assert!(e.message.contains("CUDA graphs"), "{e}");
+        // True CFG doubles the transformer batch: one image is two rows, outside a static batch of 1.
+        let mut q = RequestShape::new(1024, 1024, 1);
+        assert!(p.check_request_shape(&ep, &[Provider::Cuda], &q).is_ok());
+        q.true_cfg = true;
+        let e = p
+            .check_request_shape(&ep, &[Provider::Cuda], &q)
+            .unwrap_err();
+        assert!(e.message.contains("2 rows"), "{e}");
+        assert!(p.check_request_shape(&ep, &[Provider::Cpu], &q).is_ok());
     }
 }
