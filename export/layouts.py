@@ -14,24 +14,15 @@ from pathlib import Path
 
 import onnx
 
+from . import contract
 from . import manifest as mf
 
-# BFL FLUX.1-*-onnx repos: one folder per graph, big weights in backbone.onnx_data. No VAE encoder is published.
-BFL = {
-    "clip": ("clip.opt/model.onnx", {}),
-    "t5": ("t5.opt/model.onnx", {}),
-    "transformer": ("transformer.opt/{precision}/model.onnx", {}),
-    "vae_decoder": ("vae.opt/model.onnx", {}),
-}
+# BFL FLUX.1-*-onnx repos: one folder per graph, big weights in backbone.onnx_data, no renames. The text-to-image
+# downloads publish no VAE encoder (Kontext's does); the copies made here follow the text-to-image ones.
+BFL = {g: (contract.FILES[g]["bfl"], {}) for g in ("clip", "t5", "transformer", "vae_decoder")}
 
 # optimum-onnx: diffusers component folders and transformers-style names.
-OPTIMUM = {
-    "clip": ("text_encoder/model.onnx", {"text_embeddings": "last_hidden_state", "pooled_embeddings": "pooler_output"}),
-    "t5": ("text_encoder_2/model.onnx", {"text_embeddings": "last_hidden_state"}),
-    "transformer": ("transformer/model.onnx", {"latent": "out_hidden_states"}),
-    "vae_decoder": ("vae_decoder/model.onnx", {"latent": "latent_sample", "images": "sample"}),
-    "vae_encoder": ("vae_encoder/model.onnx", {"images": "sample", "latent": "latent_parameters"}),
-}
+OPTIMUM = {g: (contract.FILES[g]["optimum"], contract.OPTIMUM_NAMES[g]) for g in contract.FILES}
 
 LAYOUTS = {"bfl": BFL, "optimum": OPTIMUM}
 

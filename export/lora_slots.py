@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from .checkpoint import ExportError
-from .wrappers import Io, TransformerGraph
+from .contract import Io
+from .wrappers import TransformerGraph
 
 SUFFIX_A, SUFFIX_B = ".lora_A", ".lora_B"
 RANK_DIM = "lora_rank_{}"

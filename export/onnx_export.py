@@ -12,7 +12,8 @@ import onnx
 import torch
 
 from .graph_io import save_graph
-from .wrappers import contract_for, export_patches, wrap
+from .contract import contract_for
+from .wrappers import export_patches, wrap
 
 GRAPHS = ["clip", "t5", "transformer", "vae_decoder", "vae_encoder"]
 PRECISIONS = ["fp32", "fp16", "bf16"]

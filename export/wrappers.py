@@ -1,5 +1,5 @@
 """Torch modules whose forward() is exactly one ONNX graph of the official contract (the I/O of the BFL
-FLUX.1-*-onnx exports as NVIDIA TensorRT's demo/Diffusion builds them; src/model/contract.rs).
+FLUX.1-*-onnx exports as NVIDIA TensorRT's demo/Diffusion builds them), as contract/flux-onnx.json writes it down.
 
 Each wrapper fixes the input/output names, dtypes and ranks; the exporter only adds dynamic axes.
 """
@@ -7,66 +7,10 @@ Each wrapper fixes the input/output names, dtypes and ranks; the exporter only a
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-
-
-@dataclass(frozen=True)
-class Io:
-    name: str
-    dtype: str  # "float32" | "int32"; the precision pass may turn float32 into float16/bfloat16
-    shape: tuple  # ints for fixed dims, strings for symbolic ones
-
-
-# The contract, per graph. Symbolic dims: B batch, L text length, S image tokens, H/W pixels, h/w latent.
-CONTRACT: dict[str, dict[str, list[Io]]] = {
-    "clip": {
-        "inputs": [Io("input_ids", "int32", ("B", 77))],
-        "outputs": [
-            Io("text_embeddings", "float32", ("B", 77, "clip_dim")),
-            Io("pooled_embeddings", "float32", ("B", "clip_dim")),
-        ],
-    },
-    "t5": {
-        "inputs": [Io("input_ids", "int32", ("B", "L"))],
-        "outputs": [Io("text_embeddings", "float32", ("B", "L", "t5_dim"))],
-    },
-    "transformer": {
-        "inputs": [
-            Io("hidden_states", "float32", ("B", "S", 64)),
-            Io("encoder_hidden_states", "float32", ("B", "L", "t5_dim")),
-            Io("pooled_projections", "float32", ("B", "clip_dim")),
-            Io("timestep", "float32", ("B",)),
-            Io("img_ids", "float32", ("S", 3)),
-            Io("txt_ids", "float32", ("L", 3)),
-            Io("guidance", "float32", ("B",)),  # dev only
-        ],
-        "outputs": [Io("latent", "float32", ("B", "S", 64))],
-    },
-    "vae_decoder": {
-        "inputs": [Io("latent", "float32", ("B", 16, "h", "w"))],
-        "outputs": [Io("images", "float32", ("B", 3, "H", "W"))],
-    },
-    "vae_encoder": {
-        "inputs": [Io("images", "float32", ("B", 3, "H", "W"))],
-        # `latent` is the posterior mean (diffusers' latent_dist.mode()); `latent_std` lets a runtime draw
-        # latent_dist.sample() as mean + std * noise like FluxImg2ImgPipeline does.
-        "outputs": [
-            Io("latent", "float32", ("B", 16, "h", "w")),
-            Io("latent_std", "float32", ("B", 16, "h", "w")),
-        ],
-    },
-}
-
-
-def contract_for(graph: str, guidance_embeds: bool) -> dict[str, list[Io]]:
-    c = CONTRACT[graph]
-    if graph == "transformer" and not guidance_embeds:
-        return {"inputs": [i for i in c["inputs"] if i.name != "guidance"], "outputs": c["outputs"]}
-    return c
 
 
 class ClipGraph(nn.Module):

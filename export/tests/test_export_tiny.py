@@ -136,3 +136,25 @@ def test_variant_defaults(exported, variant, steps, guidance, t5_len, dynamic, s
     # JSON null, not a string or 0, for schnell's guidance
     text = (exported[variant]["dir"] / "manifest.json").read_text()
     assert ('"guidance": null' in text) == (variant == "schnell")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_exported_graphs_follow_the_contract_file(exported, variant):
+    """Every graph's declared I/O is contract/flux-onnx.json's: same names in order, element types, fixed numbers and
+    dimension symbols (the model widths *_dim fixed to this model's sizes)."""
+    from export.contract import contract_for
+
+    m = exported[variant]["manifest"]
+    for graph, entry in m["graphs"].items():
+        want = contract_for(graph, m["guidance_embeds"])
+        for side in ("inputs", "outputs"):
+            got = entry[side]
+            assert [io["name"] for io in got] == [io.name for io in want[side]], (graph, side)
+            for g, w in zip(got, want[side]):
+                assert g["dtype"] == w.dtype, (graph, g["name"])
+                assert len(g["shape"]) == len(w.shape), (graph, g["name"])
+                for gd, wd in zip(g["shape"], w.shape):
+                    if isinstance(wd, str) and wd.endswith("_dim"):
+                        assert isinstance(gd, int), (graph, g["name"], gd)
+                    else:
+                        assert gd == wd, (graph, g["name"], g["shape"], w.shape)

@@ -1,7 +1,10 @@
-//! The ONNX I/O contract of each graph (the official BFL / demoDiffusion names), and the check of a loaded
-//! graph against it. Pure data: the runtime layer supplies what a session declares.
+//! The ONNX I/O contract of each graph (the official BFL / demoDiffusion names), read from `contract/flux-onnx.json`
+//! (which the export step reads too), and the check of a loaded graph against it. Pure data: the runtime layer
+//! supplies what a session declares.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::OnceLock;
 
 use crate::runtime::{ElemType, IoInfo};
 
@@ -61,58 +64,115 @@ pub struct Port {
     pub rank: usize,
 }
 
-const fn port(name: &'static str, kind: Kind, rank: usize) -> Port {
-    Port { name, kind, rank }
+/// One dimension of a contract shape: a number every FLUX.1 model has, or a symbol (`B`, `S`, `L`, `h`, `w`, `H`,
+/// `W`, or a model width such as `t5_dim`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum ContractDim {
+    Fixed(i64),
+    Symbol(String),
+}
+
+/// One input or output of the contract file.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct IoSpec {
+    pub name: String,
+    /// `float32` (any float type) or `int32` (any integer type).
+    pub dtype: String,
+    pub shape: Vec<ContractDim>,
+    /// Only guidance-distilled (dev) transformers have it.
+    #[serde(default)]
+    pub dev_only: bool,
+    /// Written by the export step but not read by the runtime when `false`.
+    #[serde(default = "yes")]
+    pub required: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl IoSpec {
+    fn port(&'static self) -> Port {
+        Port {
+            name: &self.name,
+            kind: if self.dtype.starts_with("int") {
+                Kind::Int
+            } else {
+                Kind::Float
+            },
+            rank: self.shape.len(),
+        }
+    }
+}
+
+/// Where a graph's file sits in the official layouts.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct GraphFiles {
+    /// Relative to the model folder; the transformer's has a `{precision}` folder.
+    pub bfl: String,
+    pub optimum: String,
+}
+
+/// One graph of the contract file.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct GraphContract {
+    pub inputs: Vec<IoSpec>,
+    pub outputs: Vec<IoSpec>,
+    pub files: GraphFiles,
+    /// optimum-onnx's name of an input or output, by contract name.
+    pub optimum_names: BTreeMap<String, String>,
+}
+
+#[derive(serde::Deserialize)]
+struct ContractFile {
+    graphs: BTreeMap<String, GraphContract>,
+}
+
+/// The contract file both the export step and the runtime read (`contract/flux-onnx.json`), compiled in.
+const CONTRACT_JSON: &str = include_str!("../../contract/flux-onnx.json");
+
+/// The contract of `role`'s graph.
+pub fn graph(role: Role) -> &'static GraphContract {
+    static CONTRACT: OnceLock<ContractFile> = OnceLock::new();
+    let c = CONTRACT.get_or_init(|| {
+        serde_json::from_str(CONTRACT_JSON).expect("contract/flux-onnx.json is valid (tested)")
+    });
+    &c.graphs[role.name()]
+}
+
+/// The contract's declaration of `role`'s input `name` (the contract name), if it has one.
+pub fn input(role: Role, name: &str) -> Option<&'static IoSpec> {
+    graph(role).inputs.iter().find(|i| i.name == name)
 }
 
 /// Inputs the pipeline feeds. `guidance` only for a guidance-distilled (dev) transformer.
 pub fn inputs(role: Role, guidance: bool) -> Vec<Port> {
-    use Kind::*;
-    match role {
-        Role::Clip | Role::T5 => vec![port("input_ids", Int, 2)],
-        Role::Transformer => {
-            let mut v = vec![
-                port("hidden_states", Float, 3),
-                port("encoder_hidden_states", Float, 3),
-                port("pooled_projections", Float, 2),
-                port("timestep", Float, 1),
-                port("img_ids", Float, 2),
-                port("txt_ids", Float, 2),
-            ];
-            if guidance {
-                v.push(port("guidance", Float, 1));
-            }
-            v
-        }
-        Role::VaeDecoder => vec![port("latent", Float, 4)],
-        Role::VaeEncoder => vec![port("images", Float, 4)],
-    }
+    graph(role)
+        .inputs
+        .iter()
+        .filter(|i| guidance || !i.dev_only)
+        .map(IoSpec::port)
+        .collect()
 }
 
 /// Outputs the pipeline reads.
 pub fn outputs(role: Role) -> Vec<Port> {
-    use Kind::*;
-    match role {
-        Role::Clip => vec![port("pooled_embeddings", Float, 2)],
-        Role::T5 => vec![port("text_embeddings", Float, 3)],
-        Role::Transformer => vec![port("latent", Float, 3)],
-        Role::VaeDecoder => vec![port("images", Float, 4)],
-        Role::VaeEncoder => vec![port("latent", Float, 4)],
-    }
+    graph(role)
+        .outputs
+        .iter()
+        .filter(|o| o.required)
+        .map(IoSpec::port)
+        .collect()
 }
 
 /// Graph-side names for a layout whose names differ from the contract (optimum-onnx), contract name first.
-pub fn optimum_names(role: Role) -> &'static [(&'static str, &'static str)] {
-    match role {
-        Role::Clip => &[
-            ("pooled_embeddings", "pooler_output"),
-            ("text_embeddings", "last_hidden_state"),
-        ],
-        Role::T5 => &[("text_embeddings", "last_hidden_state")],
-        Role::Transformer => &[("latent", "out_hidden_states")],
-        Role::VaeDecoder => &[("latent", "latent_sample"), ("images", "sample")],
-        Role::VaeEncoder => &[("images", "sample"), ("latent", "latent_parameters")],
-    }
+pub fn optimum_names(role: Role) -> Vec<(&'static str, &'static str)> {
+    graph(role)
+        .optimum_names
+        .iter()
+        .map(|(c, a)| (c.as_str(), a.as_str()))
+        .collect()
 }
 
 /// The run-time LoRA slot inputs of a transformer graph (export/lora_slots.py): `M.lora_A` `[in, r]` and `M.lora_B`
@@ -305,5 +365,59 @@ mod tests {
         let ins = vec![io("latent_sample", ElemType::F32, 4)];
         let outs = vec![io("sample", ElemType::F32, 4)];
         assert!(check(Role::VaeDecoder, false, &ins, &outs, &map).is_empty());
+    }
+
+    #[test]
+    fn the_contract_file_describes_every_role() {
+        for role in Role::ALL {
+            let g = graph(role);
+            assert!(!g.inputs.is_empty() && !outputs(role).is_empty(), "{role}");
+            for (c, _) in optimum_names(role) {
+                assert!(
+                    g.inputs.iter().chain(&g.outputs).any(|io| io.name == c),
+                    "{role}: optimum renames unknown {c}"
+                );
+            }
+        }
+        assert_eq!(
+            inputs(Role::Transformer, true).len(),
+            inputs(Role::Transformer, false).len() + 1
+        );
+        assert_eq!(outputs(Role::Clip)[0].name, "pooled_embeddings");
+        assert_eq!(input(Role::T5, "input_ids").unwrap().port().kind, Kind::Int);
+        assert!(graph(Role::Transformer).files.bfl.contains("{precision}"));
+    }
+
+    /// The bundled models' manifests (what the export step wrote) declare the contract file's I/O.
+    #[test]
+    fn the_bundled_models_follow_the_contract_file() {
+        for model in ["tiny-flux-schnell", "tiny-flux-dev"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("models")
+                .join(model);
+            let m = crate::model::Manifest::read(&dir.join("manifest.json")).unwrap();
+            for (name, g) in &m.graphs {
+                let role = Role::from_name(name).unwrap();
+                let want: Vec<&str> = graph(role)
+                    .inputs
+                    .iter()
+                    .filter(|i| m.guidance_embeds || !i.dev_only)
+                    .map(|i| i.name.as_str())
+                    .collect();
+                let got: Vec<&str> = g.inputs.iter().map(|i| i.name.as_str()).collect();
+                assert_eq!(got, want, "{model}/{name}");
+                for i in &g.inputs {
+                    let spec = input(role, &i.name).unwrap();
+                    assert_eq!(i.shape.len(), spec.shape.len(), "{model}/{name}/{}", i.name);
+                    for (d, c) in i.shape.iter().zip(&spec.shape) {
+                        match c {
+                            ContractDim::Fixed(n) => assert_eq!(d, &serde_json::json!(n)),
+                            ContractDim::Symbol(s) if s.ends_with("_dim") => assert!(d.is_number()),
+                            ContractDim::Symbol(s) => assert_eq!(d, &serde_json::json!(s)),
+                        }
+                    }
+                }
+            }
+        }
     }
 }

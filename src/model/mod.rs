@@ -208,11 +208,14 @@ impl ModelSpec {
                 None => Ok(()),
             };
         }
-        let tdir = self.root.join("transformer.opt");
+        let file = |p: &str| {
+            self.root
+                .join(layout_file(Role::Transformer, Layout::Bfl, p))
+        };
         let present: Vec<&'static str> = BFL_TRANSFORMER_PRECISIONS
             .iter()
             .copied()
-            .filter(|p| tdir.join(p).join("model.onnx").is_file())
+            .filter(|p| file(p).is_file())
             .collect();
         let order = preferred_precisions(active);
         let chosen = match wanted {
@@ -237,7 +240,7 @@ impl ModelSpec {
                 None => return Ok(()),
             },
         };
-        let path = tdir.join(chosen).join("model.onnx");
+        let path = file(chosen);
         if TENSORRT_ONLY_PRECISIONS.contains(&chosen) && !tensorrt {
             let others: Vec<&str> = present
                 .iter()
@@ -394,6 +397,16 @@ pub fn precision_warning(active: &[Provider], precision: Option<&str>) -> Option
     })
 }
 
+/// The file of `role` in the official layout (`contract/flux-onnx.json`), `{precision}` filled in.
+fn layout_file(role: Role, layout: Layout, precision: &str) -> PathBuf {
+    let files = &contract::graph(role).files;
+    let rel = match layout {
+        Layout::Optimum => &files.optimum,
+        _ => &files.bfl,
+    };
+    PathBuf::from(rel.replace("{precision}", precision))
+}
+
 fn from_bfl(root: &Path) -> Result<ModelSpec> {
     let mut graphs = BTreeMap::new();
     let mut add = |role: Role, rel: PathBuf| {
@@ -406,17 +419,17 @@ fn from_bfl(root: &Path) -> Result<ModelSpec> {
             },
         );
     };
-    add(Role::Clip, Path::new("clip.opt").join("model.onnx"));
-    add(Role::T5, Path::new("t5.opt").join("model.onnx"));
-    add(Role::VaeDecoder, Path::new("vae.opt").join("model.onnx"));
-    let tdir = root.join("transformer.opt");
-    let precision = BFL_TRANSFORMER_PRECISIONS
-        .iter()
-        .find(|p| tdir.join(p).join("model.onnx").is_file());
-    match precision {
+    for role in [Role::Clip, Role::T5, Role::VaeDecoder] {
+        add(role, layout_file(role, Layout::Bfl, ""));
+    }
+    let present = |p: &str| {
+        root.join(layout_file(Role::Transformer, Layout::Bfl, p))
+            .is_file()
+    };
+    match BFL_TRANSFORMER_PRECISIONS.iter().find(|p| present(p)) {
         Some(p) => add(
             Role::Transformer,
-            Path::new("transformer.opt").join(p).join("model.onnx"),
+            layout_file(Role::Transformer, Layout::Bfl, p),
         ),
         None => {
             return Err(Error::model(format!(
@@ -427,11 +440,10 @@ fn from_bfl(root: &Path) -> Result<ModelSpec> {
             .with_hint("download the transformer.opt folder of the FLUX.1 ONNX repository"))
         }
     }
-    if root.join("vae_encoder.opt").join("model.onnx").is_file() {
-        add(
-            Role::VaeEncoder,
-            Path::new("vae_encoder.opt").join("model.onnx"),
-        );
+    // Only Kontext's download has a VAE encoder.
+    let encoder = layout_file(Role::VaeEncoder, Layout::Bfl, "");
+    if root.join(&encoder).is_file() {
+        add(Role::VaeEncoder, encoder);
     }
     let (clip, t5) = default_tokenizers(root);
     Ok(bare_spec(root, Layout::Bfl, graphs, clip, t5))
@@ -439,14 +451,8 @@ fn from_bfl(root: &Path) -> Result<ModelSpec> {
 
 fn from_optimum(root: &Path) -> Result<ModelSpec> {
     let mut graphs = BTreeMap::new();
-    for (role, dir) in [
-        (Role::Clip, "text_encoder"),
-        (Role::T5, "text_encoder_2"),
-        (Role::Transformer, "transformer"),
-        (Role::VaeDecoder, "vae_decoder"),
-        (Role::VaeEncoder, "vae_encoder"),
-    ] {
-        let path = root.join(dir).join("model.onnx");
+    for role in Role::ALL {
+        let path = root.join(layout_file(role, Layout::Optimum, ""));
         if role == Role::VaeEncoder && !path.is_file() {
             continue; // optional: only img2img needs it
         }
@@ -455,7 +461,7 @@ fn from_optimum(root: &Path) -> Result<ModelSpec> {
             GraphSpec {
                 role,
                 path,
-                renames: contract::optimum_names(role).to_vec(),
+                renames: contract::optimum_names(role),
             },
         );
     }

@@ -416,8 +416,6 @@ impl GraphCall {
 pub struct ModelShapes {
     /// T5 sequence length `L` (256 for schnell, 512 for dev).
     pub t5_len: u32,
-    /// CLIP sequence length (77).
-    pub clip_len: u32,
     /// The model's default image size (width, height): the tuning size unless the range gives one.
     pub default_size: (u32, u32),
     /// Pixels per latent pixel (8 for the FLUX VAE).
@@ -429,7 +427,6 @@ impl Default for ModelShapes {
     fn default() -> Self {
         ModelShapes {
             t5_len: 256,
-            clip_len: 77,
             default_size: (1024, 1024),
             vae_factor: 8,
         }
@@ -459,7 +456,6 @@ impl ModelShapes {
             .unwrap_or_else(|| Defaults::for_variant(variant));
         Ok(ModelShapes {
             t5_len: d.t5_max_length as u32,
-            clip_len: spec.clip_tokenizer.settings.max_length as u32,
             default_size: (d.width, d.height),
             vae_factor: spec.vae.downsample_factor as u32,
         })
@@ -474,16 +470,26 @@ enum Axis {
     Seq,
     /// T5 length.
     TextLen,
-    /// CLIP length.
-    ClipLen,
     LatentH,
     LatentW,
     PixelH,
     PixelW,
     /// A constant of the contract (64 channels, 3 id axes, ...).
     Const(i64),
-    /// A model width (4096, 768, 16, ...) that differs between real and tiny models: must be declared fixed.
+    /// A model width (4096, 768, ...) that differs between real and tiny models: must be declared fixed.
     Width,
+}
+
+impl Axis {
+    /// What a dimension of the contract file means (`contract/flux-onnx.json`): its symbols, the `*_dim` model
+    /// widths, or a number every FLUX.1 model has.
+    fn of_contract(d: &contract::ContractDim) -> Option<Axis> {
+        match d {
+            contract::ContractDim::Fixed(n) => Some(Axis::Const(*n)),
+            contract::ContractDim::Symbol(s) if s.ends_with("_dim") => Some(Axis::Width),
+            contract::ContractDim::Symbol(s) => axis_by_name(s),
+        }
+    }
 }
 
 /// A run-time LoRA slot input ([`contract::is_lora_slot_input`]): an overridable initializer, not a required input.
@@ -497,21 +503,12 @@ fn is_lora_slot(io: &IoInfo) -> bool {
 }
 
 /// The axes of a contract input (contract names), `None` for an input the contract does not define.
-fn contract_axes(role: Role, name: &str) -> Option<&'static [Axis]> {
-    use Axis::*;
-    Some(match (role, name) {
-        (Role::Clip, "input_ids") => &[Batch, ClipLen],
-        (Role::T5, "input_ids") => &[Batch, TextLen],
-        (Role::Transformer, "hidden_states") => &[Batch, Seq, Const(64)],
-        (Role::Transformer, "encoder_hidden_states") => &[Batch, TextLen, Width],
-        (Role::Transformer, "pooled_projections") => &[Batch, Width],
-        (Role::Transformer, "timestep" | "guidance") => &[Batch],
-        (Role::Transformer, "img_ids") => &[Seq, Const(3)],
-        (Role::Transformer, "txt_ids") => &[TextLen, Const(3)],
-        (Role::VaeDecoder, "latent") => &[Batch, Width, LatentH, LatentW],
-        (Role::VaeEncoder, "images") => &[Batch, Const(3), PixelH, PixelW],
-        _ => return None,
-    })
+fn contract_axes(role: Role, name: &str) -> Option<Vec<Axis>> {
+    contract::input(role, name)?
+        .shape
+        .iter()
+        .map(Axis::of_contract)
+        .collect()
 }
 
 /// The contract name of a graph input: the name itself, or the contract name an optimum-onnx graph renames.
@@ -563,7 +560,6 @@ pub fn derive(
         Some(match axis {
             Axis::Seq => (h / (vae * 2)) * (w / (vae * 2)),
             Axis::TextLen => model.t5_len as i64,
-            Axis::ClipLen => model.clip_len as i64,
             Axis::LatentH => h / vae,
             Axis::LatentW => w / vae,
             Axis::PixelH => h,
@@ -590,6 +586,7 @@ pub fn derive(
                 Dim::Symbolic(s) => s,
             };
             let axis = axes
+                .as_deref()
                 .filter(|a| a.len() == io.shape.len())
                 .map(|a| a[i])
                 .or_else(|| axis_by_name(sym));
