@@ -133,7 +133,7 @@ fn end_to_end(c: &mut Criterion) {
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(10));
     for size in [64u32, 256] {
-        let mut req = Request::new(&pipe, "a photo of a cat", 0);
+        let mut req = Request::new(&pipe.engine().spec, "a photo of a cat", 0);
         req.width = size;
         req.height = size;
         g.bench_function(format!("generate_{size}x{size}_4_steps"), |b| {

@@ -43,14 +43,19 @@ fn main() -> fluxrt::Result<()> {
         ..VaeTiling::default()
     };
     let mut pipe = Pipeline::load(&LoadOptions::new(&args[0]))?;
-    let f = pipe.spec.vae.downsample_factor;
-    let c = pipe.spec.latent_channels;
+    let f = pipe.engine().spec.vae.downsample_factor;
+    let c = pipe.engine().spec.latent_channels;
     let (h, w) = (size / f, size / f);
     let z = ndarray::Array4::from_shape_vec((1, c, h, w), fluxrt::noise::randn(0, c * h * w))
         .expect("shape");
     let before = peak_memory_bytes();
     let t0 = Instant::now();
-    let img = vae_tiling::decode(&mut pipe, z.clone(), &tiling, &Canceller::new())?;
+    let img = vae_tiling::decode(
+        z.clone(),
+        &tiling,
+        pipe.engine().spec.vae.downsample_factor,
+        |z| pipe.engine_mut().decode(z, &Canceller::new()),
+    )?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     println!(
         "{}",

@@ -415,13 +415,14 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         lo.providers = vec![p];
         let mut pipe = Pipeline::load(&lo)?;
         let cache: BTreeMap<String, String> = pipe
+            .engine()
             .graph_cache_use()
             .into_iter()
             .map(|(k, v)| (k, v.name().to_string()))
             .collect();
         log(&format!(
             "{p}: sessions created in {:.0} ms (optimized-graph cache: {})",
-            ms(pipe.load_time()),
+            ms(pipe.engine().load_time()),
             cache
                 .iter()
                 .map(|(k, v)| format!("{k} {v}"))
@@ -430,13 +431,13 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         ));
         if model_info.is_none() {
             model_info = Some(ModelInfo {
-                path: pipe.spec.root.display().to_string(),
-                name: pipe.spec.name.clone(),
-                variant: pipe.variant().name().to_string(),
+                path: pipe.engine().spec.root.display().to_string(),
+                name: pipe.engine().spec.name.clone(),
+                variant: pipe.engine().variant().name().to_string(),
                 precision: manifest_precisions(&pipe),
             });
         }
-        let defaults = pipe.spec.defaults();
+        let defaults = pipe.engine().spec.defaults();
         let sizes = if opts.sizes.is_empty() {
             vec![(defaults.width, defaults.height)]
         } else {
@@ -444,13 +445,13 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         };
         let mut size_results = Vec::new();
         for &(w, h) in &sizes {
-            let mut req = Request::new(&pipe, opts.prompt.clone(), opts.seed);
+            let mut req = Request::new(&pipe.engine().spec, opts.prompt.clone(), opts.seed);
             req.width = w;
             req.height = h;
             req.steps = opts.steps.unwrap_or(req.steps);
             req.num_images = opts.batch;
             req.max_pixels = opts.max_pixels;
-            req.validate(pipe.spec.vae.downsample_factor)?;
+            req.validate(pipe.engine().spec.vae.downsample_factor)?;
             steps_used = req.steps;
             let r = bench_size(&mut pipe, p, &req, opts, log)?;
             size_results.push(r);
@@ -460,15 +461,17 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             status: "ok".into(),
             error: None,
             providers_active: pipe
+                .engine()
                 .providers()
                 .active
                 .iter()
                 .map(|p| p.name().to_string())
                 .collect(),
-            graph_providers: pipe.graph_providers(),
-            graph_nodes: pipe.graph_nodes(),
-            session_creation_ms: ms(pipe.load_time()),
+            graph_providers: pipe.engine().graph_providers(),
+            graph_nodes: pipe.engine().graph_nodes(),
+            session_creation_ms: ms(pipe.engine().load_time()),
             graph_session_ms: pipe
+                .engine()
                 .graph_load_times()
                 .into_iter()
                 .map(|(k, v)| (k, ms(v)))
@@ -527,7 +530,7 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
 }
 
 fn manifest_precisions(pipe: &Pipeline) -> BTreeMap<String, String> {
-    let path = pipe.spec.root.join("manifest.json");
+    let path = pipe.engine().spec.root.join("manifest.json");
     let Ok(text) = std::fs::read_to_string(path) else {
         return BTreeMap::new();
     };
@@ -560,7 +563,7 @@ fn bench_size(
         width: req.width,
         height: req.height,
         guidance: req.guidance,
-        model: pipe.spec.name.clone(),
+        model: pipe.engine().spec.name.clone(),
         provider: provider.name().into(),
         sampler: "Euler (flow match)".into(),
         version: format!("fluxrt {}", env!("CARGO_PKG_VERSION")),

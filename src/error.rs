@@ -79,3 +79,38 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// Stops the run when a stage produced NaN or Inf, naming the stage.
+pub fn ensure_finite(stage: &str, data: &[f32]) -> Result<()> {
+    let bad = data.iter().filter(|v| !v.is_finite()).count();
+    if bad == 0 {
+        return Ok(());
+    }
+    Err(non_finite(stage, bad, data.len()))
+}
+
+/// The error of [`ensure_finite`], from a count (the device loop counts on the device).
+pub fn non_finite(stage: &str, bad: usize, len: usize) -> Error {
+    Error::numerics(format!("{stage} contains {bad} NaN/Inf values of {len}")).with_hint(
+        "fp16 overflow is the usual cause: use a graph exported with fp32 islands (python -m export --precision fp16 \
+         keeps them), an fp32 or bf16 export, or another execution provider",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ensure_finite_names_the_stage() {
+        assert!(ensure_finite("x", &[0.0, 1.0]).is_ok());
+        let e = ensure_finite("latents after step 2", &[0.0, f32::NAN, f32::INFINITY]).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Numerics);
+        assert!(
+            e.message
+                .contains("latents after step 2 contains 2 NaN/Inf"),
+            "{e}"
+        );
+        assert!(e.hint.unwrap().contains("fp32 islands"));
+    }
+}

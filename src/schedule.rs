@@ -114,12 +114,34 @@ fn static_shift(shift: f64, t: f32) -> f32 {
     (shift as f32 * t) / (1.0 + (shift - 1.0) as f32 * t)
 }
 
+/// Most denoising steps a request may ask for.
+pub const MAX_STEPS: usize = 1000;
+
+/// The rule for a step count: 1 to `max` (a server may set a lower limit than [`MAX_STEPS`]).
+pub fn check_steps(steps: usize, max: usize) -> Result<()> {
+    if steps == 0 || steps > max {
+        return Err(
+            Error::input(format!("steps must be between 1 and {max}, got {steps}"))
+                .with_hint("FLUX.1-schnell uses 4 steps, FLUX.1-dev 28-50"),
+        );
+    }
+    Ok(())
+}
+
+/// The rule for an img2img strength: in (0, 1].
+pub fn check_strength(strength: f64) -> Result<()> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(
+            Error::input(format!("strength must be in (0, 1], got {strength}"))
+                .with_hint("1.0 ignores the init image; 0.6-0.8 keeps its layout"),
+        );
+    }
+    Ok(())
+}
+
 /// The N shifted sigmas plus the terminal 0 (N + 1 values), equal to diffusers' `scheduler.sigmas`.
 pub fn sigmas(num_steps: usize, image_seq_len: usize, cfg: &SchedulerConfig) -> Result<Vec<f32>> {
-    if num_steps == 0 {
-        return Err(Error::input("steps must be at least 1, got 0")
-            .with_hint("FLUX.1-schnell uses 4 steps, FLUX.1-dev 28-50"));
-    }
+    check_steps(num_steps, MAX_STEPS)?;
     cfg.validate()?;
     let mu = calculate_shift(image_seq_len, cfg);
     let mut out: Vec<f32> = linspace_sigmas(num_steps)
@@ -171,17 +193,8 @@ pub fn euler_step(latents: &mut [f32], velocity: &[f32], sigma: f32, sigma_next:
 /// `int(N - min(N * strength, N))`, in f64. The run then takes `num_steps - start` steps from
 /// `sigmas[start]`, on the full N-step schedule.
 pub fn img2img_start(num_steps: usize, strength: f64) -> Result<usize> {
-    if num_steps == 0 {
-        return Err(Error::input("steps must be at least 1, got 0").with_hint(
-            "img2img runs strength * steps of the schedule; use 4 (schnell) or 28 (dev)",
-        ));
-    }
-    if !(strength > 0.0 && strength <= 1.0) {
-        return Err(
-            Error::input(format!("strength must be in (0, 1], got {strength}"))
-                .with_hint("1.0 ignores the input image; 0.6-0.8 keeps its layout"),
-        );
-    }
+    check_steps(num_steps, MAX_STEPS)?;
+    check_strength(strength)?;
     let n = num_steps as f64;
     let init = (n * strength).min(n);
     let start = (n - init).max(0.0) as usize;

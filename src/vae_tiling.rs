@@ -17,8 +17,6 @@ use std::str::FromStr;
 
 use ndarray::{concatenate, s, Array4, ArrayView4, Axis};
 
-use crate::pipeline::Pipeline;
-use crate::runtime::Canceller;
 use crate::{Error, Result};
 
 /// Above this many pixels, `auto` tiles (2 MP: 1024x2048 still decodes whole, 2048x2048 is tiled).
@@ -183,17 +181,17 @@ impl VaeTiling {
 }
 
 /// Decodes VAE-space latents `[B, C, h, w]` (already `z / scale + shift`) to images `[B, 3, H, W]` in [-1, 1],
-/// in tiles when `tiling` applies to the image size, else in one pass.
+/// in tiles when `tiling` applies to the image size, else in one pass; `f` is the VAE factor and `run` one decoder
+/// call.
 pub fn decode(
-    pipe: &mut Pipeline,
     z: Array4<f32>,
     tiling: &VaeTiling,
-    cancel: &Canceller,
+    f: usize,
+    mut run: impl FnMut(Array4<f32>) -> Result<Array4<f32>>,
 ) -> Result<Array4<f32>> {
-    let f = pipe.spec.vae.downsample_factor;
     let (_, _, h, w) = z.dim();
     if !tiling.applies((w * f) as u32, (h * f) as u32) {
-        return pipe.decode(z, cancel);
+        return run(z);
     }
     tiling.validate(f)?;
     let g = tiling.grid(f);
@@ -204,22 +202,21 @@ pub fn decode(
         g.overlap * f,
         g.stride() * f,
         (h * f, w * f),
-        |t| pipe.decode(t, cancel),
+        run,
     )
 }
 
 /// Encodes images `[1, 3, H, W]` in [-1, 1] to the posterior's (mean, std), `[1, C, H/f, W/f]` each, in tiles when
-/// `tiling` applies, else in one pass.
+/// `tiling` applies, else in one pass; `f` is the VAE factor and `run` one encoder call.
 pub fn encode(
-    pipe: &mut Pipeline,
     x: &Array4<f32>,
     tiling: &VaeTiling,
-    cancel: &Canceller,
+    f: usize,
+    mut run: impl FnMut(&Array4<f32>) -> Result<(Array4<f32>, Array4<f32>)>,
 ) -> Result<(Array4<f32>, Array4<f32>)> {
-    let f = pipe.spec.vae.downsample_factor;
     let (_, _, h, w) = x.dim();
     if !tiling.applies(w as u32, h as u32) {
-        return pipe.encode_image(x, cancel);
+        return run(x);
     }
     tiling.validate(f)?;
     let g = tiling.grid(f);
@@ -232,7 +229,7 @@ pub fn encode(
         g.stride(),
         (h / f, w / f),
         |t| {
-            let (mean, std) = pipe.encode_image(&t, cancel)?;
+            let (mean, std) = run(&t)?;
             channels = mean.shape()[1];
             let logvar = std.mapv(|s| (2.0 * s.ln()).clamp(-30.0, 20.0));
             concatenate(Axis(1), &[mean.view(), logvar.view()])

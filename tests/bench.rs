@@ -391,12 +391,12 @@ fn load(model_dir: &Path, cache: Option<&Path>, io_binding: bool) -> Pipeline {
 }
 
 fn generate(p: &mut Pipeline, w: u32, h: u32, n: usize) -> Output {
-    let mut req = Request::new(p, "a red fox in the snow", 7);
+    let mut req = Request::new(&p.engine().spec, "a red fox in the snow", 7);
     req.width = w;
     req.height = h;
     req.num_images = n;
     req.steps = 3;
-    if p.variant() == fluxrt::model::Variant::Dev {
+    if p.engine().variant() == fluxrt::model::Variant::Dev {
         req.guidance = Some(4.0);
     }
     p.generate(&req, &mut Quiet, &Canceller::new(), true)
@@ -471,6 +471,7 @@ fn optimized_cache_cold_then_warm_gives_the_same_image() {
     let m = model("tiny-flux-dev");
     let mut cold = load(&m, Some(&cache), true);
     assert!(cold
+        .engine()
         .graph_cache_use()
         .values()
         .all(|c| *c == CacheUse::Cold));
@@ -478,11 +479,16 @@ fn optimized_cache_cold_then_warm_gives_the_same_image() {
     assert_eq!(entries, 4, "one entry per graph");
     let mut warm = load(&m, Some(&cache), true);
     assert!(warm
+        .engine()
         .graph_cache_use()
         .values()
         .all(|c| *c == CacheUse::Warm));
     let mut off = load(&m, None, true);
-    assert!(off.graph_cache_use().values().all(|c| *c == CacheUse::Off));
+    assert!(off
+        .engine()
+        .graph_cache_use()
+        .values()
+        .all(|c| *c == CacheUse::Off));
     let (a, b, c) = (
         generate(&mut cold, 64, 64, 1),
         generate(&mut warm, 64, 64, 1),
@@ -497,6 +503,7 @@ fn optimized_cache_cold_then_warm_gives_the_same_image() {
     }
     let mut again = load(&m, Some(&cache), true);
     assert!(again
+        .engine()
         .graph_cache_use()
         .values()
         .all(|c| *c == CacheUse::Cold));
@@ -511,7 +518,7 @@ fn optimized_cache_cold_then_warm_gives_the_same_image() {
     let bytes = std::fs::read(&t).unwrap();
     std::fs::write(&t, &bytes).unwrap(); // same content, new mtime
     let p = load(&copy, Some(&cache), true);
-    assert_eq!(p.graph_cache_use()["transformer"], CacheUse::Cold);
+    assert_eq!(p.engine().graph_cache_use()["transformer"], CacheUse::Cold);
     assert!(std::fs::read_dir(&cache).unwrap().count() > before);
 }
 

@@ -22,7 +22,7 @@ fn load_dir(dir: std::path::PathBuf) -> Pipeline {
 }
 
 fn request(pipe: &Pipeline, images: usize, cfg: bool) -> Request {
-    let mut r = Request::new(pipe, "a red fox in the snow", 11);
+    let mut r = Request::new(&pipe.engine().spec, "a red fox in the snow", 11);
     r.width = 128;
     r.height = 128;
     r.steps = 3;
@@ -87,10 +87,10 @@ fn check_pipe(mut pipe: Pipeline, name: &str, images: usize, cfg: bool) {
     let dx = max_abs_diff(&format!("{what}: latents"), &dev_x, &plain_x);
     let di = max_abs_diff(&format!("{what}: image"), &dev_img, &plain_img);
     assert!(dx <= TOL && di <= TOL, "{what}: latents {dx}, image {di}");
-    // Auto is off on CPU: the host-bound loop runs (plain runs with CFG, or for a graph whose latents are not f32:
-    // the host binding updates f32 buffers in place).
+    // Auto is off on CPU: the host-bound loop runs, true CFG included (plain runs for a graph whose latents are not
+    // f32: the host binding updates f32 buffers in place).
     let (auto_kind, _, auto_img) = generate_with(&mut pipe, &req, DeviceLoop::Auto, true);
-    let want = if cfg || !f32_graph {
+    let want = if !f32_graph {
         LoopKind::Plain
     } else {
         LoopKind::HostBound
@@ -158,14 +158,9 @@ fn untraced_device_loop_matches_plain_loop() {
             let (kind, dev) = images_with(&mut pipe, &req, DeviceLoop::On, false);
             assert_eq!(kind, LoopKind::Device, "{what}");
             assert!(dev == plain, "{what}: the device loop's images differ");
-            // The host-bound loop also copies its latents back once (it does not run true CFG).
+            // The host-bound loop also copies its latents back once (true CFG: the first half of its [x; x]).
             let (kind, bound) = images_with(&mut pipe, &req, DeviceLoop::Off, true);
-            let want = if cfg {
-                LoopKind::Plain
-            } else {
-                LoopKind::HostBound
-            };
-            assert_eq!(kind, want, "{what}");
+            assert_eq!(kind, LoopKind::HostBound, "{what}");
             assert!(
                 bound == plain,
                 "{what}: the host-bound loop's images differ"
@@ -304,7 +299,7 @@ fn later_generations_reuse_the_same_transformer_buffers() {
     // (latents, timestep, velocity, embeddings, ids, guidance) between generations and rewrites them in place.
     // On CPU the addresses are host memory, checked the same way; every image still equals the plain loop's.
     let mut pipe = load("tiny-flux-dev");
-    assert!(!pipe.transformer_cuda_graphs());
+    assert!(!pipe.engine().transformer_cuda_graphs());
     assert_eq!(pipe.device_loop_buffers(), None);
     for (images, cfg) in [(2, false), (1, true)] {
         let req = request(&pipe, images, cfg);

@@ -87,7 +87,7 @@ fn load(model_name: &str) -> Pipeline {
 }
 
 fn request(pipe: &Pipeline, c: &FeatureCase) -> Request {
-    let mut req = Request::new(pipe, c.prompt.clone(), c.seed);
+    let mut req = Request::new(&pipe.engine().spec, c.prompt.clone(), c.seed);
     req.width = c.width;
     req.height = c.height;
     req.steps = c.steps;
@@ -154,7 +154,7 @@ fn check_true_cfg(model_name: &str) {
         let mut req = request(&pipe, &c);
         req.negative_prompt = c.negative_prompt.clone();
         req.true_cfg = c.true_cfg_scale.unwrap();
-        assert!(fluxrt::guidance::active(&req));
+        assert!(req.true_cfg_active());
         let out = pipe
             .generate(&req, &mut Quiet, &Canceller::new(), true)
             .expect("true CFG runs");
@@ -220,7 +220,7 @@ fn true_cfg_needs_both_a_negative_prompt_and_a_scale_above_one() {
         width: 64,
         height: 48,
         steps: 2,
-        ..Request::new(&pipe, "a lighthouse", 5)
+        ..Request::new(&pipe.engine().spec, "a lighthouse", 5)
     };
     let run = |pipe: &mut Pipeline, r: &Request| {
         pipe.generate(r, &mut Quiet, &Canceller::new(), false)
@@ -279,7 +279,7 @@ fn feature_batches_equal_single_runs() {
         init_image: Some(init),
         strength: 0.75,
         num_images: 2,
-        ..Request::new(&pipe, "a cat", 11)
+        ..Request::new(&pipe.engine().spec, "a cat", 11)
     };
     // Another prompt, seed and init image (resized and cropped to 64x64) in the same batch.
     let other = Request {
@@ -295,7 +295,7 @@ fn feature_batches_equal_single_runs() {
         negative_prompt: Some("blur".into()),
         true_cfg: 3.0,
         num_images: 2,
-        ..Request::new(&pipe, "a cat", 11)
+        ..Request::new(&pipe.engine().spec, "a cat", 11)
     };
     let cfg2 = Request {
         prompt: "a dog".into(),
@@ -324,7 +324,7 @@ fn feature_batches_equal_single_runs() {
         );
     }
     // img2img and text-to-image, or different strengths, do not share a batch.
-    let t2i = Request::new(&pipe, "a cat", 1);
+    let t2i = Request::new(&pipe.engine().spec, "a cat", 1);
     let mut a = t2i.clone();
     a.init_image = Some(InitImage::from_rgb(image::RgbImage::new(16, 16)).unwrap());
     assert!(!a.batches_with(&t2i));
@@ -348,7 +348,7 @@ fn low_memory_img2img_and_true_cfg_give_the_same_image() {
         strength: 0.5,
         negative_prompt: Some("blur".into()),
         true_cfg: 2.0,
-        ..Request::new(&normal, "a cat", 4)
+        ..Request::new(&normal.engine().spec, "a cat", 4)
     };
     let a = normal
         .generate(&req, &mut Quiet, &Canceller::new(), false)
@@ -738,9 +738,18 @@ fn tiled_vae_is_diffusers_tiled_decode_and_encode() {
     for (h, w, tile) in [(64usize, 64usize, 128u32), (34, 50, 128), (34, 50, 96)] {
         let z = Array4::from_shape_vec((1, 16, h, w), fluxrt::noise::randn(h as u64, 16 * h * w))
             .unwrap();
-        let ours = vae_tiling::decode(&mut pipe, z.clone(), &on(tile), &cancel).unwrap();
+        let ours = vae_tiling::decode(
+            z.clone(),
+            &on(tile),
+            pipe.engine().spec.vae.downsample_factor,
+            |z| pipe.engine_mut().decode(z, &cancel),
+        )
+        .unwrap();
         let theirs = diffusers_tiled(&z, tile as usize / 8, tile as usize, 0.25, |t| {
-            vae_tiling::decode(&mut pipe, t, &off, &cancel).unwrap()
+            vae_tiling::decode(t, &off, pipe.engine().spec.vae.downsample_factor, |z| {
+                pipe.engine_mut().decode(z, &cancel)
+            })
+            .unwrap()
         });
         let d = max_diff(&ours, &theirs);
         assert!(
@@ -758,9 +767,18 @@ fn tiled_vae_is_diffusers_tiled_decode_and_encode() {
             .collect(),
     )
     .unwrap();
-    let (mean, std) = vae_tiling::encode(&mut pipe, &x, &on(128), &cancel).unwrap();
+    let (mean, std) = vae_tiling::encode(
+        &x,
+        &on(128),
+        pipe.engine().spec.vae.downsample_factor,
+        |x| pipe.engine_mut().encode_image(x, &cancel),
+    )
+    .unwrap();
     let moments = diffusers_tiled(&x, 128, 16, 0.25, |t| {
-        let (m, s) = vae_tiling::encode(&mut pipe, &t, &off, &cancel).unwrap();
+        let (m, s) = vae_tiling::encode(&t, &off, pipe.engine().spec.vae.downsample_factor, |x| {
+            pipe.engine_mut().encode_image(x, &cancel)
+        })
+        .unwrap();
         let logvar = s.mapv(|v| 2.0 * v.ln());
         ndarray::concatenate(Axis(1), &[m.view(), logvar.view()]).unwrap()
     });
@@ -772,9 +790,18 @@ fn tiled_vae_is_diffusers_tiled_decode_and_encode() {
     assert!(max_diff(&std, &want_std) <= 1e-5 * want_std.iter().fold(1f32, |a, &b| a.max(b)));
     // Not tiling, and tiling on but an image within one tile, are the plain pass.
     let z = Array4::from_shape_vec((1, 16, 8, 8), fluxrt::noise::randn(1, 1024)).unwrap();
-    let plain = vae_tiling::decode(&mut pipe, z.clone(), &off, &cancel).unwrap();
+    let plain = vae_tiling::decode(
+        z.clone(),
+        &off,
+        pipe.engine().spec.vae.downsample_factor,
+        |z| pipe.engine_mut().decode(z, &cancel),
+    )
+    .unwrap();
     assert_eq!(
-        vae_tiling::decode(&mut pipe, z, &on(128), &cancel).unwrap(),
+        vae_tiling::decode(z, &on(128), pipe.engine().spec.vae.downsample_factor, |z| {
+            pipe.engine_mut().decode(z, &cancel)
+        })
+        .unwrap(),
         plain
     );
 }
@@ -811,7 +838,7 @@ fn tiled_decode_is_close_to_untiled_and_seamless() {
         width: 512,
         height: 512,
         steps: 1,
-        ..Request::new(&pipe, "a city at night", 8)
+        ..Request::new(&pipe.engine().spec, "a city at night", 8)
     };
     let mut images = |tiling: VaeTiling| {
         let r = Request {
@@ -887,7 +914,7 @@ fn tiled_encode_is_close_to_untiled() {
         steps: 4,
         strength: 0.5,
         init_image: Some(init),
-        ..Request::new(&pipe, "a cat", 8)
+        ..Request::new(&pipe.engine().spec, "a cat", 8)
     };
     let mut x0 = |tiling: VaeTiling| {
         let r = Request {

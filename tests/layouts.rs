@@ -30,7 +30,7 @@ fn resave(model_name: &str, layout: &str, out: &Path) {
 fn image(model_dir: &Path, seed: u64) -> image::RgbImage {
     let mut pipe = Pipeline::load(&LoadOptions::new(model_dir))
         .unwrap_or_else(|e| panic!("{}: {e}", model_dir.display()));
-    let mut req = Request::new(&pipe, "a lighthouse at dusk", seed);
+    let mut req = Request::new(&pipe.engine().spec, "a lighthouse at dusk", seed);
     req.width = 64;
     req.height = 48;
     req.steps = 3;

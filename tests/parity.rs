@@ -13,7 +13,7 @@ fn check_model(model_name: &str) {
     for case in cases(model_name) {
         let g = Golden::load(model_name, &case);
         let what = |s: &str| format!("{model_name}/{}: {s}", case.name);
-        let mut req = Request::new(&pipe, case.prompt.clone(), case.seed);
+        let mut req = Request::new(&pipe.engine().spec, case.prompt.clone(), case.seed);
         req.width = case.width;
         req.height = case.height;
         req.steps = case.steps;
@@ -46,7 +46,7 @@ fn dev_matches_diffusers_at_every_stage() {
 fn a_batch_of_different_requests_equals_single_runs() {
     for m in MODELS {
         let mut pipe = Pipeline::load(&LoadOptions::new(model(m))).unwrap();
-        let mut a = Request::new(&pipe, "a lighthouse", 21);
+        let mut a = Request::new(&pipe.engine().spec, "a lighthouse", 21);
         a.width = 64;
         a.height = 48;
         a.num_images = 2;
@@ -97,7 +97,7 @@ fn low_memory_mode_gives_the_same_image() {
     let req = Request {
         width: 64,
         height: 64,
-        ..Request::new(&normal, "a cat", 4)
+        ..Request::new(&normal.engine().spec, "a cat", 4)
     };
     let a = normal
         .generate(&req, &mut Quiet, &Canceller::new(), false)
@@ -114,7 +114,7 @@ fn a_cancelled_run_stops_with_a_cancelled_error() {
     let req = Request {
         width: 64,
         height: 64,
-        ..Request::new(&pipe, "a cat", 4)
+        ..Request::new(&pipe.engine().spec, "a cat", 4)
     };
     let cancel = Canceller::new();
     cancel.cancel();

@@ -302,7 +302,7 @@ fn fp8_and_fp4_transformers_need_tensorrt() {
     let both = bfl_copy(d.path(), &["bf16", "fp4"]);
     // CPU takes the bf16 folder...
     let pipe = Pipeline::load(&LoadOptions::new(&both)).unwrap();
-    assert_eq!(pipe.spec.transformer_precision(), Some("bf16"));
+    assert_eq!(pipe.engine().spec.transformer_precision(), Some("bf16"));
     // ...and refuses the fp4 one when asked for it.
     let mut opts = LoadOptions::new(&both);
     opts.transformer_precision = Some("fp4".into());

@@ -25,7 +25,7 @@ fn batching_four_requests_versus_running_them_one_by_one() {
             .map(|i| Request {
                 width: w,
                 height: h,
-                ..Request::new(&p, format!("prompt {i}"), i)
+                ..Request::new(&p.engine().spec, format!("prompt {i}"), i)
             })
             .collect();
         p.generate(&reqs[0], &mut Quiet, &none(), false).unwrap();

@@ -21,7 +21,7 @@ fn request(pipe: &Pipeline, prompt: &str, seed: u64, n: usize) -> Request {
         width: 64,
         height: 48,
         num_images: n,
-        ..Request::new(pipe, prompt, seed)
+        ..Request::new(&pipe.engine().spec, prompt, seed)
     }
 }
 

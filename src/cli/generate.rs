@@ -130,7 +130,7 @@ pub fn run(a: Args) -> Result<()> {
             return Err(Error::input("--strength needs --init-image")
                 .with_hint("strength sets how much of an init image img2img keeps"));
         }
-        fluxrt::img2img::check_strength(s)?;
+        fluxrt::schedule::check_strength(s)?;
     }
     let init = match &a.init_image {
         Some(path) => Some(InitImage::open(path)?),
@@ -155,26 +155,26 @@ pub fn run(a: Args) -> Result<()> {
     if let (Some(w), Some(h)) = (a.width, a.height) {
         let true_cfg = a.true_cfg.unwrap_or(fluxrt::guidance::DEFAULT_TRUE_CFG);
         let shape = fluxrt::model::shapes::RequestShape {
-            true_cfg: fluxrt::guidance::is_on(true_cfg, a.negative_prompt.is_some()),
+            true_cfg: fluxrt::request::true_cfg_on(true_cfg, a.negative_prompt.is_some()),
             ..fluxrt::model::shapes::RequestShape::new(w, h, a.num_images)
         };
         fluxrt::model::shapes::pin_request_shape(&mut opts.shapes, &opts.ep, &shape)?;
     }
     let mut pipe = Pipeline::load(&opts)?;
-    for (p, why) in &pipe.providers().rejected {
+    for (p, why) in &pipe.engine().providers().rejected {
         eprintln!("warning: provider {p} not used: {why}");
     }
-    for w in pipe.load_warnings() {
+    for w in pipe.engine().load_warnings() {
         eprintln!("warning: {w}");
     }
 
-    let mut req = Request::new(&pipe, a.input.prompt.clone(), seed);
+    let mut req = Request::new(&pipe.engine().spec, a.input.prompt.clone(), seed);
     req.prompt_2 = a.input.prompt_2.clone();
     // Said before the run, and in --json's warnings.
     let mut warnings = Vec::new();
     if let Some(init) = &init {
         // diffusers' default size for img2img: the init image's, floored to the size multiple.
-        let vae_factor = pipe.spec.vae.downsample_factor;
+        let vae_factor = pipe.engine().spec.vae.downsample_factor;
         let (w, h) = init.default_size(vae_factor)?;
         req.width = w;
         req.height = h;
@@ -197,10 +197,10 @@ pub fn run(a: Args) -> Result<()> {
             .push(fluxrt::lora::LoraChoice::new(pipe.load_lora(path)?, *scale));
     }
     if a.guidance.is_some() {
-        if pipe.variant() == fluxrt::model::Variant::Schnell {
+        if pipe.engine().variant() == fluxrt::model::Variant::Schnell {
             warnings.push(format!(
                 "--guidance is ignored: {} is a schnell model without guidance embedding",
-                pipe.spec.name
+                pipe.engine().spec.name
             ));
         } else {
             req.guidance = a.guidance;
@@ -227,6 +227,7 @@ pub fn run(a: Args) -> Result<()> {
     let steps_run = out.timings.denoise.len();
 
     let provider = pipe
+        .engine()
         .providers()
         .active
         .iter()
@@ -238,19 +239,20 @@ pub fn run(a: Args) -> Result<()> {
         let params = GenerationParams {
             prompt: req.prompt.clone(),
             prompt_2: req.prompt_2.clone(),
-            negative_prompt: fluxrt::guidance::active(&req)
+            negative_prompt: req
+                .true_cfg_active()
                 .then(|| req.negative_prompt.clone())
                 .flatten(),
             steps: req.steps,
             seed: img.seed,
             width: req.width,
             height: req.height,
-            guidance: if pipe.variant() == fluxrt::model::Variant::Dev {
+            guidance: if pipe.engine().variant() == fluxrt::model::Variant::Dev {
                 req.guidance
             } else {
                 None
             },
-            model: pipe.spec.name.clone(),
+            model: pipe.engine().spec.name.clone(),
             provider: provider.clone(),
             sampler: "Euler (flow match)".into(),
             version: format!("fluxrt {}", env!("CARGO_PKG_VERSION")),
@@ -265,17 +267,17 @@ pub fn run(a: Args) -> Result<()> {
     let t = &out.timings;
     if a.json {
         print_json(&json!({
-            "model": pipe.spec.name,
-            "variant": pipe.variant().name(),
+            "model": pipe.engine().spec.name,
+            "variant": pipe.engine().variant().name(),
             "files": paths,
             "seeds": seeds,
             "width": req.width,
             "height": req.height,
             "steps": req.steps,
             "guidance": fluxrt::json::opt_f32_number(req.guidance),
-            "providers": pipe.providers().active.iter().map(|p| p.name()).collect::<Vec<_>>(),
-            "graph_providers": pipe.graph_providers(),
-            "graph_nodes": pipe.graph_nodes(),
+            "providers": pipe.engine().providers().active.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            "graph_providers": pipe.engine().graph_providers(),
+            "graph_nodes": pipe.engine().graph_nodes(),
             "device_loop": pipe.device_loop().name(),
             "denoise_loop": pipe.denoise_loop().name(),
             "device_loop_fallback": pipe.device_loop_fallback(),
@@ -284,7 +286,7 @@ pub fn run(a: Args) -> Result<()> {
             "strength": req.init_image.is_some().then_some(req.strength),
             "steps_run": steps_run,
             "negative_prompt": req.negative_prompt,
-            "true_cfg": fluxrt::json::opt_f32_number(fluxrt::guidance::active(&req).then_some(req.true_cfg)),
+            "true_cfg": fluxrt::json::opt_f32_number(req.true_cfg_active().then_some(req.true_cfg)),
             "loras": req.loras.iter().map(|c| {
                 let mut d = c.lora.describe();
                 d["scale"] = fluxrt::json::f32_number(c.scale);

@@ -419,23 +419,24 @@ fn worker(
         }
     };
     pipe.set_embedding_cache(app.cache.clone());
-    let d = pipe.spec.defaults();
+    let d = pipe.engine().spec.defaults();
     let info = ModelInfo {
-        name: pipe.spec.name.clone(),
-        variant: pipe.variant(),
+        name: pipe.engine().spec.name.clone(),
+        variant: pipe.engine().variant(),
         width: d.width,
         height: d.height,
         steps: d.steps,
         guidance: d.guidance,
-        vae_factor: pipe.spec.vae.downsample_factor,
+        vae_factor: pipe.engine().spec.vae.downsample_factor,
         providers: pipe
+            .engine()
             .providers()
             .active
             .iter()
             .map(|p| p.name().to_string())
             .collect(),
     };
-    let graphs = json!(pipe.graph_providers());
+    let graphs = json!(pipe.engine().graph_providers());
     let _ = loaded.send(Ok((info, graphs)));
     drop(loaded);
     while let Some(run) = app.sched.next_batch() {
@@ -447,10 +448,10 @@ fn load_and_warm(index: usize, app: &App) -> Result<Pipeline> {
     let t0 = Instant::now();
     let mut pipe = Pipeline::load(&app.config.load)?;
     if index == 0 {
-        for (p, why) in &pipe.providers().rejected {
+        for (p, why) in &pipe.engine().providers().rejected {
             app.log(format_args!("provider {p} not used: {why}"));
         }
-        for w in pipe.load_warnings() {
+        for w in pipe.engine().load_warnings() {
             app.log(format_args!("warning: {w}"));
         }
     }
@@ -474,7 +475,7 @@ fn load_and_warm(index: usize, app: &App) -> Result<Pipeline> {
         let _ = app.loras.set(api::LoraCatalog(catalog));
     }
     if app.config.warmup {
-        let d = pipe.spec.defaults();
+        let d = pipe.engine().spec.defaults();
         let req = Request {
             prompt: "warm-up".into(),
             prompt_2: None,
@@ -491,7 +492,7 @@ fn load_and_warm(index: usize, app: &App) -> Result<Pipeline> {
     }
     app.log(format_args!(
         "worker {index}: {} loaded{} in {:.1}s",
-        pipe.spec.name,
+        pipe.engine().spec.name,
         if app.config.warmup {
             " and warmed up"
         } else {
@@ -803,7 +804,8 @@ async fn generate(
     let params = GenerationParams {
         prompt: req.prompt.clone(),
         prompt_2: req.prompt_2.clone(),
-        negative_prompt: crate::guidance::active(&req)
+        negative_prompt: req
+            .true_cfg_active()
             .then(|| req.negative_prompt.clone())
             .flatten(),
         steps: req.steps,
