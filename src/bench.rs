@@ -77,12 +77,7 @@ impl BenchOptions {
             return Err(Error::input("batch must be at least 1"));
         }
         if let Some(s) = self.steps {
-            if s == 0 || s > MAX_STEPS {
-                return Err(Error::input(format!(
-                    "steps must be between 1 and {MAX_STEPS}, got {s}"
-                ))
-                .with_hint("schnell uses 4 steps, dev 28-50"));
-            }
+            crate::schedule::check_steps(s, MAX_STEPS)?;
         }
         for &(w, h) in &self.sizes {
             latents::validate_size(w, h, self.max_pixels, latents::FLUX_VAE_FACTOR)?;

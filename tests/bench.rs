@@ -364,8 +364,13 @@ fn bench_unavailable_provider_is_reported_and_fails() {
         &["--json", json.to_str().unwrap()],
     ]
     .concat());
+    let r = || -> Value { serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap() };
     if o.status.success() {
-        // A machine where CUDA really works.
+        // A machine where CUDA really works: both providers were measured.
+        let r = r();
+        assert_schema_valid(&r);
+        assert_eq!(r["results"][0]["status"], "ok");
+        assert_eq!(r["results"][1]["status"], "ok");
         return;
     }
     let err = stderr(&o);
@@ -373,7 +378,7 @@ fn bench_unavailable_provider_is_reported_and_fails() {
         err.contains("cuda") && err.contains("could not be benchmarked"),
         "{err}"
     );
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = r();
     assert_schema_valid(&r);
     assert_eq!(r["results"][0]["status"], "skipped");
     assert!(r["results"][0]["error"].as_str().unwrap().contains("cuda"));

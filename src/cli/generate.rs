@@ -117,12 +117,10 @@ pub fn run(a: Args) -> Result<()> {
     a.runtime.providers()?;
     // Size checks that need no model: zero, not a multiple of 16, too large.
     if let (Some(w), Some(h)) = (a.width, a.height) {
-        fluxrt::latents::validate_size(w, h, a.max_pixels, 8)?;
+        fluxrt::latents::validate_size(w, h, a.max_pixels, fluxrt::latents::FLUX_VAE_FACTOR)?;
     }
-    if a.steps == Some(0) {
-        return Err(
-            Error::input("--steps must be at least 1").with_hint("schnell uses 4 steps, dev 28-50")
-        );
+    if let Some(steps) = a.steps {
+        fluxrt::schedule::check_steps(steps, fluxrt::schedule::MAX_STEPS)?;
     }
     // img2img input, read and checked before any model is loaded.
     if let Some(s) = a.strength {

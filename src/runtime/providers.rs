@@ -299,7 +299,10 @@ mod tests {
             && available.iter().any(|p| p == "CUDAExecutionProvider")
             && probe_one(Provider::Cuda, &available, lib).is_ok();
         if cuda_really_works {
-            eprintln!("CUDA is usable here; skipping the rejection check");
+            // A CUDA machine: the probe takes it, with nothing rejected.
+            let plan = probe(&[Provider::Cuda], true).unwrap();
+            assert_eq!(plan.active, vec![Provider::Cuda]);
+            assert!(plan.rejected.is_empty(), "{:?}", plan.rejected);
             return;
         }
         let plan = probe(&[Provider::Cuda], false).unwrap();

@@ -454,14 +454,8 @@ fn build(
         return Err(ApiError::invalid(param, msg));
     }
     let steps = steps.unwrap_or(model.steps);
-    if steps == 0 || steps > limits.max_steps {
-        return Err(ApiError::invalid(
-            "steps",
-            format!(
-                "steps must be between 1 and {}, got {steps}",
-                limits.max_steps
-            ),
-        ));
+    if let Err(e) = crate::schedule::check_steps(steps, limits.max_steps) {
+        return Err(ApiError::invalid("steps", e.message));
     }
     let n = count.unwrap_or(1);
     if n == 0 || n > limits.max_images {
