@@ -1,11 +1,19 @@
-//! Prometheus metrics, written in the text exposition format (version 0.0.4) by hand: a few counters,
-//! gauges and histograms need no registry crate.
+//! Prometheus metrics through `prometheus-client`: the counters and histograms live in one registry per server, the
+//! scrape-time values (queue depth, readiness, the embedding cache) are read when `/metrics` is scraped, and the
+//! crate writes the text exposition format (version 0.0.4).
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Bucket bounds in seconds, from a fast tiny-model stage to a slow large image.
 const SECONDS: &[f64] = &[
@@ -14,133 +22,134 @@ const SECONDS: &[f64] = &[
 ];
 const SIZES: &[f64] = &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0];
 
-#[derive(Debug, Clone)]
-struct Histogram {
-    bounds: &'static [f64],
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
+fn seconds() -> Histogram {
+    Histogram::new(SECONDS.iter().copied())
 }
 
-impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
-        Histogram {
-            bounds,
-            counts: vec![0; bounds.len()],
-            sum: 0.0,
-            count: 0,
-        }
-    }
-
-    fn observe(&mut self, v: f64) {
-        for (b, c) in self.bounds.iter().zip(self.counts.iter_mut()) {
-            if v <= *b {
-                *c += 1;
-            }
-        }
-        self.sum += v;
-        self.count += 1;
-    }
-
-    fn write(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (b, c) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-            self.count
-        );
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
-    }
+fn sizes() -> Histogram {
+    Histogram::new(SIZES.iter().copied())
 }
 
-/// A histogram family keyed by one label's value.
-#[derive(Debug)]
-struct Family {
-    label: &'static str,
-    bounds: &'static [f64],
-    by: Mutex<BTreeMap<String, Histogram>>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Response {
+    endpoint: String,
+    status: u16,
 }
 
-impl Family {
-    fn new(label: &'static str, bounds: &'static [f64]) -> Self {
-        Family {
-            label,
-            bounds,
-            by: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    fn observe(&self, value: &str, v: f64) {
-        let mut by = self.by.lock().unwrap_or_else(|e| e.into_inner());
-        by.entry(value.to_string())
-            .or_insert_with(|| Histogram::new(self.bounds))
-            .observe(v);
-    }
-
-    fn write(&self, out: &mut String, name: &str, help: &str) {
-        header(out, name, help, "histogram");
-        let by = self.by.lock().unwrap_or_else(|e| e.into_inner());
-        for (value, h) in by.iter() {
-            h.write(out, name, &format!("{}=\"{}\"", self.label, escape(value)));
-        }
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Endpoint {
+    endpoint: String,
 }
 
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Stage {
+    stage: String,
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
 }
 
-/// Everything the server counts. Gauges that the scheduler knows (queue depth, running requests) are
-/// passed to [`Metrics::render`] instead of being kept here.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientState {
+    state: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Everything the server counts. Values that others know (queue depth, running requests, readiness, the cache) are
+/// passed to [`Metrics::render`] as [`Gauges`] instead of being kept here.
 #[derive(Debug)]
 pub struct Metrics {
-    /// (endpoint, status) -> responses.
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
-    pub http_in_flight: AtomicU64,
-    request_seconds: Family,
-    stage_seconds: Family,
-    queue_wait: Mutex<Histogram>,
-    batch_requests: Mutex<Histogram>,
-    batch_images: Mutex<Histogram>,
-    pub images_generated: AtomicU64,
-    /// outcome -> runs.
-    runs: Mutex<BTreeMap<&'static str, u64>>,
-    /// where the client was when it went away (queued, running) -> count.
-    disconnects: Mutex<BTreeMap<&'static str, u64>>,
-    pub timeouts: AtomicU64,
+    registry: Registry,
+    requests: Family<Response, Counter>,
+    in_flight: Gauge,
+    request_seconds: Histograms<Endpoint>,
+    stage_seconds: Histograms<Stage>,
+    queue_wait: Histogram,
+    batch_requests: Histogram,
+    batch_images: Histogram,
+    images: Counter,
+    runs: Family<Outcome, Counter>,
+    disconnects: Family<ClientState, Counter>,
+    timeouts: Counter,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
-            requests: Mutex::new(BTreeMap::new()),
-            http_in_flight: AtomicU64::new(0),
-            request_seconds: Family::new("endpoint", SECONDS),
-            stage_seconds: Family::new("stage", SECONDS),
-            queue_wait: Mutex::new(Histogram::new(SECONDS)),
-            batch_requests: Mutex::new(Histogram::new(SIZES)),
-            batch_images: Mutex::new(Histogram::new(SIZES)),
-            images_generated: AtomicU64::new(0),
-            runs: Mutex::new(BTreeMap::new()),
-            disconnects: Mutex::new(BTreeMap::new()),
-            timeouts: AtomicU64::new(0),
-        }
+        let m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            in_flight: Gauge::default(),
+            request_seconds: Family::new_with_constructor(seconds),
+            stage_seconds: Family::new_with_constructor(seconds),
+            queue_wait: seconds(),
+            batch_requests: sizes(),
+            batch_images: sizes(),
+            images: Counter::default(),
+            runs: Family::default(),
+            disconnects: Family::default(),
+            timeouts: Counter::default(),
+        };
+        // The registry holds clones: every metric is a shared handle on the same values.
+        let mut r = Registry::default();
+        r.register(
+            "fluxrt_http_requests",
+            "HTTP responses by endpoint and status (499: the client went away first)",
+            m.requests.clone(),
+        );
+        r.register(
+            "fluxrt_http_request_duration_seconds",
+            "Time from request to response, by endpoint",
+            m.request_seconds.clone(),
+        );
+        r.register(
+            "fluxrt_http_requests_in_flight",
+            "HTTP requests being handled",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "fluxrt_stage_duration_seconds",
+            "Time per pipeline stage and run (denoise: all steps; generate: the whole run; png_encode: per image)",
+            m.stage_seconds.clone(),
+        );
+        r.register(
+            "fluxrt_queue_wait_seconds",
+            "Time a request waited in the queue before its run started",
+            m.queue_wait.clone(),
+        );
+        r.register(
+            "fluxrt_batch_requests",
+            "Requests per run (batching)",
+            m.batch_requests.clone(),
+        );
+        r.register(
+            "fluxrt_batch_images",
+            "Images per run (batching)",
+            m.batch_images.clone(),
+        );
+        r.register(
+            "fluxrt_images_generated",
+            "Images generated (counted when their run ends)",
+            m.images.clone(),
+        );
+        r.register(
+            "fluxrt_runs",
+            "Pipeline runs by outcome (ok, error, cancelled)",
+            m.runs.clone(),
+        );
+        r.register(
+            "fluxrt_client_disconnects",
+            "Clients that went away before their answer, by where their request was",
+            m.disconnects.clone(),
+        );
+        r.register(
+            "fluxrt_request_timeouts",
+            "Requests answered 504 after --request-timeout",
+            m.timeouts.clone(),
+        );
+        Metrics { registry: r, ..m }
     }
 }
 
@@ -155,252 +164,137 @@ pub struct Gauges {
     pub cache: Option<crate::pipeline::EmbeddingCacheStats>,
 }
 
-fn bump<K: Ord>(m: &Mutex<BTreeMap<K, u64>>, k: K) {
-    *m.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(k)
-        .or_insert(0) += 1;
+impl Gauges {
+    /// The scrape-time values as their own registry, written after the counters.
+    fn registry(&self) -> Registry {
+        let mut r = Registry::default();
+        let mut gauge = |name: &str, help: &str, v: usize| {
+            r.register(name, help, ConstGauge::new(v as i64));
+        };
+        gauge(
+            "fluxrt_queue_depth",
+            "Generation requests waiting for a worker",
+            self.queue_depth,
+        );
+        gauge(
+            "fluxrt_running_requests",
+            "Generation requests in a run on a worker",
+            self.running_requests,
+        );
+        gauge(
+            "fluxrt_workers",
+            "Worker threads, each with its own pipeline",
+            self.workers,
+        );
+        gauge(
+            "fluxrt_workers_ready",
+            "Workers with a loaded and warmed-up model",
+            self.workers_ready,
+        );
+        gauge(
+            "fluxrt_ready",
+            "1 when the server accepts generation requests",
+            self.ready as usize,
+        );
+        if let Some(c) = self.cache {
+            gauge(
+                "fluxrt_embedding_cache_entries",
+                "Prompts in the cache",
+                c.entries,
+            );
+            gauge(
+                "fluxrt_embedding_cache_bytes",
+                "Bytes held by the cache",
+                c.bytes,
+            );
+            gauge(
+                "fluxrt_embedding_cache_budget_bytes",
+                "The cache's byte budget",
+                c.budget,
+            );
+            for (name, help, v) in [
+                (
+                    "fluxrt_embedding_cache_hits",
+                    "Prompts whose embeddings came from the cache",
+                    c.hits,
+                ),
+                (
+                    "fluxrt_embedding_cache_misses",
+                    "Prompts encoded by CLIP and T5",
+                    c.misses,
+                ),
+                (
+                    "fluxrt_embedding_cache_evictions",
+                    "Entries evicted to stay within the byte budget",
+                    c.evictions,
+                ),
+            ] {
+                r.register(name, help, ConstCounter::new(v));
+            }
+        }
+        r
+    }
 }
 
 impl Metrics {
+    /// An HTTP request began; [`Metrics::record_request`] ends it.
+    pub fn request_started(&self) {
+        self.in_flight.inc();
+    }
+
+    /// An HTTP request ended with `status` after `elapsed`.
     pub fn record_request(&self, endpoint: &str, status: u16, elapsed: Duration) {
-        bump(&self.requests, (endpoint.to_string(), status));
+        self.in_flight.dec();
+        self.requests
+            .get_or_create(&Response {
+                endpoint: endpoint.to_string(),
+                status,
+            })
+            .inc();
         self.request_seconds
-            .observe(endpoint, elapsed.as_secs_f64());
+            .get_or_create(&Endpoint {
+                endpoint: endpoint.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
     pub fn stage(&self, stage: &str, d: Duration) {
-        self.stage_seconds.observe(stage, d.as_secs_f64());
-    }
-
-    pub fn queue_wait(&self, d: Duration) {
-        self.queue_wait
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.stage_seconds
+            .get_or_create(&Stage {
+                stage: stage.to_string(),
+            })
             .observe(d.as_secs_f64());
     }
 
-    pub fn batch(&self, requests: usize, images: usize) {
-        self.batch_requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .observe(requests as f64);
-        self.batch_images
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .observe(images as f64);
+    pub fn queue_wait(&self, d: Duration) {
+        self.queue_wait.observe(d.as_secs_f64());
     }
 
-    pub fn run(&self, outcome: &'static str) {
-        bump(&self.runs, outcome);
+    pub fn batch(&self, requests: usize, images: usize) {
+        self.batch_requests.observe(requests as f64);
+        self.batch_images.observe(images as f64);
+    }
+
+    /// A run ended with `outcome` (ok, error, cancelled) after generating `images`.
+    pub fn run(&self, outcome: &'static str, images: usize) {
+        self.runs.get_or_create(&Outcome { outcome }).inc();
+        self.images.inc_by(images as u64);
     }
 
     pub fn disconnect(&self, state: &'static str) {
-        bump(&self.disconnects, state);
+        self.disconnects.get_or_create(&ClientState { state }).inc();
     }
 
-    /// Responses so far for `endpoint` by status (for tests and logs).
-    pub fn requests_for(&self, endpoint: &str) -> BTreeMap<u16, u64> {
-        self.requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|((e, _), _)| e == endpoint)
-            .map(|((_, s), n)| (*s, *n))
-            .collect()
+    pub fn timeout(&self) {
+        self.timeouts.inc();
     }
 
+    /// The text exposition of every metric, with the scrape-time values `g`.
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::with_capacity(8192);
-        header(
-            &mut out,
-            "fluxrt_http_requests_total",
-            "HTTP responses by endpoint and status (499: the client went away first).",
-            "counter",
-        );
-        for ((endpoint, status), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "fluxrt_http_requests_total{{endpoint=\"{}\",status=\"{status}\"}} {n}",
-                escape(endpoint)
-            );
-        }
-        self.request_seconds.write(
-            &mut out,
-            "fluxrt_http_request_duration_seconds",
-            "Time from request to response, by endpoint.",
-        );
-        let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
-            header(out, name, help, "gauge");
-            let _ = writeln!(out, "{name} {v}");
-        };
-        gauge(
-            &mut out,
-            "fluxrt_http_requests_in_flight",
-            "HTTP requests being handled.",
-            self.http_in_flight.load(Ordering::Relaxed) as f64,
-        );
-        gauge(
-            &mut out,
-            "fluxrt_queue_depth",
-            "Generation requests waiting for a worker.",
-            g.queue_depth as f64,
-        );
-        gauge(
-            &mut out,
-            "fluxrt_running_requests",
-            "Generation requests in a run on a worker.",
-            g.running_requests as f64,
-        );
-        gauge(
-            &mut out,
-            "fluxrt_workers",
-            "Worker threads, each with its own pipeline.",
-            g.workers as f64,
-        );
-        gauge(
-            &mut out,
-            "fluxrt_workers_ready",
-            "Workers with a loaded and warmed-up model.",
-            g.workers_ready as f64,
-        );
-        gauge(
-            &mut out,
-            "fluxrt_ready",
-            "1 when the server accepts generation requests.",
-            if g.ready { 1.0 } else { 0.0 },
-        );
-        self.stage_seconds.write(
-            &mut out,
-            "fluxrt_stage_duration_seconds",
-            "Time per pipeline stage and run (denoise: all steps; generate: the whole run; png_encode: per image).",
-        );
-        header(
-            &mut out,
-            "fluxrt_queue_wait_seconds",
-            "Time a request waited in the queue before its run started.",
-            "histogram",
-        );
-        self.queue_wait
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(&mut out, "fluxrt_queue_wait_seconds", "");
-        header(
-            &mut out,
-            "fluxrt_batch_requests",
-            "Requests per run (batching).",
-            "histogram",
-        );
-        self.batch_requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(&mut out, "fluxrt_batch_requests", "");
-        header(
-            &mut out,
-            "fluxrt_batch_images",
-            "Images per run (batching).",
-            "histogram",
-        );
-        self.batch_images
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(&mut out, "fluxrt_batch_images", "");
-        header(
-            &mut out,
-            "fluxrt_images_generated_total",
-            "Images generated (counted when their run ends).",
-            "counter",
-        );
-        let _ = writeln!(
-            out,
-            "fluxrt_images_generated_total {}",
-            self.images_generated.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "fluxrt_runs_total",
-            "Pipeline runs by outcome (ok, error, cancelled).",
-            "counter",
-        );
-        for (outcome, n) in self.runs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "fluxrt_runs_total{{outcome=\"{outcome}\"}} {n}");
-        }
-        header(
-            &mut out,
-            "fluxrt_client_disconnects_total",
-            "Clients that went away before their answer, by where their request was.",
-            "counter",
-        );
-        for (state, n) in self
-            .disconnects
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "fluxrt_client_disconnects_total{{state=\"{state}\"}} {n}"
-            );
-        }
-        header(
-            &mut out,
-            "fluxrt_request_timeouts_total",
-            "Requests answered 504 after --request-timeout.",
-            "counter",
-        );
-        let _ = writeln!(
-            out,
-            "fluxrt_request_timeouts_total {}",
-            self.timeouts.load(Ordering::Relaxed)
-        );
-        if let Some(c) = g.cache {
-            for (name, help, kind, v) in [
-                (
-                    "fluxrt_embedding_cache_hits_total",
-                    "Prompts whose embeddings came from the cache.",
-                    "counter",
-                    c.hits as f64,
-                ),
-                (
-                    "fluxrt_embedding_cache_misses_total",
-                    "Prompts encoded by CLIP and T5.",
-                    "counter",
-                    c.misses as f64,
-                ),
-                (
-                    "fluxrt_embedding_cache_evictions_total",
-                    "Entries evicted to stay within the byte budget.",
-                    "counter",
-                    c.evictions as f64,
-                ),
-                (
-                    "fluxrt_embedding_cache_entries",
-                    "Prompts in the cache.",
-                    "gauge",
-                    c.entries as f64,
-                ),
-                (
-                    "fluxrt_embedding_cache_bytes",
-                    "Bytes held by the cache.",
-                    "gauge",
-                    c.bytes as f64,
-                ),
-                (
-                    "fluxrt_embedding_cache_budget_bytes",
-                    "The cache's byte budget.",
-                    "gauge",
-                    c.budget as f64,
-                ),
-            ] {
-                header(&mut out, name, help, kind);
-                let _ = writeln!(out, "{name} {v}");
-            }
-        }
+        prometheus_text::encode(&mut out, &self.registry)
+            .and_then(|()| prometheus_text::encode(&mut out, &g.registry()))
+            .expect("writing to a String does not fail");
         out
     }
 }
@@ -414,6 +308,8 @@ mod tests {
         let m = Metrics::default();
         m.stage("clip", Duration::from_millis(3));
         m.stage("clip", Duration::from_millis(300));
+        m.request_started();
+        m.request_started();
         m.record_request("/v1/generate", 200, Duration::from_millis(10));
         m.record_request("/v1/generate", 429, Duration::from_millis(1));
         let text = m.render(&Gauges::default());
@@ -426,7 +322,12 @@ mod tests {
         assert!(
             text.contains("fluxrt_http_requests_total{endpoint=\"/v1/generate\",status=\"429\"} 1")
         );
-        assert_eq!(m.requests_for("/v1/generate").values().sum::<u64>(), 2);
+        assert!(
+            text.contains("# TYPE fluxrt_http_requests_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("fluxrt_ready 0"), "{text}");
+        assert!(text.contains("fluxrt_http_requests_in_flight 0\n"), "{text}");
         // Every sample line is `name{labels} value` or `name value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, v) = line.rsplit_once(' ').unwrap();

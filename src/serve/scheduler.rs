@@ -9,7 +9,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -253,10 +252,7 @@ impl Scheduler {
         let n = run.jobs.len();
         let mut answers: Vec<Result<Output>> = match result {
             Ok(Ok(outs)) => {
-                self.metrics.run("ok");
-                self.metrics
-                    .images_generated
-                    .fetch_add(images as u64, Ordering::Relaxed);
+                self.metrics.run("ok", images);
                 if let Some(o) = outs.first() {
                     let t = &o.timings;
                     self.metrics.stage("tokenize", t.tokenize);
@@ -270,11 +266,12 @@ impl Scheduler {
                 outs.into_iter().map(Ok).collect()
             }
             Ok(Err(e)) => {
-                self.metrics.run(if e.kind == crate::ErrorKind::Cancelled {
+                let outcome = if e.kind == crate::ErrorKind::Cancelled {
                     "cancelled"
                 } else {
                     "error"
-                });
+                };
+                self.metrics.run(outcome, 0);
                 if e.kind != crate::ErrorKind::Cancelled {
                     eprintln!("fluxrt serve: run of {n} request(s) failed: {e}");
                 }
@@ -289,7 +286,7 @@ impl Scheduler {
                     .collect()
             }
             Err(_) => {
-                self.metrics.run("error");
+                self.metrics.run("error", 0);
                 eprintln!("fluxrt serve: a run of {n} request(s) panicked");
                 (0..n)
                     .map(|_| Err(Error::runtime("the run panicked")))
