@@ -7,9 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+from .fixtures import KINDS as GOLDEN_KINDS
+
 SUBCOMMANDS = ("tiny", "preset", "layout", "goldens", "quantize", "optimize")
 WORK_DIR = Path("build/export")
-GOLDEN_KINDS = ("txt2img", "img2img", "true_cfg", "lora")  # goldens.KINDS
 
 
 # The pinned stack (export/requirements.txt) by the names Python imports; scripts/export-env.sh installs it.
@@ -64,7 +65,7 @@ def sub_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-goldens", action="store_true", help="export the models only")
     t.add_argument("--work", type=Path, default=WORK_DIR, help="where the random checkpoints are built")
     t.add_argument("--force", action="store_true", help="replace the existing model folders")
-    from .presets import PRESETS
+    from .fixtures.presets import PRESETS
 
     pr = sub.add_parser("preset", help="build a random-weight preset (tiny-schnell, tiny-dev, bench, bench-dev) "
                         "and export it", description="Builds a diffusers checkpoint with a preset's architecture "
@@ -129,7 +130,7 @@ def sub_parser() -> argparse.ArgumentParser:
 
 
 def run_sub(args) -> None:
-    from . import bundle, goldens, layouts, presets
+    from .fixtures import all_goldens, bundle, layouts, presets
     from .checkpoint import ExportError
 
     if args.command == "tiny":
@@ -154,7 +155,7 @@ def run_sub(args) -> None:
 
         variant = load(args.checkpoint, ["vae_decoder"]).variant
         t5_len = args.t5_max_length or {"schnell": 256, "dev": 512}[variant]
-        goldens.write_all(args.checkpoint, args.out_dir, variant, t5_len, kinds=args.kinds)
+        all_goldens.write_all(args.checkpoint, args.out_dir, variant, t5_len, kinds=args.kinds)
     elif args.command == "optimize":
         from .optimize import optimize_model
 

@@ -9,6 +9,10 @@ from pathlib import Path
 import torch
 
 
+# The marker a preset checkpoint (python -m export preset) carries: which preset made it.
+PRESET_FILE = "fluxrt_preset.json"
+
+
 class ExportError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
 

@@ -32,9 +32,30 @@ VARIANT_DEFAULTS = {
 }
 
 
-def scheduler_section(cfg: dict | None, variant: str) -> dict:
-    from .presets import SCHEDULER_CONFIGS
+# FLUX.1 scheduler configs as shipped in the official repos' scheduler/scheduler_config.json.
+SCHEDULER_CONFIGS = {
+    "schnell": dict(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=False,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ),
+    "dev": dict(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ),
+}
 
+
+def scheduler_section(cfg: dict | None, variant: str) -> dict:
     cfg = dict(cfg or SCHEDULER_CONFIGS[variant])
     base = SCHEDULER_CONFIGS[variant]
     return {

@@ -13,9 +13,9 @@ import torch
 from . import checkpoint as ckpt
 from . import manifest as mf
 from . import onnx_export as ox
-from . import tokenizers as tok
+from . import flux_tokenizers as tok
 from .checkpoint import ExportError
-from .presets import PRESET_FILE
+from .checkpoint import PRESET_FILE
 
 
 def prepare_out_dir(out_dir: Path, force: bool) -> Path:

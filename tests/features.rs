@@ -1,5 +1,5 @@
 //! img2img, true CFG and tiled VAE (issue 6): parity with diffusers' FluxImg2ImgPipeline and FluxPipeline's
-//! true_cfg_scale (goldens from export/goldens.py) through the library and the CLI, tiled vs untiled decode, and
+//! true_cfg_scale (goldens from export/fixtures/goldens.py) through the library and the CLI, tiled vs untiled decode, and
 //! the bad-input paths.
 
 mod common;

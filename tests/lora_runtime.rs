@@ -1,5 +1,5 @@
 //! Run-time LoRA (src/lora.rs, issue 6) on the bundled tiny models, whose transformers have LoRA slots, against
-//! the goldens export/lora_goldens.py made with diffusers (tests/goldens/<model>/lora): the stacked factors, the
+//! the goldens export/fixtures/lora_goldens.py made with diffusers (tests/goldens/<model>/lora): the stacked factors, the
 //! images (one pipeline switching LoRAs between requests, both denoising loops), the CLI, the server, and the
 //! errors a user can cause.
 

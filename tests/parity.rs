@@ -1,4 +1,4 @@
-//! Parity with diffusers' FluxPipeline (goldens from export/goldens.py), through the library: every stage of
+//! Parity with diffusers' FluxPipeline (goldens from export/fixtures/goldens.py), through the library: every stage of
 //! every case, both tiny variants, both resolutions, all prompts.
 
 mod common;

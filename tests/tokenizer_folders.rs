@@ -4,7 +4,7 @@
 //! - `tokenizer_2/` (T5 v1.1): the hub's raw tokenizer.json, whose pipeline lacks transformers 5's
 //!   WhitespaceSplit (raw `tokenizers` adds an extra id 3 before `</s>` after trailing whitespace).
 //!
-//! The folders are built here by the export stack's Python from the real sources (export/tokenizers.py
+//! The folders are built here by the export stack's Python from the real sources (export/flux_tokenizers.py
 //! `fetch_sources`, cached under ~/.cache/fluxrt/tokenizer-sources, fetched from PyPI when absent), never
 //! committed.
 
@@ -21,7 +21,7 @@ use fluxrt::text::{
 use fluxrt::ErrorKind;
 
 /// Writes `out/tokenizer` and `out/tokenizer_2` as FLUX.1's base repositories have them, from the real
-/// sources, with export/tokenizers.py's own functions.
+/// sources, with export/flux_tokenizers.py's own functions.
 const BUILD_HUB_FOLDERS: &str = r#"
 import json, shutil, sys
 from pathlib import Path

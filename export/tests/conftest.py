@@ -52,7 +52,7 @@ def run_cli_many(cases: dict[str, tuple], workers: int = 2) -> dict[str, "object
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """variant -> freshly built diffusers checkpoint folder, named like `python -m export tiny` names it
     (the manifest records the folder name)."""
-    from export import presets
+    from export.fixtures import presets
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {v: presets.build_checkpoint(p, root / p) for v, p in VARIANTS.items()}
@@ -62,7 +62,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 def exported(checkpoints, tmp_path_factory) -> dict[str, dict]:
     """variant -> {"dir", "manifest", "log"}: export_model(validate=True) of the fresh checkpoint into a tmp dir
     named like the committed model folder."""
-    from export import presets
+    from export.fixtures import presets
     from export.run import export_model
 
     root = tmp_path_factory.mktemp("models")

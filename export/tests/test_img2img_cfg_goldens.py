@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from export import goldens, presets
+from export.fixtures import goldens, presets
 from export.graph_io import cpu_session
 
 from .conftest import GOLDENS, MODELS, VARIANTS

@@ -1,4 +1,4 @@
-"""Run-time LoRA slots (export/lora_slots.py) and the `lora` goldens (export/lora_goldens.py).
+"""Run-time LoRA slots (export/lora_slots.py) and the `lora` goldens (export/fixtures/lora_goldens.py).
 
 - the bundled transformer graphs have one optional (A, B) input pair per Linear, with zero-rank defaults, and the
   manifest lists them;
@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from export import checkpoint as ckpt
-from export import goldens, lora_goldens, lora_slots, presets
+from export import lora_slots
+from export.fixtures import goldens, lora_goldens, presets
 from export import manifest as mf
 from export import onnx_export as ox
 from export.graph_io import cpu_session

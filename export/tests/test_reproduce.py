@@ -14,10 +14,10 @@ from onnx import numpy_helper
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from export import goldens
+from export.fixtures import goldens
 from export import onnx_export as ox
-from export import presets
-from export.tokenizers import _MACHINE_SPECIFIC_CONFIG_KEYS
+from export.fixtures import presets
+from export.flux_tokenizers import _MACHINE_SPECIFIC_CONFIG_KEYS
 
 from .conftest import GOLDENS, MODELS, VARIANTS
 from .tolerance import assert_golden_matches, assert_matches_fixture

@@ -327,7 +327,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("fluxrt_ready 0"), "{text}");
-        assert!(text.contains("fluxrt_http_requests_in_flight 0\n"), "{text}");
+        assert!(
+            text.contains("fluxrt_http_requests_in_flight 0\n"),
+            "{text}"
+        );
         // Every sample line is `name{labels} value` or `name value`.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, v) = line.rsplit_once(' ').unwrap();

@@ -17,7 +17,7 @@ pub fn model(name: &str) -> PathBuf {
 
 pub const MODELS: [&str; 2] = ["tiny-flux-schnell", "tiny-flux-dev"];
 
-/// One golden case, as export/goldens.py wrote it.
+/// One golden case, as export/fixtures/goldens.py wrote it.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Case {
     pub name: String,
