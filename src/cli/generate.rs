@@ -6,7 +6,7 @@ use std::time::Instant;
 use clap::Args as ClapArgs;
 use fluxrt::image_out::{self, GenerationParams};
 use fluxrt::img2img::InitImage;
-use fluxrt::pipeline::{Pipeline, Progress, Request, DEFAULT_MAX_PIXELS};
+use fluxrt::pipeline::{Output, Pipeline, Progress, Request, DEFAULT_MAX_PIXELS};
 use fluxrt::runtime::Canceller;
 use fluxrt::vae_tiling::VaeTiling;
 use fluxrt::{Error, Result};
@@ -100,6 +100,57 @@ impl Progress for Bar {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let inputs = check_before_loading(&a)?;
+    let mut pipe = load(&a)?;
+    let (req, mut warnings) = request(
+        &a,
+        &pipe,
+        inputs.init,
+        inputs.tiling,
+        &inputs.loras,
+        inputs.seed,
+    )?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let out = generate(&mut pipe, &req)?;
+    for w in &out.warnings {
+        eprintln!("warning: {w}");
+    }
+    warnings.extend(out.warnings.iter().cloned());
+    let t0 = Instant::now();
+    write_images(&a, &pipe, &req, &out, &inputs.paths)?;
+    let run = Run {
+        pipe: &pipe,
+        req: &req,
+        out: &out,
+        paths: &inputs.paths,
+        seeds: &inputs.seeds,
+        warnings: &warnings,
+        png_time: t0.elapsed(),
+    };
+    if a.json {
+        print_json(&run.json(&a))
+    } else {
+        run.say();
+        Ok(())
+    }
+}
+
+/// What is read and checked before any model is loaded.
+struct Inputs {
+    seed: u64,
+    seeds: Vec<u64>,
+    paths: Vec<PathBuf>,
+    init: Option<InitImage>,
+    tiling: VaeTiling,
+    loras: Vec<(PathBuf, f32)>,
+}
+
+/// Every check that needs no model, so a bad flag fails in milliseconds: outputs (unwritable or existing), provider
+/// names, sizes, steps, strength, the init image, tiling and LoRA specs (their syntax and files; the weights are
+/// checked against the model after it loads).
+fn check_before_loading(a: &Args) -> Result<Inputs> {
     let seed = match a.seed {
         Some(s) => s,
         None => random_seed()?,
@@ -110,19 +161,16 @@ pub fn run(a: Args) -> Result<()> {
     let seeds: Vec<u64> = (0..a.num_images as u64)
         .map(|i| seed.wrapping_add(i))
         .collect();
-    // Refuse unwritable or existing outputs before any model is loaded.
     let paths = image_out::output_paths(&a.output, a.num_images, &seeds)?;
     image_out::check_writable(&paths, a.overwrite)?;
-    // Bad provider names fail before any model is loaded.
     a.runtime.providers()?;
-    // Size checks that need no model: zero, not a multiple of 16, too large.
+    let factor = fluxrt::latents::FLUX_VAE_FACTOR;
     if let (Some(w), Some(h)) = (a.width, a.height) {
-        fluxrt::latents::validate_size(w, h, a.max_pixels, fluxrt::latents::FLUX_VAE_FACTOR)?;
+        fluxrt::latents::validate_size(w, h, a.max_pixels, factor)?;
     }
     if let Some(steps) = a.steps {
         fluxrt::schedule::check_steps(steps, fluxrt::schedule::MAX_STEPS)?;
     }
-    // img2img input, read and checked before any model is loaded.
     if let Some(s) = a.strength {
         if a.init_image.is_none() {
             return Err(Error::input("--strength needs --init-image")
@@ -139,14 +187,24 @@ pub fn run(a: Args) -> Result<()> {
         tile_size: a.vae_tile_size,
         ..VaeTiling::default()
     };
-    tiling.validate(8)?;
-    // LoRA specs: the syntax and the files' presence are checked before the model loads, the weights after.
-    let lora_specs = a
+    tiling.validate(factor)?;
+    let loras = a
         .lora
         .iter()
         .map(|s| fluxrt::lora::parse_spec(s))
         .collect::<Result<Vec<_>>>()?;
+    Ok(Inputs {
+        seed,
+        seeds,
+        paths,
+        init,
+        tiling,
+        loras,
+    })
+}
 
+/// Loads the pipeline, and says which providers were not used and what to know about the model on them.
+fn load(a: &Args) -> Result<Pipeline> {
     let mut opts = a.runtime.load_options(model_path(a.input.model.clone()))?;
     opts.low_memory = a.low_memory;
     // CUDA graphs need one static shape; with --width and --height it is this request's (no --trt-sizes needed).
@@ -158,24 +216,34 @@ pub fn run(a: Args) -> Result<()> {
         };
         fluxrt::model::shapes::pin_request_shape(&mut opts.shapes, &opts.ep, &shape)?;
     }
-    let mut pipe = Pipeline::load(&opts)?;
+    let pipe = Pipeline::load(&opts)?;
     for (p, why) in &pipe.engine().providers().rejected {
         eprintln!("warning: provider {p} not used: {why}");
     }
     for w in pipe.engine().load_warnings() {
         eprintln!("warning: {w}");
     }
+    Ok(pipe)
+}
 
-    let mut req = Request::new(&pipe.engine().spec, a.input.prompt.clone(), seed);
+/// The request: the model's defaults, the init image's size for img2img, then the flags; with the warnings to say
+/// before the run (and in --json's warnings).
+fn request(
+    a: &Args,
+    pipe: &Pipeline,
+    init: Option<InitImage>,
+    tiling: VaeTiling,
+    loras: &[(PathBuf, f32)],
+    seed: u64,
+) -> Result<(Request, Vec<String>)> {
+    let spec = &pipe.engine().spec;
+    let mut req = Request::new(spec, a.input.prompt.clone(), seed);
     req.prompt_2 = a.input.prompt_2.clone();
-    // Said before the run, and in --json's warnings.
     let mut warnings = Vec::new();
     if let Some(init) = &init {
         // diffusers' default size for img2img: the init image's, floored to the size multiple.
-        let vae_factor = pipe.engine().spec.vae.downsample_factor;
-        let (w, h) = init.default_size(vae_factor)?;
-        req.width = w;
-        req.height = h;
+        let vae_factor = spec.vae.downsample_factor;
+        (req.width, req.height) = init.default_size(vae_factor)?;
         if a.width.is_none() && a.height.is_none() {
             warnings.extend(init.floor_warning(vae_factor));
         }
@@ -190,7 +258,7 @@ pub fn run(a: Args) -> Result<()> {
     req.steps = a.steps.unwrap_or(req.steps);
     req.num_images = a.num_images;
     req.max_pixels = a.max_pixels;
-    for (path, scale) in &lora_specs {
+    for (path, scale) in loras {
         req.loras
             .push(fluxrt::lora::LoraChoice::new(pipe.load_lora(path)?, *scale));
     }
@@ -198,16 +266,17 @@ pub fn run(a: Args) -> Result<()> {
         if pipe.engine().variant() == fluxrt::model::Variant::Schnell {
             warnings.push(format!(
                 "--guidance is ignored: {} is a schnell model without guidance embedding",
-                pipe.engine().spec.name
+                spec.name
             ));
         } else {
             req.guidance = a.guidance;
         }
     }
-    for w in &warnings {
-        eprintln!("warning: {w}");
-    }
+    Ok((req, warnings))
+}
 
+/// Runs the request with a progress bar on stderr.
+fn generate(pipe: &mut Pipeline, req: &Request) -> Result<Output> {
     let bar = ProgressBar::new(req.steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -215,25 +284,31 @@ pub fn run(a: Args) -> Result<()> {
         )
         .expect("valid template"),
     );
-    let out = pipe.generate(&req, &mut Bar(bar.clone()), &Canceller::new(), false);
+    let out = pipe.generate(req, &mut Bar(bar.clone()), &Canceller::new(), false);
     bar.finish_and_clear();
-    let out = out?;
-    for w in &out.warnings {
-        eprintln!("warning: {w}");
-    }
-    warnings.extend(out.warnings.iter().cloned());
-    let steps_run = out.timings.denoise.len();
+    out
+}
 
-    let provider = pipe
-        .engine()
-        .providers()
-        .active
+/// The active providers, as the PNG parameters and the summary name them.
+fn provider_names(pipe: &Pipeline) -> String {
+    let active = &pipe.engine().providers().active;
+    active
         .iter()
         .map(|p| p.name())
         .collect::<Vec<_>>()
-        .join(",");
-    let t0 = Instant::now();
-    for (img, path) in out.images.iter().zip(&paths) {
+        .join(",")
+}
+
+/// Each image as a PNG with its generation parameters (A1111's `parameters` text), written atomically.
+fn write_images(
+    a: &Args,
+    pipe: &Pipeline,
+    req: &Request,
+    out: &Output,
+    paths: &[PathBuf],
+) -> Result<()> {
+    let engine = pipe.engine();
+    for (img, path) in out.images.iter().zip(paths) {
         let params = GenerationParams {
             prompt: req.prompt.clone(),
             prompt_2: req.prompt_2.clone(),
@@ -245,13 +320,13 @@ pub fn run(a: Args) -> Result<()> {
             seed: img.seed,
             width: req.width,
             height: req.height,
-            guidance: if pipe.engine().variant() == fluxrt::model::Variant::Dev {
+            guidance: if engine.variant() == fluxrt::model::Variant::Dev {
                 req.guidance
             } else {
                 None
             },
-            model: pipe.engine().spec.name.clone(),
-            provider: provider.clone(),
+            model: engine.spec.name.clone(),
+            provider: provider_names(pipe),
             sampler: "Euler (flow match)".into(),
             version: format!("fluxrt {}", env!("CARGO_PKG_VERSION")),
             denoising_strength: req.init_image.is_some().then_some(req.strength),
@@ -260,29 +335,44 @@ pub fn run(a: Args) -> Result<()> {
         let png = image_out::encode_png(&img.rgb, &image_out::a1111_parameters(&params))?;
         image_out::write_atomically(path, &png, a.overwrite)?;
     }
-    let png_time = t0.elapsed();
+    Ok(())
+}
 
-    let t = &out.timings;
-    if a.json {
-        print_json(&json!({
-            "model": pipe.engine().spec.name,
-            "variant": pipe.engine().variant().name(),
-            "files": paths,
-            "seeds": seeds,
+/// A finished run, for its report.
+struct Run<'a> {
+    pipe: &'a Pipeline,
+    req: &'a Request,
+    out: &'a Output,
+    paths: &'a [PathBuf],
+    seeds: &'a [u64],
+    warnings: &'a [String],
+    png_time: std::time::Duration,
+}
+
+impl Run<'_> {
+    /// --json: everything about the run, one object on stdout.
+    fn json(&self, a: &Args) -> serde_json::Value {
+        let (pipe, req, t) = (self.pipe, self.req, &self.out.timings);
+        let engine = pipe.engine();
+        json!({
+            "model": engine.spec.name,
+            "variant": engine.variant().name(),
+            "files": self.paths,
+            "seeds": self.seeds,
             "width": req.width,
             "height": req.height,
             "steps": req.steps,
             "guidance": fluxrt::json::opt_f32_number(req.guidance),
-            "providers": pipe.engine().providers().active.iter().map(|p| p.name()).collect::<Vec<_>>(),
-            "graph_providers": pipe.engine().graph_providers(),
-            "graph_nodes": pipe.engine().graph_nodes(),
+            "providers": engine.providers().active.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            "graph_providers": engine.graph_providers(),
+            "graph_nodes": engine.graph_nodes(),
             "device_loop": pipe.device_loop().name(),
             "denoise_loop": pipe.denoise_loop().name(),
             "device_loop_fallback": pipe.device_loop_fallback(),
-            "warnings": warnings,
+            "warnings": self.warnings,
             "init_image": a.init_image,
             "strength": req.init_image.is_some().then_some(req.strength),
-            "steps_run": steps_run,
+            "steps_run": t.denoise.len(),
             "negative_prompt": req.negative_prompt,
             "true_cfg": fluxrt::json::opt_f32_number(req.true_cfg_active().then_some(req.true_cfg)),
             "loras": req.loras.iter().map(|c| {
@@ -305,16 +395,21 @@ pub fn run(a: Args) -> Result<()> {
                 "vae_encode": ms(t.vae_encode),
                 "vae_decode": ms(t.vae_decode),
                 "to_rgb": ms(t.to_rgb),
-                "png_encode_write": ms(png_time),
+                "png_encode_write": ms(self.png_time),
                 "generate_total": ms(t.total),
                 "in_onnxruntime": ms(t.in_ort),
             },
-        }))?;
-    } else {
-        for (path, s) in paths.iter().zip(&seeds) {
+        })
+    }
+
+    /// The files written and a one-line summary, on stderr.
+    fn say(&self) {
+        let (req, t) = (self.req, &self.out.timings);
+        for (path, s) in self.paths.iter().zip(self.seeds) {
             eprintln!("wrote {} (seed {s})", path.display());
         }
         // img2img runs the tail of the schedule: say how many steps really ran.
+        let steps_run = t.denoise.len();
         let steps = if steps_run == req.steps {
             format!("{steps_run} steps")
         } else {
@@ -324,15 +419,15 @@ pub fn run(a: Args) -> Result<()> {
             )
         };
         eprintln!(
-            "{} image(s) {}x{}, {steps} in {:.2}s on {provider} (model load {:.2}s)",
-            out.images.len(),
+            "{} image(s) {}x{}, {steps} in {:.2}s on {} (model load {:.2}s)",
+            self.out.images.len(),
             req.width,
             req.height,
             t.total.as_secs_f64(),
+            provider_names(self.pipe),
             t.load.as_secs_f64()
         );
     }
-    Ok(())
 }
 
 /// The process's peak resident memory (`VmHWM` in /proc/self/status), where the OS reports it.
