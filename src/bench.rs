@@ -455,13 +455,7 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
             provider: p.name().into(),
             status: "ok".into(),
             error: None,
-            providers_active: pipe
-                .engine()
-                .providers()
-                .active
-                .iter()
-                .map(|p| p.name().to_string())
-                .collect(),
+            providers_active: pipe.engine().providers().active_names(),
             graph_providers: pipe.engine().graph_providers(),
             graph_nodes: pipe.engine().graph_nodes(),
             session_creation_ms: ms(pipe.engine().load_time()),

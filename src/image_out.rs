@@ -133,6 +133,37 @@ pub struct GenerationParams {
     pub loras: Vec<LoraParam>,
 }
 
+impl GenerationParams {
+    /// The parameters of `req`'s images on `model` run by `provider`, with the seed of the request (each image sets
+    /// its own) and the guidance the model used (`None` for schnell).
+    pub fn of_request(
+        req: &crate::request::Request,
+        guidance: Option<f32>,
+        model: &str,
+        provider: String,
+    ) -> GenerationParams {
+        GenerationParams {
+            prompt: req.prompt.clone(),
+            prompt_2: req.prompt_2.clone(),
+            negative_prompt: req
+                .true_cfg_active()
+                .then(|| req.negative_prompt.clone())
+                .flatten(),
+            steps: req.steps,
+            seed: req.seed,
+            width: req.width,
+            height: req.height,
+            guidance,
+            model: model.to_string(),
+            provider,
+            sampler: "Euler (flow match)".into(),
+            version: format!("fluxrt {}", env!("CARGO_PKG_VERSION")),
+            denoising_strength: req.init_image.is_some().then_some(req.strength),
+            loras: LoraParam::from_choices(&req.loras),
+        }
+    }
+}
+
 /// One run-time LoRA of an image: its name (the file name without `.safetensors`), hash and scale.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraParam {

@@ -25,7 +25,7 @@ use fluxrt::ErrorKind;
 const BUILD_HUB_FOLDERS: &str = r#"
 import json, shutil, sys
 from pathlib import Path
-from export import tokenizers as tk
+from export import flux_tokenizers as tk
 
 out = Path(sys.argv[1])
 sources = tk.fetch_sources()

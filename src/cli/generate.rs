@@ -291,12 +291,7 @@ fn generate(pipe: &mut Pipeline, req: &Request) -> Result<Output> {
 
 /// The active providers, as the PNG parameters and the summary name them.
 fn provider_names(pipe: &Pipeline) -> String {
-    let active = &pipe.engine().providers().active;
-    active
-        .iter()
-        .map(|p| p.name())
-        .collect::<Vec<_>>()
-        .join(",")
+    pipe.engine().providers().active_names().join(",")
 }
 
 /// Each image as a PNG with its generation parameters (A1111's `parameters` text), written atomically.
@@ -308,29 +303,14 @@ fn write_images(
     paths: &[PathBuf],
 ) -> Result<()> {
     let engine = pipe.engine();
+    let dev = engine.variant() == fluxrt::model::Variant::Dev;
+    let guidance = if dev { req.guidance } else { None };
+    let request =
+        GenerationParams::of_request(req, guidance, &engine.spec.name, provider_names(pipe));
     for (img, path) in out.images.iter().zip(paths) {
         let params = GenerationParams {
-            prompt: req.prompt.clone(),
-            prompt_2: req.prompt_2.clone(),
-            negative_prompt: req
-                .true_cfg_active()
-                .then(|| req.negative_prompt.clone())
-                .flatten(),
-            steps: req.steps,
             seed: img.seed,
-            width: req.width,
-            height: req.height,
-            guidance: if engine.variant() == fluxrt::model::Variant::Dev {
-                req.guidance
-            } else {
-                None
-            },
-            model: engine.spec.name.clone(),
-            provider: provider_names(pipe),
-            sampler: "Euler (flow match)".into(),
-            version: format!("fluxrt {}", env!("CARGO_PKG_VERSION")),
-            denoising_strength: req.init_image.is_some().then_some(req.strength),
-            loras: image_out::LoraParam::from_choices(&req.loras),
+            ..request.clone()
         };
         let png = image_out::encode_png(&img.rgb, &image_out::a1111_parameters(&params))?;
         image_out::write_atomically(path, &png, a.overwrite)?;
@@ -363,7 +343,7 @@ impl Run<'_> {
             "height": req.height,
             "steps": req.steps,
             "guidance": fluxrt::json::opt_f32_number(req.guidance),
-            "providers": engine.providers().active.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            "providers": engine.providers().active_names(),
             "graph_providers": engine.graph_providers(),
             "graph_nodes": engine.graph_nodes(),
             "device_loop": pipe.device_loop().name(),

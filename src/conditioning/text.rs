@@ -82,6 +82,20 @@ pub fn encode(
     })
 }
 
+/// Adds an encoding's times to the batch's and its truncation warnings (each after `prefix`) to the requests'.
+pub fn account(cx: &mut Context, enc: &mut Encoded, prefix: &str) {
+    cx.timings.tokenize += enc.tokenize;
+    cx.timings.clip += enc.clip;
+    cx.timings.t5 += enc.t5;
+    for (w, e) in cx
+        .warnings
+        .iter_mut()
+        .zip(std::mem::take(&mut enc.warnings))
+    {
+        w.extend(e.into_iter().map(|e| format!("{prefix}{e}")));
+    }
+}
+
 type Timed = (ArrayD<f32>, Duration);
 
 /// [`encode`] through the cache: looks up each distinct prompt pair, encodes the missing ones, stores them, and
@@ -171,13 +185,8 @@ pub fn prepare(cx: &mut Context) -> Result<Batch> {
             images: r.num_images,
         })
         .collect();
-    let enc = encode(cx.engine, cx.embeddings, &prompts, cx.cancel)?;
-    cx.timings.tokenize += enc.tokenize;
-    cx.timings.clip += enc.clip;
-    cx.timings.t5 += enc.t5;
-    for (w, e) in cx.warnings.iter_mut().zip(enc.warnings) {
-        w.extend(e);
-    }
+    let mut enc = encode(cx.engine, cx.embeddings, &prompts, cx.cancel)?;
+    account(cx, &mut enc, "");
     if let Some(tr) = cx.trace.as_deref_mut() {
         tr.clip_ids = enc.clip_ids;
         tr.t5_ids = enc.t5_ids;

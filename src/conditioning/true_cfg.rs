@@ -5,7 +5,7 @@
 
 use ndarray::{concatenate, ArrayD, Axis};
 
-use super::text::{encode, Prompts};
+use super::text::{account, encode, Prompts};
 use super::{Batch, Context, Part};
 use crate::guidance;
 use crate::{Error, Result};
@@ -33,13 +33,8 @@ impl Part for TrueCfg {
                 }
             })
             .collect();
-        let neg = encode(cx.engine, cx.embeddings, &prompts, cx.cancel)?;
-        cx.timings.tokenize += neg.tokenize;
-        cx.timings.clip += neg.clip;
-        cx.timings.t5 += neg.t5;
-        for (w, e) in cx.warnings.iter_mut().zip(neg.warnings) {
-            w.extend(e.into_iter().map(|e| format!("negative prompt: {e}")));
-        }
+        let mut neg = encode(cx.engine, cx.embeddings, &prompts, cx.cancel)?;
+        account(cx, &mut neg, "negative prompt: ");
         if neg.txt.shape() != batch.txt.shape() || neg.pooled.shape() != batch.pooled.shape() {
             return Err(Error::model(format!(
                 "the negative prompt's embeddings {:?} / {:?} differ in shape from the prompt's {:?} / {:?}",

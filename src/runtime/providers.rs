@@ -83,14 +83,14 @@ impl ProviderPlan {
         }
     }
 
+    /// The active providers' names, in priority order.
+    pub fn active_names(&self) -> Vec<String> {
+        self.active.iter().map(|p| p.name().to_string()).collect()
+    }
+
     /// One line for the user, e.g. `cuda, cpu (rejected: tensorrt: ...)`.
     pub fn describe(&self) -> String {
-        let mut s = self
-            .active
-            .iter()
-            .map(|p| p.name())
-            .collect::<Vec<_>>()
-            .join(", ");
+        let mut s = self.active_names().join(", ");
         for (p, why) in &self.rejected {
             s.push_str(&format!("\n  {p} not used: {why}"));
         }

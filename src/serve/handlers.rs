@@ -225,25 +225,8 @@ async fn generate(
     };
     drop(ticket);
     let output = res.result.map_err(|e| ApiError::from_error(&e))?;
-    let params = GenerationParams {
-        prompt: req.prompt.clone(),
-        prompt_2: req.prompt_2.clone(),
-        negative_prompt: req
-            .true_cfg_active()
-            .then(|| req.negative_prompt.clone())
-            .flatten(),
-        steps: req.steps,
-        seed: 0,
-        width: req.width,
-        height: req.height,
-        guidance: req.guidance,
-        model: model.name.clone(),
-        provider: model.providers.join(","),
-        sampler: "Euler (flow match)".into(),
-        version: format!("fluxrt {}", env!("CARGO_PKG_VERSION")),
-        denoising_strength: req.init_image.is_some().then_some(req.strength),
-        loras: image_out::LoraParam::from_choices(&req.loras),
-    };
+    let params =
+        GenerationParams::of_request(&req, req.guidance, &model.name, model.providers.join(","));
     let metrics = app.metrics.clone();
     let encoded = tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();

@@ -274,13 +274,7 @@ fn worker(index: usize, app: Arc<App>, loaded: mpsc::UnboundedSender<Loaded>) {
         steps: d.steps,
         guidance: d.guidance,
         vae_factor: pipe.engine().spec.vae.downsample_factor,
-        providers: pipe
-            .engine()
-            .providers()
-            .active
-            .iter()
-            .map(|p| p.name().to_string())
-            .collect(),
+        providers: pipe.engine().providers().active_names(),
     };
     let graphs = json!(pipe.engine().graph_providers());
     let _ = loaded.send(Ok((info, graphs)));
