@@ -26,6 +26,7 @@
 //! ```
 
 pub mod cancel;
+mod convert;
 pub mod ep;
 pub mod library;
 pub mod onnx_io;
