@@ -230,22 +230,25 @@ impl Denoiser {
             &engine.providers().active,
             engine.transformer_cuda_graphs(),
         )?;
-        let steps = schedule.1.len();
-        let tf = engine.transformer()?;
-        let (strategy, fallback) = pick(
-            tf,
-            plan,
-            self.io_binding,
-            &mut self.device,
-            x,
-            inputs,
-            steps,
-        )?;
-        let mut strategy = strategy;
-        self.last = (strategy.kind(), fallback);
-        let result = drive(&mut *strategy, x, schedule, progress, cancel, trace);
-        let ort = strategy.ort_time();
-        drop(strategy);
+        let mut ort = Duration::ZERO;
+        let result = (|| {
+            let tf = engine.transformer()?;
+            let steps = schedule.1.len();
+            let (mut strategy, fallback) = pick(
+                tf,
+                plan,
+                self.io_binding,
+                &mut self.device,
+                x,
+                inputs,
+                steps,
+            )?;
+            self.last = (strategy.kind(), fallback);
+            let result = drive(&mut *strategy, x, schedule, progress, cancel, trace);
+            ort = strategy.ort_time();
+            result
+        })();
+        // A transformer loaded for this loop (low-memory mode) goes, whatever happened.
         engine.release_transformer();
         engine.add_ort_time(ort);
         result
