@@ -768,3 +768,30 @@ fn a_closed_stdout_is_not_a_panic() {
         let _ = std::fs::remove_file(&out);
     }
 }
+
+#[test]
+fn an_empty_fluxrt_threads_is_unset_and_a_bad_one_is_named() {
+    let dir = tmp();
+    let out = dir.path().join("x.png");
+    let args = [
+        "generate", "--prompt", "x", "--width", "64", "--height", "64", "--steps", "1",
+    ];
+    let o = fluxrt()
+        .args(args)
+        .arg("--output")
+        .arg(&out)
+        .env("FLUXRT_THREADS", "")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.is_file());
+    let o = fluxrt()
+        .args(args)
+        .arg("--output")
+        .arg(dir.path().join("y.png"))
+        .env("FLUXRT_THREADS", "many")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--threads"), "{}", stderr(&o));
+}

@@ -46,6 +46,11 @@ enum Command {
 }
 
 pub fn main() -> std::process::ExitCode {
+    // An empty FLUXRT_THREADS (`FLUXRT_THREADS= fluxrt ...`) means unset, as the library reads it; clap would call
+    // the empty value invalid. Single-threaded here: nothing else reads the environment yet.
+    if std::env::var("FLUXRT_THREADS").is_ok_and(|v| v.trim().is_empty()) {
+        std::env::remove_var("FLUXRT_THREADS");
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => generate::run(a),
