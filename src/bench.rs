@@ -219,7 +219,7 @@ pub struct ProviderResult {
     /// Providers the sessions were built with, in priority order (CPU appended as the fallback).
     pub providers_active: Vec<String>,
     /// Graph role -> providers that really run it: those ONNX Runtime placed nodes on
-    /// ([`Pipeline::graph_providers`](crate::pipeline::Pipeline::graph_providers)).
+    /// ([`Engine::graph_providers`](crate::engine::Engine::graph_providers)).
     pub graph_providers: BTreeMap<String, Vec<String>>,
     /// Graph role -> provider -> nodes ONNX Runtime placed on it, after its graph optimizations.
     pub graph_nodes: BTreeMap<String, BTreeMap<String, usize>>,

@@ -433,7 +433,7 @@ impl Engine {
     }
 
     /// Runs the VAE encoder on images `[1, 3, H, W]` in [-1, 1]: the posterior's (mean, std), `[1, C, h, w]`
-    /// ([`posterior`] reads every export's layout). Text-to-image never needs the encoder, so it is loaded (and
+    /// (`posterior` reads every export's layout). Text-to-image never needs the encoder, so it is loaded (and
     /// checked against the contract) on first use; in low-memory mode it lives for each call only.
     pub fn encode_image(
         &mut self,

@@ -6,7 +6,7 @@
 //!   math: [`img2img`], true CFG ([`guidance`]), tiled VAE ([`vae_tiling`]), run-time LoRA ([`lora`]).
 //! - [`engine`]: the loaded graphs and their calls; [`denoise`]: the one denoise driver and its strategies;
 //!   [`conditioning`]: text-to-image and the parts that edit a batch before denoising.
-//! - [`pipeline`] wires them per batch of [`request`]s into an [`output`]; the CLI, [`serve`] and [`bench`] are
+//! - [`pipeline`] wires them per batch of [`request`]s into an [`output`]; the CLI, [`serve`] and [`mod@bench`] are
 //!   shells over it.
 
 pub mod bench;

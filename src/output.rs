@@ -31,11 +31,11 @@ pub struct Trace {
     pub pooled_embeds: Option<ArrayD<f32>>,
     pub sigmas: Vec<f32>,
     pub timesteps: Vec<f32>,
-    /// Unpacked initial noise [B,C,h,w].
+    /// Unpacked initial noise `[B,C,h,w]`.
     pub noise: Option<Array4<f32>>,
-    /// Packed latents after each step [B,S,64].
+    /// Packed latents after each step `[B,S,64]`.
     pub latents: Vec<Array3<f32>>,
-    /// Decoded images as floats in [0,1], [B,3,H,W].
+    /// Decoded images as floats in `[0, 1]`, `[B,3,H,W]`.
     pub images: Option<Array4<f32>>,
     /// img2img: the init images' normalised latents `x0` `[B,C,h,w]` and the starting latents `x_t` `[B,S,64]`.
     pub init_latents: Option<Array4<f32>>,

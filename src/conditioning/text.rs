@@ -161,7 +161,7 @@ fn encode_cached(
     Ok(((join(&p_rows)?, clip), (join(&t_rows)?, t5)))
 }
 
-/// Initial noise [B,C,h,w]: image i is `torch.randn` of one image with `seeds[i]`.
+/// Initial noise `[B,C,h,w]`: image i is `torch.randn` of one image with `seeds[i]`.
 pub fn draw_noise(seeds: &[u64], channels: usize, h: usize, w: usize) -> Array4<f32> {
     let per = channels * h * w;
     let mut all = Vec::with_capacity(seeds.len() * per);

@@ -1,6 +1,6 @@
 //! The shapes of a FLUX model's graph calls, for TensorRT profiles and CUDA graphs: the declared image size and batch
 //! range (`--trt-sizes 512-1024 --trt-batch 1-4`), the graph calls one request makes ([`RequestShape`]), and each
-//! graph's optimization profile ([`derive`]), so that one engine per graph serves the whole range and ONNX Runtime
+//! graph's optimization profile ([`derive()`]), so that one engine per graph serves the whole range and ONNX Runtime
 //! never rebuilds an engine for a new shape. [`ShapePlan`] puts them together for a loaded model: the options of each
 //! graph's session ([`GraphOptions`]: profile, CUDA-graph capture) and the refusal of requests outside the range.
 //!

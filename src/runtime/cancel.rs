@@ -10,8 +10,8 @@ use super::placement;
 use crate::{Error, Result};
 
 /// Cancels runs from another thread. Cheap to clone; create one per job, hand clones to whoever may cancel, and pass
-/// it to [`Graph::run_with`]. Once cancelled it stays cancelled: every later run with it fails with
-/// [`ErrorKind::Cancelled`] without running. Needs no ONNX Runtime to create.
+/// it to [`Graph::run_with`](super::Graph::run_with). Once cancelled it stays cancelled: every later run with it fails with
+/// [`ErrorKind::Cancelled`](crate::ErrorKind::Cancelled) without running. Needs no ONNX Runtime to create.
 #[derive(Clone, Default)]
 pub struct Canceller {
     inner: Arc<CancelInner>,

@@ -1,13 +1,17 @@
-//! The only module that touches `ort`: library discovery, providers, sessions, tensors.
+//! The only module that touches `ort`: library discovery, providers, sessions, tensors. It knows nothing of FLUX:
+//! graph names, shapes and profiles come from [`crate::model`].
 //!
+//! - [`types`]: the leaf of plain types ([`Provider`], [`ElemType`], [`Dim`], [`IoInfo`], [`TensorIn`]);
+//!   [`cancel`]: [`Canceller`] stops runs from another thread.
 //! - [`library`]: finds and loads ONNX Runtime once per process ([`init`]); the `ort` environment lives here.
-//! - [`providers`]: execution provider names ([`Provider`]), what this build and the loaded library support, and
-//!   [`probe`], which tries each requested provider once and returns a [`ProviderPlan`].
-//! - [`ep_config`]: provider settings ([`EpSettings`]: TensorRT, CUDA, DirectML, CoreML) from a config file and flags,
-//!   and the options each provider receives per graph; [`trt_profile`]: TensorRT shape profiles from a size range.
+//! - [`providers`]: what this build and the loaded library support, and [`probe`], which tries each requested
+//!   provider once and returns a [`ProviderPlan`].
+//! - [`ep`]: provider settings ([`EpSettings`]: `ep::tensorrt`, `ep::cuda`, `ep::directml`, `ep::coreml`) and the
+//!   options each provider receives per graph ([`GraphOptions`]); [`profile`]: TensorRT shape profiles.
+//! - [`onnx_io`]: a graph's declared inputs, read from the ONNX file's header without a session.
 //! - [`optimized_cache`]: CPU sessions' optimized graphs, cached on disk within a size budget.
 //! - [`session`]: [`Graph`], one loaded ONNX graph, run with f32/i64 arrays that are converted to the graph's
-//!   declared element types (f16, bf16, i32, ...) and back to f32; [`Canceller`] stops runs from another thread.
+//!   declared element types (f16, bf16, i32, ...) and back to f32.
 //! - [`placement`]: which provider ONNX Runtime really placed each graph's nodes on (from its session log).
 //! - [`step_graph`]: the device-resident denoising loop (the Euler step as a run-time ONNX graph on the
 //!   transformer's provider; [`DeviceLoop`], [`LoopKind`]).

@@ -1,8 +1,8 @@
 //! Which execution provider ONNX Runtime really placed each graph's nodes on, read from its own report.
 //!
 //! ONNX Runtime has no API for node placement; it reports it when a session is created
-//! (`VerifyEachNodeIsAssignedToAnEp`: " All nodes placed on [CUDAExecutionProvider]. Number of nodes: 812", or one
-//! " Node(s) placed on [X]. Number of nodes: N" line per provider), but only to a session logger at VERBOSE. So
+//! (`VerifyEachNodeIsAssignedToAnEp`: " All nodes placed on \[CUDAExecutionProvider\]. Number of nodes: 812", or one
+//! " Node(s) placed on \[X\]. Number of nodes: N" line per provider), but only to a session logger at VERBOSE. So
 //! each session is built with its own log id at VERBOSE ([`capture`]), the environment's logger ([`log_sink`])
 //! keeps those lines for ids being captured and drops the rest of the verbose chatter, and runs are logged at
 //! WARNING through their run options ([`quiet`]) so that the verbose session costs nothing per run.

@@ -34,7 +34,7 @@ pub struct SessionConfig {
     pub memory_pattern: bool,
     /// The CPU provider's arena allocator (on by default, as in ONNX Runtime).
     pub cpu_arena: bool,
-    /// Folder of the optimized-graph cache ([`optimized_cache_dir`] gives the usual one); `None` turns it off.
+    /// Folder of the optimized-graph cache ([`optimized_cache_dir`](super::optimized_cache_dir) gives the usual one); `None` turns it off.
     /// Used for CPU-only sessions: the first load writes the optimized graph there, later loads read it back and
     /// skip the optimizer.
     pub optimized_cache: Option<PathBuf>,
