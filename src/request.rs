@@ -83,6 +83,14 @@ pub fn check_true_cfg(scale: f32) -> Result<()> {
     Ok(())
 }
 
+/// The rule for an image count: at least 1 (a server may set an upper limit).
+pub fn check_num_images(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::input("num-images must be at least 1"));
+    }
+    Ok(())
+}
+
 /// The rule for a distilled guidance scale: a finite number >= 0.
 pub fn check_guidance(g: f32) -> Result<()> {
     if !g.is_finite() || g < 0.0 {
@@ -112,9 +120,7 @@ impl Request {
     pub fn validate(&self, vae_factor: usize) -> Result<()> {
         latents::validate_size(self.width, self.height, self.max_pixels, vae_factor)?;
         schedule::check_steps(self.steps, schedule::MAX_STEPS)?;
-        if self.num_images == 0 {
-            return Err(Error::input("num-images must be at least 1"));
-        }
+        check_num_images(self.num_images)?;
         if let Some(g) = self.guidance {
             check_guidance(g)?;
         }

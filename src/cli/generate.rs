@@ -155,9 +155,7 @@ fn check_before_loading(a: &Args) -> Result<Inputs> {
         Some(s) => s,
         None => random_seed()?,
     };
-    if a.num_images == 0 {
-        return Err(Error::input("--num-images must be at least 1"));
-    }
+    fluxrt::request::check_num_images(a.num_images)?;
     let seeds: Vec<u64> = (0..a.num_images as u64)
         .map(|i| seed.wrapping_add(i))
         .collect();
