@@ -98,6 +98,19 @@ impl Slot {
             graph: if low_memory { None } else { Some(graph) },
         }
     }
+
+    /// The kept graph, or in low-memory mode `gspec`'s graph loaded into `transient`, to drop after its use.
+    fn graph_or_load<'a>(
+        &'a mut self,
+        transient: &'a mut Option<Graph>,
+        gspec: &GraphSpec,
+        session: &SessionConfig,
+    ) -> Result<&'a mut Graph> {
+        match self.graph.as_mut() {
+            Some(g) => Ok(g),
+            None => Ok(transient.insert(Graph::load(&gspec.path, gspec.role.name(), session)?)),
+        }
+    }
 }
 
 /// Whether one call of a graph declaring `inputs` may take `batch` rows: the call has one row, or no input fixes
@@ -367,17 +380,8 @@ impl Engine {
             .slots
             .get_mut(&Role::Transformer)
             .expect("every engine loads the transformer");
-        let (graph, transient) = match slot.graph.as_mut() {
-            Some(g) => (g, false),
-            None => (
-                self.transient.insert(Graph::load(
-                    &spec.path,
-                    Role::Transformer.name(),
-                    &self.session,
-                )?),
-                true,
-            ),
-        };
+        let transient = slot.graph.is_none();
+        let graph = slot.graph_or_load(&mut self.transient, spec, &self.session)?;
         Ok(Transformer {
             graph,
             spec,
@@ -458,10 +462,7 @@ impl Engine {
             .get_mut(&role)
             .expect("the encoder slot was just made");
         let mut transient = None;
-        let graph = match slot.graph.as_mut() {
-            Some(g) => g,
-            None => transient.insert(Graph::load(&gspec.path, role.name(), &self.session)?),
-        };
+        let graph = slot.graph_or_load(&mut transient, &gspec, &self.session)?;
         let ort_before = graph.ort_time();
         let name = gspec.actual_name("images");
         let outs = graph.run_with(
@@ -491,10 +492,7 @@ impl Engine {
             .get_mut(&role)
             .expect("every loaded graph has a slot");
         let mut transient = None;
-        let graph = match slot.graph.as_mut() {
-            Some(g) => g,
-            None => transient.insert(Graph::load(&gspec.path, role.name(), &self.session)?),
-        };
+        let graph = slot.graph_or_load(&mut transient, gspec, &self.session)?;
         let ort_before = graph.ort_time();
         let out = run_graph(graph, gspec, inputs, output, cancel);
         self.ort_busy += graph.ort_time() - ort_before;

@@ -15,6 +15,11 @@ pub fn opt_f32_number(x: Option<f32>) -> serde_json::Value {
     x.map_or(serde_json::Value::Null, f32_number)
 }
 
+/// A duration in milliseconds, rounded to the microsecond, for timings in JSON reports.
+pub fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@ use std::time::Instant;
 use clap::Args as ClapArgs;
 use fluxrt::image_out::{self, GenerationParams};
 use fluxrt::img2img::InitImage;
+use fluxrt::json::ms;
 use fluxrt::pipeline::{Output, Pipeline, Progress, Request, DEFAULT_MAX_PIXELS};
 use fluxrt::runtime::Canceller;
 use fluxrt::vae_tiling::VaeTiling;
@@ -414,10 +415,6 @@ fn peak_memory_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-fn ms(d: std::time::Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 fn random_seed() -> Result<u64> {

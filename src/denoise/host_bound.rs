@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ndarray::{Array1, Array3};
 
-use super::{count_non_finite, ModelInputs, Setup, StepAt, Strategy};
+use super::{host_report, ModelInputs, Setup, StepAt, Strategy};
 use crate::engine::{batchable, Transformer};
 use crate::runtime::step_graph::StepReport;
 use crate::runtime::{Binding, Canceller, ElemType, LoopKind, TensorIn};
@@ -123,13 +123,7 @@ impl Strategy for HostBound<'_> {
                 (xs, v)
             }
         };
-        Ok(StepReport {
-            bad_velocity: count_non_finite(v),
-            bad_latents: count_non_finite(xs),
-            latents_len: xs.len(),
-            latents: at.want_latents.then(|| xs.to_vec()),
-            ort_time: Duration::ZERO,
-        })
+        Ok(host_report(at, v, xs))
     }
 
     fn finish(&mut self, x: &mut Array3<f32>) -> Result<()> {

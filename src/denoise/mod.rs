@@ -163,8 +163,20 @@ pub fn drive(
 }
 
 /// NaN/Inf values in `data`.
-pub(crate) fn count_non_finite(data: &[f32]) -> u64 {
+fn count_non_finite(data: &[f32]) -> u64 {
     data.iter().filter(|v| !v.is_finite()).count() as u64
+}
+
+/// The report of a step taken on the host: the NaN/Inf counts of the velocity `v` and the new latents `x`, and the
+/// latents themselves when `at` asks for them.
+pub(crate) fn host_report(at: &StepAt, v: &[f32], x: &[f32]) -> StepReport {
+    StepReport {
+        bad_velocity: count_non_finite(v),
+        bad_latents: count_non_finite(x),
+        latents_len: x.len(),
+        latents: at.want_latents.then(|| x.to_vec()),
+        ort_time: Duration::ZERO,
+    }
 }
 
 /// A strategy that cannot drive this transformer gives it back, with the reason when the caller should hear it.
@@ -306,13 +318,7 @@ mod tests {
             let v = vec![self.v; x.len()];
             let xs = x.as_slice_mut().unwrap();
             schedule::euler_step(xs, &v, at.sigma, at.sigma_next);
-            Ok(StepReport {
-                bad_velocity: count_non_finite(&v),
-                bad_latents: count_non_finite(xs),
-                latents_len: xs.len(),
-                latents: at.want_latents.then(|| xs.to_vec()),
-                ort_time: Duration::ZERO,
-            })
+            Ok(host_report(at, &v, xs))
         }
         fn finish(&mut self, _: &mut Array3<f32>) -> Result<()> {
             self.finished = true;

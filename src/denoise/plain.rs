@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use ndarray::{Array1, Array3};
 
-use super::{count_non_finite, ModelInputs, StepAt, Strategy};
+use super::{host_report, ModelInputs, StepAt, Strategy};
 use crate::engine::{run_graph, Transformer};
 use crate::runtime::step_graph::StepReport;
 use crate::runtime::{Canceller, LoopKind, TensorIn};
@@ -67,13 +67,7 @@ impl Strategy for Plain<'_> {
         let v = v.as_slice().expect("standard layout");
         let xs = x.as_slice_mut().expect("packed latents are contiguous");
         schedule::euler_step(xs, v, at.sigma, at.sigma_next);
-        Ok(StepReport {
-            bad_velocity: count_non_finite(v),
-            bad_latents: count_non_finite(xs),
-            latents_len: xs.len(),
-            latents: at.want_latents.then(|| xs.to_vec()),
-            ort_time: Duration::ZERO,
-        })
+        Ok(host_report(at, v, xs))
     }
 
     fn finish(&mut self, _x: &mut Array3<f32>) -> Result<()> {

@@ -18,25 +18,10 @@ pub(super) fn convert_input<'v>(
 ) -> std::result::Result<SessionInputValue<'v>, String> {
     let ort_err = |e: ort::Error| e.to_string();
     match (t, declared) {
-        (TensorIn::F32(a), ElemType::F32) => match a.as_slice() {
-            // Zero-copy: contiguous, already f32.
-            Some(_) => Ok(TensorRef::from_array_view(a.clone())
-                .map_err(ort_err)?
-                .into()),
-            None => Ok(Tensor::from_array(a.as_standard_layout().into_owned())
-                .map_err(ort_err)?
-                .into()),
-        },
+        (TensorIn::F32(a), ElemType::F32) => as_declared(a),
         (TensorIn::F32(a), ElemType::F16) => owned(a, f16::from_f32),
         (TensorIn::F32(a), ElemType::BF16) => owned(a, bf16::from_f32),
-        (TensorIn::I64(a), ElemType::I64) => match a.as_slice() {
-            Some(_) => Ok(TensorRef::from_array_view(a.clone())
-                .map_err(ort_err)?
-                .into()),
-            None => Ok(Tensor::from_array(a.as_standard_layout().into_owned())
-                .map_err(ort_err)?
-                .into()),
-        },
+        (TensorIn::I64(a), ElemType::I64) => as_declared(a),
         (TensorIn::I64(a), ElemType::I32) => {
             let mut out = Vec::with_capacity(a.len());
             for &v in a.iter() {
@@ -53,6 +38,20 @@ pub(super) fn convert_input<'v>(
             t.kind()
         )),
     }
+}
+
+/// An array already of the declared type: zero-copy when contiguous, else copied into standard layout.
+fn as_declared<'v, T>(a: &ArrayViewD<'v, T>) -> std::result::Result<SessionInputValue<'v>, String>
+where
+    T: ort::value::PrimitiveTensorElementType + Clone + fmt::Debug + 'static,
+{
+    let err = |e: ort::Error| e.to_string();
+    Ok(match a.as_slice() {
+        Some(_) => TensorRef::from_array_view(a.clone()).map_err(err)?.into(),
+        None => Tensor::from_array(a.as_standard_layout().into_owned())
+            .map_err(err)?
+            .into(),
+    })
 }
 
 fn owned<'v, T>(

@@ -17,6 +17,7 @@ use serde_json::json;
 use super::scheduler::Refused;
 use super::{api, unavailable, ApiError, App, ModelInfo};
 use crate::image_out::{self, GenerationParams};
+use crate::json::ms;
 use crate::pipeline::{Output, Request};
 use crate::Error;
 
@@ -170,10 +171,6 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// A finished generation: the run's output and how it went.
