@@ -48,10 +48,12 @@ impl<'a> HostBound<'a> {
         if !(f32_in(&names[0]) && f32_in(&names[1]) && f32_out && batchable(graph.inputs(), rows)) {
             return Ok(Setup::Fallback(tf, None));
         }
-        let latents = match inputs.cfg_scale {
-            Some(_) => guidance::doubled(x.view())?,
-            None => x.clone(),
+        // True CFG binds [x; x]; otherwise `x` is bound (copied once into the binding) as it is.
+        let doubled = match inputs.cfg_scale {
+            Some(_) => Some(guidance::doubled(x.view())?),
+            None => None,
         };
+        let latents = doubled.as_ref().map_or(x.view(), |d| d.view());
         let timestep = Array1::from_elem(rows, 0.0f32).into_dyn();
         let guidance = inputs.guidance_rows(rows);
         let mut bind = graph.binding()?;
