@@ -67,7 +67,7 @@ def sub_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="replace the existing model folders")
     from .fixtures.presets import PRESETS
 
-    pr = sub.add_parser("preset", help="build a random-weight preset (tiny-schnell, tiny-dev, bench, bench-dev) "
+    pr = sub.add_parser("preset", help="build a random-weight preset (tiny-schnell, tiny-dev, bench, bench-dev, real-width) "
                         "and export it", description="Builds a diffusers checkpoint with a preset's architecture "
                         "and fixed-seed random weights, then exports it like a real checkpoint. Presets: "
                         + "; ".join(f"{name}: {p.summary()}" for name, p in PRESETS.items()))

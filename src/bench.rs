@@ -475,7 +475,10 @@ pub fn run(opts: &BenchOptions, log: &mut dyn FnMut(&str)) -> Result<Report> {
         Some(m) => m,
         None => {
             // No provider could run: describe the model from its folder alone.
-            let spec = crate::model::ModelSpec::resolve(&opts.load.model)?;
+            let spec = crate::model::ModelSpec::resolve_with(
+                &opts.load.model,
+                opts.load.tokenizers.as_deref(),
+            )?;
             ModelInfo {
                 path: spec.root.display().to_string(),
                 name: spec.name.clone(),

@@ -50,9 +50,12 @@ pub struct LoadOptions {
     /// The declared image size and batch range (`--trt-sizes`, `--trt-batch`): TensorRT profiles, and the one static
     /// shape of CUDA graphs.
     pub shapes: Option<crate::model::shapes::ShapeRange>,
-    /// The BFL transformer folder to use (`fp32`, `fp16`, `bf16`, `fp8`, `fp4`); `None` picks one for the
-    /// provider. fp8 and fp4 need TensorRT.
+    /// The BFL transformer folder to use (`fp32`, `fp16`, `int8`, `int4`, `bf16`, `fp8`, `fp4`, `fp4_svd32`); `None`
+    /// picks one for the provider. ModelOpt's fp8 and fp4 need NV TensorRT RTX.
     pub transformer_precision: Option<String>,
+    /// Where the tokenizers are when the model folder has none (`--tokenizers`: a folder with `tokenizer/` and
+    /// `tokenizer_2/`, or a repo id in the Hugging Face cache); `None` searches (model::tokenizer_search).
+    pub tokenizers: Option<std::path::PathBuf>,
 }
 
 impl LoadOptions {
@@ -73,6 +76,7 @@ impl LoadOptions {
             ep: runtime::EpSettings::default(),
             shapes: None,
             transformer_precision: None,
+            tokenizers: None,
         }
     }
 }
@@ -176,18 +180,16 @@ impl Engine {
     /// text-to-image path needs. All contract mismatches are reported together, before any inference.
     pub fn load(opts: &LoadOptions) -> Result<Engine> {
         let start = Instant::now();
-        let mut spec = ModelSpec::resolve(&opts.model)?;
+        let mut spec = ModelSpec::resolve_with(&opts.model, opts.tokenizers.as_deref())?;
         runtime::init(opts.ort_lib.as_deref())?;
         let plan: ProviderPlan = runtime::probe(&opts.providers, opts.no_fallback)?;
-        // The transformer precision for the providers (BFL layout); fp8/fp4 only with TensorRT.
+        // The transformer precision for the providers (BFL layout); ModelOpt's fp8/fp4 only with NV TensorRT RTX.
         spec.select_transformer_precision_for(&plan.active, opts.transformer_precision.as_deref())?;
         let shapes = ShapePlan::new(&spec, opts.shapes)?;
-        // Said once by the CLI and the server: settings without effect here, and a bf16 transformer on CUDA.
-        let mut load_warnings = shapes.warnings(&opts.ep, &plan.active);
-        load_warnings.extend(crate::model::precision_warning(
-            &plan.active,
-            spec.transformer_precision(),
-        ));
+        // Complete downloads, and nothing the first provider cannot run (bf16, ModelOpt's ops), before any session.
+        spec.check_runnable(&plan.active)?;
+        // Said once by the CLI and the server: settings without effect here.
+        let load_warnings = shapes.warnings(&opts.ep, &plan.active);
         let mut graphs = BTreeMap::new();
         for (role, g) in &spec.graphs {
             graphs.insert(

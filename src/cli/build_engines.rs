@@ -48,7 +48,10 @@ pub fn run(a: Args) -> Result<()> {
         )
         .with_hint("drop --trt-engine-cache=false (or engine_cache = false in the config file)"));
     }
-    let mut spec = ModelSpec::resolve(&model_path(a.model.clone()))?;
+    let mut spec = ModelSpec::resolve_with(
+        &model_path(a.model.clone()),
+        a.runtime.session.tokenizers.as_deref(),
+    )?;
     let lib = runtime::init(a.runtime.session.ort_lib.as_deref())?;
     let plan = runtime::probe(&requested, false)?;
     if !plan.active.contains(&Provider::TensorRt) {

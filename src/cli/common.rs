@@ -67,6 +67,15 @@ pub struct SessionArgs {
     /// there): auto (on for GPU providers), on, off.
     #[arg(long, default_value = "auto", value_name = "auto|on|off")]
     pub device_loop: runtime::DeviceLoop,
+    /// Tokenizers for a model folder without them (BFL's ONNX downloads): a folder holding tokenizer/ and
+    /// tokenizer_2/, or a repo id in the Hugging Face cache. Default: the model folder, then the cache.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR|REPO",
+        env = "FLUXRT_TOKENIZERS"
+    )]
+    pub tokenizers: Option<PathBuf>,
     #[command(flatten)]
     pub ep: ProviderFlags,
 }
@@ -93,6 +102,7 @@ impl SessionArgs {
         opts.ep = c.ep;
         opts.shapes = c.shapes;
         opts.transformer_precision = c.transformer_precision;
+        opts.tokenizers = self.tokenizers.clone();
         opts.device_loop = self.device_loop;
         if self.no_optimized_cache {
             opts.optimized_cache = None;

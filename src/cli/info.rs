@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args as ClapArgs;
 use fluxrt::model::{contract, ModelSpec, Variant};
-use fluxrt::runtime::{self, Graph, SessionConfig};
+use fluxrt::runtime::onnx_io::{self, GraphSummary};
 use fluxrt::Result;
 use serde_json::json;
 
@@ -18,29 +18,31 @@ pub struct Args {
     /// Model folder (the same as the positional MODEL, as on every other subcommand).
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
-    /// ONNX Runtime library (file or folder).
-    #[arg(long, value_name = "PATH")]
+    /// Not needed any more: info reads the graph files without ONNX Runtime (kept so older scripts still run).
+    #[arg(long, value_name = "PATH", hide = true)]
     ort_lib: Option<PathBuf>,
+    /// Tokenizers for a model folder without them (BFL's ONNX downloads): a folder holding tokenizer/ and
+    /// tokenizer_2/, or a repo id in the Hugging Face cache. Default: the model folder, then the cache.
+    #[arg(long, value_name = "DIR|REPO", env = "FLUXRT_TOKENIZERS")]
+    tokenizers: Option<PathBuf>,
     /// Print the same as JSON on stdout.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let mut spec = ModelSpec::resolve(&model_path(a.model.or(a.folder)))?;
-    runtime::init(a.ort_lib.as_deref())?;
-    let cfg = SessionConfig {
-        threads: Some(1),
-        ..Default::default()
-    };
+    let mut spec =
+        ModelSpec::resolve_with(&model_path(a.model.or(a.folder)), a.tokenizers.as_deref())?;
+    // Read from the files, without sessions: a graph the CPU provider cannot run (bf16) is still described.
     let mut graphs = Vec::new();
     for (role, g) in spec.graphs.clone() {
-        let graph = Graph::load(&g.path, role.name(), &cfg)?;
+        let summary = onnx_io::check_complete(&g.path)?;
         if role == contract::Role::Transformer {
-            let dev = graph.input(&g.actual_name("guidance")).is_some();
+            let guidance = g.actual_name("guidance");
+            let dev = summary.inputs.iter().any(|i| i.name == guidance);
             spec.set_variant(if dev { Variant::Dev } else { Variant::Schnell });
         }
-        graphs.push((role, g, graph));
+        graphs.push((role, g, summary));
     }
     let dev = spec.variant == Some(Variant::Dev);
     let d = spec.defaults();
@@ -52,9 +54,12 @@ pub fn run(a: Args) -> Result<()> {
                 json!({
                     "graph": role.name(),
                     "file": g.path,
-                    "inputs": graph.inputs().iter().map(|i| i.to_string()).collect::<Vec<_>>(),
-                    "outputs": graph.outputs().iter().map(|o| o.to_string()).collect::<Vec<_>>(),
-                    "contract_problems": contract::check(*role, dev, graph.inputs(), graph.outputs(), &|n| g.actual_name(n)),
+                    "inputs": graph.inputs.iter().filter(|i| !contract::is_lora_slot_input(&i.name)).map(|i| i.to_string()).collect::<Vec<_>>(),
+                    "outputs": graph.outputs.iter().map(|o| o.to_string()).collect::<Vec<_>>(),
+                    "precision": precision(graph),
+                    "external_data": graph.external.keys().collect::<Vec<_>>(),
+                    "custom_ops": graph.custom_ops,
+                    "contract_problems": problems(*role, dev, g, graph),
                 })
             })
             .collect();
@@ -66,6 +71,8 @@ pub fn run(a: Args) -> Result<()> {
             "defaults": d,
             "scheduler": sched,
             "vae": spec.vae,
+            "fixed_text_length": spec.fixed_text_len,
+            "tokenizers": {"clip": spec.clip_tokenizer.path, "t5": spec.t5_tokenizer.path},
             "graphs": gj,
         }))?;
         return Ok(());
@@ -98,19 +105,66 @@ pub fn run(a: Args) -> Result<()> {
         "vae       scale {}, shift {}, downsample {}\n",
         spec.vae.scaling_factor, spec.vae.shift_factor, spec.vae.downsample_factor
     );
+    text += &format!(
+        "tokenizers CLIP {}, T5 {}\n",
+        spec.clip_tokenizer.path.display(),
+        spec.t5_tokenizer.path.display()
+    );
     for (role, g, graph) in &graphs {
-        text += &format!("\n{} ({})\n", role.name(), g.path.display());
-        for i in graph.inputs() {
+        text += &format!(
+            "\n{} ({}, {})\n",
+            role.name(),
+            g.path.display(),
+            precision(graph)
+        );
+        let (slots, inputs): (Vec<_>, Vec<_>) = graph
+            .inputs
+            .iter()
+            .partition(|i| contract::is_lora_slot_input(&i.name));
+        for i in inputs {
             text += &format!("  in   {i}\n");
         }
-        for o in graph.outputs() {
+        if !slots.is_empty() {
+            text += &format!(
+                "  in   {} run-time LoRA slot inputs (optional)\n",
+                slots.len()
+            );
+        }
+        for o in &graph.outputs {
             text += &format!("  out  {o}\n");
         }
-        for p in contract::check(*role, dev, graph.inputs(), graph.outputs(), &|n| {
-            g.actual_name(n)
-        }) {
+        for (domain, ops) in &graph.custom_ops {
+            let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
+            text += &format!("  ops  {domain}: {}\n", ops.join(", "));
+        }
+        for p in problems(*role, dev, g, graph) {
             text += &format!("  PROBLEM {p}\n");
         }
     }
     print_out(&text)
+}
+
+/// The graph's float I/O type (`bf16` for BFL's downloads), or `fp32` when it has none.
+fn precision(s: &GraphSummary) -> String {
+    use fluxrt::runtime::ElemType;
+    s.inputs
+        .iter()
+        .chain(&s.outputs)
+        .find_map(|io| match io.dtype {
+            ElemType::F32 => Some("fp32"),
+            ElemType::F16 => Some("fp16"),
+            ElemType::BF16 => Some("bf16"),
+            _ => None,
+        })
+        .unwrap_or("fp32")
+        .to_string()
+}
+
+fn problems(
+    role: contract::Role,
+    dev: bool,
+    g: &fluxrt::model::GraphSpec,
+    s: &GraphSummary,
+) -> Vec<String> {
+    contract::check(role, dev, &s.inputs, &s.outputs, &|n| g.actual_name(n))
 }

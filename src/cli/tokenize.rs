@@ -1,6 +1,8 @@
 //! `fluxrt tokenize`: how both tokenizers split a prompt: each token with its id and string, the padding counted
 //! rather than listed, and what truncation dropped; `--json` adds the full padded id rows the encoders receive.
 
+use std::path::PathBuf;
+
 use clap::Args as ClapArgs;
 use fluxrt::model::ModelSpec;
 use fluxrt::text::{PromptTokenizer, Tokenized};
@@ -16,13 +18,18 @@ pub struct Args {
     /// T5 sequence length (default: the model's, 256 for schnell and 512 for dev).
     #[arg(long)]
     t5_max_length: Option<usize>,
+    /// Tokenizers for a model folder without them (BFL's ONNX downloads): a folder holding tokenizer/ and
+    /// tokenizer_2/, or a repo id in the Hugging Face cache. Default: the model folder, then the cache.
+    #[arg(long, value_name = "DIR|REPO", env = "FLUXRT_TOKENIZERS")]
+    tokenizers: Option<PathBuf>,
     /// Print JSON on stdout: per tokenizer the full padded ids, the tokens, lengths and truncation.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let spec = ModelSpec::resolve(&model_path(a.input.model.clone()))?;
+    let spec =
+        ModelSpec::resolve_with(&model_path(a.input.model.clone()), a.tokenizers.as_deref())?;
     let clip = PromptTokenizer::from_file(
         &spec.clip_tokenizer.path,
         spec.clip_tokenizer.settings.clone(),

@@ -7,8 +7,10 @@
 //! is loaded, and the FLUX.1 defaults for that variant apply ([`ModelSpec::set_variant`]).
 
 pub mod contract;
+pub mod hub;
 pub mod manifest;
 pub mod shapes;
+pub mod tokenizer_search;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -81,11 +83,30 @@ pub struct ModelSpec {
     pub clip_tokenizer: TokenizerSpec,
     pub t5_tokenizer: TokenizerSpec,
     pub graphs: BTreeMap<Role, GraphSpec>,
+    /// The text length the graphs fix (BFL's: 256 schnell, 512 dev), which overrides the variant's default.
+    pub fixed_text_len: Option<usize>,
 }
 
 impl ModelSpec {
     /// Resolves a model folder; every missing piece is an error that names it.
     pub fn resolve(root: &Path) -> Result<ModelSpec> {
+        Self::resolve_with(root, None)
+    }
+
+    /// [`resolve`](Self::resolve) with the tokenizers taken from `tokenizers` (`--tokenizers`: a folder holding
+    /// `tokenizer/` and `tokenizer_2/`, or a repo id in the Hugging Face cache). Without it, a folder that has no
+    /// tokenizers (BFL's downloads) gets them from the places [`tokenizer_search`] lists. A `root` that does not
+    /// exist but reads as a repo id (`black-forest-labs/FLUX.1-schnell-onnx`) is that repository's snapshot in the
+    /// Hugging Face cache.
+    pub fn resolve_with(root: &Path, tokenizers: Option<&Path>) -> Result<ModelSpec> {
+        let cached;
+        let root = match cached_repo(root) {
+            Some(snap) => {
+                cached = snap;
+                cached.as_path()
+            }
+            None => root,
+        };
         if !root.exists() {
             return Err(Error::input(format!("model folder {} does not exist", root.display())).with_hint(
                 "pass --model with a folder made by `python -m export`, or an official FLUX.1 ONNX download",
@@ -95,7 +116,7 @@ impl ModelSpec {
             return Err(Error::input(format!("{} is not a folder", root.display()))
                 .with_hint("--model takes the model folder, not a file inside it"));
         }
-        let spec = if root.join(manifest::FILE_NAME).is_file() {
+        let mut spec = if root.join(manifest::FILE_NAME).is_file() {
             from_manifest(root)?
         } else if root.join("clip.opt").is_dir() || root.join("transformer.opt").is_dir() {
             from_bfl(root)?
@@ -110,6 +131,13 @@ impl ModelSpec {
         };
         for g in spec.graphs.values() {
             require_file(&g.path, &format!("the {} graph", g.role))?;
+            crate::runtime::onnx_io::check_complete(&g.path)?;
+        }
+        spec.follow_fixed_dims()?;
+        if tokenizers.is_some() || spec.layout != Layout::Manifest {
+            let (clip, t5) = tokenizer_search::find(root, tokenizers)?;
+            spec.clip_tokenizer.path = clip;
+            spec.t5_tokenizer.path = t5;
         }
         for tok in [&spec.clip_tokenizer, &spec.t5_tokenizer] {
             TokenizerSource::locate(&tok.path, tok.settings.style)?;
@@ -131,7 +159,8 @@ impl ModelSpec {
         }
         let v = self.variant.unwrap_or(v);
         if self.defaults.is_none() {
-            let d = Defaults::for_variant(v);
+            let mut d = Defaults::for_variant(v);
+            d.t5_max_length = self.fixed_text_len.unwrap_or(d.t5_max_length);
             self.t5_tokenizer.settings.max_length = d.t5_max_length;
             self.defaults = Some(d);
         }
@@ -187,16 +216,17 @@ impl ModelSpec {
     }
 
     /// Chooses the BFL transformer folder for the active providers (priority order): `wanted` when given, else the
-    /// first present in [`preferred_precisions`] of the first provider. The fp8/fp4 graphs (TensorRT quantization)
-    /// are refused with an [`ErrorKind::Provider`](crate::ErrorKind::Provider) error unless TensorRT is active.
-    /// Other layouts keep their transformer (its precision was chosen at export: `python -m export --precision`,
-    /// fp16 with fp32 islands); `wanted` is an input error for them.
+    /// first present in [`preferred_precisions`] of the first provider, else the first present that is not ModelOpt's.
+    /// ModelOpt's folders (fp8, fp4, fp4_svd32) are refused with an [`ErrorKind::Provider`](crate::ErrorKind::Provider)
+    /// error unless NV TensorRT RTX, the one provider that runs their custom ops, comes first. With one of them the
+    /// T5 graph becomes `t5-fp8.opt` when the folder has it. Other layouts keep their transformer (its precision was
+    /// chosen at export); `wanted` is an input error for them. Whether the chosen graphs run on the providers at all
+    /// (bf16) is [`check_runnable`](Self::check_runnable)'s question.
     pub fn select_transformer_precision_for(
         &mut self,
         active: &[Provider],
         wanted: Option<&str>,
     ) -> Result<()> {
-        let tensorrt = active.contains(&Provider::TensorRt);
         if self.layout != Layout::Bfl {
             return match wanted {
                 Some(w) => Err(Error::input(format!(
@@ -217,7 +247,6 @@ impl ModelSpec {
             .copied()
             .filter(|p| file(p).is_file())
             .collect();
-        let order = preferred_precisions(active);
         let chosen = match wanted {
             Some(w) => match present.iter().copied().find(|p| *p == w) {
                 Some(p) => p,
@@ -230,10 +259,11 @@ impl ModelSpec {
                     .with_hint("pick a precision the model has, or download that folder of the FLUX.1 ONNX repository"))
                 }
             },
-            None => match order
+            None => match preferred_precisions(active)
                 .iter()
                 .copied()
                 .find(|p| present.contains(p))
+                .or_else(|| present.iter().copied().find(|p| !is_modelopt(p)))
                 .or_else(|| present.first().copied())
             {
                 Some(p) => p,
@@ -241,32 +271,166 @@ impl ModelSpec {
             },
         };
         let path = file(chosen);
-        if TENSORRT_ONLY_PRECISIONS.contains(&chosen) && !tensorrt {
+        if is_modelopt(chosen) && active.first() != Some(&Provider::NvTensorRtRtx) {
             let others: Vec<&str> = present
                 .iter()
                 .copied()
-                .filter(|p| !TENSORRT_ONLY_PRECISIONS.contains(p))
+                .filter(|p| !is_modelopt(p))
                 .collect();
             return Err(Error::provider(format!(
-                "the {chosen} transformer graph {} runs only on the TensorRT execution provider, which is not active",
+                "the {chosen} transformer graph {} is NVIDIA ModelOpt quantization, whose custom ops (domain `trt`) \
+                 only the NV TensorRT RTX execution provider runs; it is not the first active provider",
                 path.display()
             ))
-            .with_hint(if others.is_empty() {
-                "run with --provider tensorrt on an NVIDIA GPU (fluxrt built with --features tensorrt), or download \
-                 the bf16 transformer folder of the FLUX.1 ONNX repository"
-                    .to_string()
-            } else {
-                format!(
-                    "run with --provider tensorrt, or use --transformer-precision {}",
-                    others.join(" / ")
-                )
-            }));
+            .with_hint(modelopt_hint(&others)));
         }
         if let Some(g) = self.graphs.get_mut(&Role::Transformer) {
             g.path = path;
         }
+        let t5_fp8 = self.root.join(BFL_T5_FP8);
+        if let Some(g) = self.graphs.get_mut(&Role::T5) {
+            let t5 = self.root.join(layout_file(Role::T5, Layout::Bfl, ""));
+            g.path = if is_modelopt(chosen) && t5_fp8.is_file() {
+                t5_fp8
+            } else {
+                t5
+            };
+        }
         Ok(())
     }
+
+    /// Checks, before any session is made, that every graph is a complete download and can run on `active` (priority
+    /// order; the first provider is the one that takes the graph): a bf16 graph (as BFL publishes them) needs TensorRT
+    /// or NV TensorRT RTX, since ONNX Runtime's CPU, CUDA, DirectML and CoreML providers lack bf16 kernels for most
+    /// ops; a graph with ModelOpt's `trt`-domain ops needs NV TensorRT RTX. Each refusal names the command that
+    /// fixes it (`fluxrt convert`).
+    pub fn check_runnable(&self, active: &[Provider]) -> Result<()> {
+        let first = active.first().copied().unwrap_or(Provider::Cpu);
+        for g in self.graphs.values() {
+            let summary = crate::runtime::onnx_io::check_complete(&g.path)?;
+            let bf16 = summary
+                .inputs
+                .iter()
+                .chain(&summary.outputs)
+                .any(|io| io.dtype == crate::runtime::ElemType::BF16);
+            if bf16 && !matches!(first, Provider::TensorRt | Provider::NvTensorRtRtx) {
+                return Err(Error::provider(format!(
+                    "the {} graph {} is bf16 (as BFL publishes its ONNX files), which ONNX Runtime's {first} \
+                     execution provider cannot run: it has no bf16 kernels for most ops",
+                    g.role,
+                    g.path.display()
+                ))
+                .with_hint(convert_hint(&self.root, first)));
+            }
+            if let Some(ops) = summary.custom_ops.get(MODELOPT_DOMAIN) {
+                if first != Provider::NvTensorRtRtx {
+                    let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
+                    return Err(Error::provider(format!(
+                        "the {} graph {} uses NVIDIA ModelOpt's custom ops ({}, domain `trt`), which only the NV \
+                         TensorRT RTX execution provider runs; the first active provider is {first}",
+                        g.role,
+                        g.path.display(),
+                        ops.join(", ")
+                    ))
+                    .with_hint(modelopt_hint(&[])));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows what the graphs fix: a T5 graph (or transformer) with a fixed text length, as BFL's are (256 schnell,
+    /// 512 dev), sets the length prompts are padded or truncated to, whatever the variant's default. Graphs that
+    /// disagree with each other are a model error.
+    fn follow_fixed_dims(&mut self) -> Result<()> {
+        let mut lengths = Vec::new();
+        for (role, input, axis) in [
+            (Role::T5, "input_ids", 1),
+            (Role::Transformer, "encoder_hidden_states", 1),
+            (Role::Transformer, "txt_ids", 0),
+        ] {
+            let Some(g) = self.graphs.get(&role) else {
+                continue;
+            };
+            let name = g.actual_name(input);
+            let inputs = crate::runtime::onnx_io::read_declared_inputs(&g.path)?;
+            let dim = inputs
+                .iter()
+                .find(|i| i.name == name)
+                .and_then(|i| i.shape.get(axis).cloned());
+            if let Some(crate::runtime::Dim::Fixed(n)) = dim {
+                lengths.push((format!("{role} input {name}"), n as usize));
+            }
+        }
+        if let Some((first_what, n)) = lengths.first().cloned() {
+            if let Some((what, m)) = lengths.iter().find(|(_, m)| *m != n) {
+                return Err(Error::model(format!(
+                    "the graphs of {} disagree on the text length: {first_what} fixes {n}, {what} fixes {m}",
+                    self.root.display()
+                ))
+                .with_hint("use graphs exported together (one download or one export)"));
+            }
+            self.fixed_text_len = Some(n);
+            self.t5_tokenizer.settings.max_length = n;
+            if let Some(d) = &mut self.defaults {
+                d.t5_max_length = n;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// BFL's fp8 T5 folder (ModelOpt quantization, NV TensorRT RTX only).
+pub const BFL_T5_FP8: &str = "t5-fp8.opt/model.onnx";
+/// The operator domain of NVIDIA ModelOpt's custom quantization ops.
+pub const MODELOPT_DOMAIN: &str = "trt";
+
+/// Whether a BFL transformer folder holds ModelOpt quantization (fp8, fp4, Kontext's fp4_svd32).
+pub fn is_modelopt(precision: &str) -> bool {
+    MODELOPT_PRECISIONS.contains(&precision)
+}
+
+fn modelopt_hint(others: &[&str]) -> String {
+    let runs_it = if crate::runtime::compiled_in(Provider::NvTensorRtRtx) {
+        "run with --provider tensorrt-rtx and an ONNX Runtime built with the NV TensorRT RTX provider (it is not in \
+         the onnxruntime-gpu wheel: Windows ML or a source build with --use_nv_tensorrt_rtx)"
+    } else {
+        "rebuild fluxrt with --features nvrtx, load an ONNX Runtime built with the NV TensorRT RTX provider (it is \
+         not in the onnxruntime-gpu wheel: Windows ML or a source build with --use_nv_tensorrt_rtx) and run with \
+         --provider tensorrt-rtx"
+    };
+    if others.is_empty() {
+        format!("{runs_it}; or download the bf16 transformer folder and run it with --provider tensorrt")
+    } else {
+        format!(
+            "{runs_it}; or use --transformer-precision {} (bf16 runs on --provider tensorrt)",
+            others.join(" / ")
+        )
+    }
+}
+
+/// How to run a bf16 folder on `provider`: convert it once, or use TensorRT.
+fn convert_hint(root: &Path, provider: Provider) -> String {
+    let precision = match provider {
+        Provider::Cpu | Provider::OpenVino => "fp32",
+        _ => "fp16",
+    };
+    let out = format!("{}-{precision}", root.display());
+    format!(
+        "convert the folder once: `fluxrt convert {} {out} --precision {precision}` (fp32 or int8 for CPUs, fp16 \
+         for GPUs; needs Python with onnx and numpy), then use --model {out}; or run it as published with \
+         --provider tensorrt on an NVIDIA GPU",
+        root.display()
+    )
+}
+
+/// The cache snapshot of a `--model` that is a repo id rather than an existing folder.
+fn cached_repo(root: &Path) -> Option<PathBuf> {
+    if root.exists() {
+        return None;
+    }
+    let id = root.to_str().filter(|s| hub::is_repo_id(s))?;
+    hub::snapshot(&hub::cache_root()?, id)
 }
 
 fn require_file(path: &Path, what: &str) -> Result<()> {
@@ -333,6 +497,7 @@ fn from_manifest(root: &Path) -> Result<ModelSpec> {
         clip_tokenizer: clip,
         t5_tokenizer: t5,
         graphs,
+        fixed_text_len: None,
     })
 }
 
@@ -359,42 +524,44 @@ fn folder_name(root: &Path) -> String {
         .unwrap_or_else(|| root.display().to_string())
 }
 
-/// Precisions of BFL's transformer folders, in the order fluxrt prefers them on a generic provider.
-pub const BFL_TRANSFORMER_PRECISIONS: [&str; 5] = ["fp32", "fp16", "bf16", "fp8", "fp4"];
-/// The BFL transformer precisions only TensorRT runs (its fp8/fp4 quantization).
-pub const TENSORRT_ONLY_PRECISIONS: [&str; 2] = ["fp8", "fp4"];
+/// Precisions of BFL's transformer folders (as published: bf16, fp8, fp4, Kontext's fp4_svd32; as `fluxrt convert`
+/// writes them: fp32, fp16, int8, int4), in the order fluxrt looks for them.
+pub const BFL_TRANSFORMER_PRECISIONS: [&str; 8] = [
+    "fp32",
+    "fp16",
+    "int8",
+    "int4",
+    "bf16",
+    "fp8",
+    "fp4",
+    "fp4_svd32",
+];
+/// The BFL transformer precisions that are NVIDIA ModelOpt quantization (NV TensorRT RTX only).
+pub const MODELOPT_PRECISIONS: [&str; 3] = ["fp8", "fp4", "fp4_svd32"];
 
 /// The transformer precisions to prefer, best first, for the first (highest-priority) provider of `active`:
-/// - CPU (and OpenVINO): fp32 (ONNX Runtime's CPU kernels are fp32; fp16/bf16 graphs are cast or slow), then fp16,
-///   bf16;
-/// - CUDA, ROCm, MIGraphX: fp16, then bf16 (half the memory, but ONNX Runtime's CUDA EP lacks bf16 kernels for
-///   many ops, which then run on the CPU: see [`precision_warning`]), then fp32;
-/// - TensorRT: bf16 (BFL's graphs target it; it runs bf16 natively), fp16, fp32, then its quantized fp8, fp4 (lossy:
-///   only when nothing else is there, or asked for);
-/// - DirectML and CoreML: fp16 (their fast path; bf16 is poorly supported), fp32, bf16.
+/// - CPU (and OpenVINO): fp32 (ONNX Runtime's CPU kernels are fp32), then int8, fp16, int4 (what `fluxrt convert`
+///   writes); never bf16, which the CPU provider cannot run;
+/// - CUDA, ROCm, MIGraphX, DirectML, CoreML: fp16 (their fast path), then fp32, int8, int4;
+/// - TensorRT: bf16 (BFL's graphs target it; it runs bf16 natively), fp16, fp32;
+/// - NV TensorRT RTX: as TensorRT, then ModelOpt's fp8, fp4, fp4_svd32 (lossy: only when asked for, or alone).
 pub fn preferred_precisions(active: &[Provider]) -> &'static [&'static str] {
-    const CPU: &[&str] = &["fp32", "fp16", "bf16"];
-    const GPU: &[&str] = &["fp16", "bf16", "fp32"];
-    const TRT: &[&str] = &["bf16", "fp16", "fp32", "fp8", "fp4"];
-    const HALF: &[&str] = &["fp16", "fp32", "bf16"];
+    const CPU: &[&str] = &["fp32", "int8", "fp16", "int4"];
+    const GPU: &[&str] = &["fp16", "fp32", "int8", "int4"];
+    const TRT: &[&str] = &["bf16", "fp16", "fp32"];
+    const RTX: &[&str] = &["bf16", "fp16", "fp32", "fp8", "fp4", "fp4_svd32"];
     match active.first() {
         Some(Provider::TensorRt) => TRT,
-        Some(Provider::Cuda | Provider::Rocm | Provider::MiGraphX) => GPU,
-        Some(Provider::DirectMl | Provider::CoreMl) => HALF,
+        Some(Provider::NvTensorRtRtx) => RTX,
+        Some(
+            Provider::Cuda
+            | Provider::Rocm
+            | Provider::MiGraphX
+            | Provider::DirectMl
+            | Provider::CoreMl,
+        ) => GPU,
         Some(Provider::Cpu | Provider::OpenVino) | None => CPU,
     }
-}
-
-/// A warning when the transformer `precision` chosen for `active` may run partly on the CPU: bf16 on the CUDA EP
-/// (ONNX Runtime has no CUDA bf16 kernel for many ops, e.g. ReduceMean, Pow, Erf; those nodes fall back to the CPU,
-/// with copies between them). TensorRT runs bf16 natively, so nothing is said when it comes first.
-pub fn precision_warning(active: &[Provider], precision: Option<&str>) -> Option<String> {
-    (active.first() == Some(&Provider::Cuda) && precision == Some("bf16")).then(|| {
-        "the bf16 transformer runs on the CUDA execution provider, which lacks bf16 kernels for many ops: those \
-         nodes may run on the CPU (slow); use an fp16 transformer folder, or --provider tensorrt, which runs BFL's \
-         bf16 graphs natively"
-            .to_string()
-    })
 }
 
 /// The file of `role` in the official layout (`contract/flux-onnx.json`), `{precision}` filled in.
@@ -488,6 +655,7 @@ fn bare_spec(
         clip_tokenizer: clip,
         t5_tokenizer: t5,
         graphs,
+        fixed_text_len: None,
     }
 }
 
@@ -565,29 +733,36 @@ mod tests {
 
     #[test]
     fn bfl_transformer_precision_follows_the_provider() {
+        use Provider::*;
         let (_d, mut s) = bfl_with(&["fp8", "bf16", "fp4"]);
-        // Not TensorRT: the first non-quantized folder.
+        // Not NV TensorRT RTX: the first non-ModelOpt folder (whether bf16 runs is check_runnable's question).
         s.select_transformer_precision(false, None).unwrap();
         assert_eq!(s.transformer_precision(), Some("bf16"));
-        // Asking for fp8 without TensorRT: a provider error that names the alternative.
+        // Asking for fp8 without NV TensorRT RTX: a provider error that names the alternative.
         let e = s
-            .select_transformer_precision(false, Some("fp8"))
+            .select_transformer_precision(true, Some("fp8"))
             .unwrap_err();
         assert_eq!(e.kind, crate::ErrorKind::Provider);
         assert!(
-            e.message.contains("fp8") && e.message.contains("TensorRT"),
+            e.message.contains("fp8") && e.message.contains("NV TensorRT RTX"),
             "{e}"
         );
-        assert!(e.hint.as_deref().unwrap().contains("bf16"), "{e:?}");
+        let hint = e.hint.as_deref().unwrap();
+        assert!(
+            hint.contains("bf16") && hint.contains("tensorrt-rtx"),
+            "{hint}"
+        );
         assert_eq!(
             s.transformer_precision(),
             Some("bf16"),
             "unchanged after the refusal"
         );
-        // With TensorRT fp8 and fp4 are allowed, on request.
-        s.select_transformer_precision(true, Some("fp4")).unwrap();
+        // With NV TensorRT RTX fp8 and fp4 are allowed, on request; bf16 stays the default.
+        s.select_transformer_precision_for(&[NvTensorRtRtx, Cpu], Some("fp4"))
+            .unwrap();
         assert_eq!(s.transformer_precision(), Some("fp4"));
-        s.select_transformer_precision(true, None).unwrap();
+        s.select_transformer_precision_for(&[NvTensorRtRtx, Cpu], None)
+            .unwrap();
         assert_eq!(s.transformer_precision(), Some("bf16"));
         // A folder the model lacks.
         let e = s
@@ -603,12 +778,13 @@ mod tests {
     #[test]
     fn transformer_precision_per_provider() {
         use Provider::*;
-        let (_d, mut s) = bfl_with(&["fp32", "fp16", "bf16", "fp8"]);
+        let (_d, mut s) = bfl_with(&["fp32", "fp16", "int8", "bf16", "fp8"]);
         for (active, want) in [
             (vec![Cpu], "fp32"),
             (vec![OpenVino, Cpu], "fp32"),
             (vec![Cuda, Cpu], "fp16"),
             (vec![TensorRt, Cuda, Cpu], "bf16"),
+            (vec![NvTensorRtRtx, Cpu], "bf16"),
             (vec![Rocm, Cpu], "fp16"),
             (vec![MiGraphX, Cpu], "fp16"),
             (vec![DirectMl, Cpu], "fp16"),
@@ -617,56 +793,42 @@ mod tests {
             s.select_transformer_precision_for(&active, None).unwrap();
             assert_eq!(s.transformer_precision(), Some(want), "{active:?}");
         }
-        // Only what the model has: CUDA with fp32 + fp8 takes fp32 (fp8 needs TensorRT); TensorRT takes fp32 over
-        // its lossy fp8 too.
+        // A converted CPU folder: int8 before int4; TensorRT takes fp32 over ModelOpt's lossy fp8.
+        let (_d, mut s) = bfl_with(&["int4", "int8"]);
+        s.select_transformer_precision_for(&[Cpu], None).unwrap();
+        assert_eq!(s.transformer_precision(), Some("int8"));
         let (_d, mut s) = bfl_with(&["fp32", "fp8"]);
-        s.select_transformer_precision_for(&[Cuda, Cpu], None)
-            .unwrap();
-        assert_eq!(s.transformer_precision(), Some("fp32"));
         s.select_transformer_precision_for(&[TensorRt, Cpu], None)
             .unwrap();
         assert_eq!(s.transformer_precision(), Some("fp32"));
-        let (_d, mut s) = bfl_with(&["fp16", "bf16"]);
-        s.select_transformer_precision_for(&[Cpu], None).unwrap();
-        assert_eq!(
-            s.transformer_precision(),
-            Some("fp16"),
-            "CPU: fp16 before bf16"
-        );
         assert_eq!(preferred_precisions(&[]), preferred_precisions(&[Cpu]));
-        // Without fp16, CUDA takes bf16 before fp32, and says that some nodes may run on the CPU.
-        let (_d, mut s) = bfl_with(&["fp32", "bf16"]);
-        s.select_transformer_precision_for(&[Cuda, Cpu], None)
-            .unwrap();
-        assert_eq!(s.transformer_precision(), Some("bf16"));
-        let w = precision_warning(&[Cuda, Cpu], s.transformer_precision()).unwrap();
-        assert!(w.contains("CPU") && w.contains("tensorrt"), "{w}");
-        assert!(!w.contains("  "), "{w}");
-        for (active, precision) in [
-            (vec![TensorRt, Cuda, Cpu], "bf16"),
-            (vec![Cuda, Cpu], "fp16"),
-            (vec![Cpu], "bf16"),
-        ] {
-            assert_eq!(
-                precision_warning(&active, Some(precision)),
-                None,
-                "{active:?} {precision}"
+        for active in [[Cpu], [Cuda], [DirectMl], [CoreMl]] {
+            assert!(
+                !preferred_precisions(&active).contains(&"bf16"),
+                "{active:?} has no bf16 kernels"
             );
         }
     }
 
     #[test]
-    fn only_quantized_transformers_need_tensorrt() {
-        let (_d, mut s) = bfl_with(&["fp8"]);
-        let e = s.select_transformer_precision(false, None).unwrap_err();
-        assert_eq!(e.kind, crate::ErrorKind::Provider);
-        assert!(e.message.contains("transformer.opt/fp8"), "{e}");
-        assert!(
-            e.hint.as_deref().unwrap().contains("--provider tensorrt"),
-            "{e:?}"
-        );
-        s.select_transformer_precision(true, None).unwrap();
-        assert_eq!(s.transformer_precision(), Some("fp8"));
+    fn only_modelopt_transformers_need_nv_tensorrt_rtx() {
+        use Provider::*;
+        for p in ["fp8", "fp4", "fp4_svd32"] {
+            let (_d, mut s) = bfl_with(&[p]);
+            let e = s.select_transformer_precision(true, None).unwrap_err();
+            assert_eq!(e.kind, crate::ErrorKind::Provider);
+            assert!(e.message.contains(&format!("transformer.opt/{p}")), "{e}");
+            assert!(
+                e.hint
+                    .as_deref()
+                    .unwrap()
+                    .contains("--provider tensorrt-rtx"),
+                "{e:?}"
+            );
+            s.select_transformer_precision_for(&[NvTensorRtRtx], None)
+                .unwrap();
+            assert_eq!(s.transformer_precision(), Some(p));
+        }
         // Other layouts keep their transformer; a precision request is an input error there.
         let (clip, t5) = default_tokenizers(Path::new("/m"));
         let mut m = bare_spec(Path::new("/m"), Layout::Manifest, BTreeMap::new(), clip, t5);
@@ -675,5 +837,39 @@ mod tests {
             .select_transformer_precision(true, Some("fp8"))
             .unwrap_err();
         assert_eq!(e.kind, crate::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn modelopt_transformers_take_the_fp8_t5_when_there() {
+        use Provider::*;
+        let (d, mut s) = bfl_with(&["bf16", "fp8"]);
+        let t5 = |s: &ModelSpec| s.graphs[&Role::T5].path.clone();
+        s.graphs.insert(
+            Role::T5,
+            GraphSpec {
+                role: Role::T5,
+                path: d.path().join("t5.opt/model.onnx"),
+                renames: Vec::new(),
+            },
+        );
+        std::fs::create_dir_all(d.path().join("t5-fp8.opt")).unwrap();
+        std::fs::write(d.path().join(BFL_T5_FP8), b"x").unwrap();
+        s.select_transformer_precision_for(&[NvTensorRtRtx], Some("fp8"))
+            .unwrap();
+        assert_eq!(t5(&s), d.path().join(BFL_T5_FP8));
+        s.select_transformer_precision_for(&[NvTensorRtRtx], None)
+            .unwrap();
+        assert_eq!(t5(&s), d.path().join("t5.opt/model.onnx"));
+    }
+
+    #[test]
+    fn convert_hint_names_the_command_for_the_provider() {
+        let h = convert_hint(Path::new("/m/flux-dev-onnx"), Provider::Cpu);
+        assert!(
+            h.contains("fluxrt convert /m/flux-dev-onnx /m/flux-dev-onnx-fp32 --precision fp32"),
+            "{h}"
+        );
+        assert!(convert_hint(Path::new("/m/x"), Provider::Cuda).contains("--precision fp16"));
+        assert!(!h.contains("  "), "{h}");
     }
 }

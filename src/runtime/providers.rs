@@ -25,6 +25,7 @@ pub fn compiled_in(p: Provider) -> bool {
         Provider::Cpu => true,
         Provider::Cuda => cfg!(feature = "cuda"),
         Provider::TensorRt => cfg!(feature = "tensorrt"),
+        Provider::NvTensorRtRtx => cfg!(feature = "nvrtx"),
         Provider::DirectMl => cfg!(feature = "directml"),
         Provider::CoreMl => cfg!(feature = "coreml"),
         Provider::Rocm => cfg!(feature = "rocm"),
@@ -223,7 +224,12 @@ pub(crate) fn dispatch(
     let host = HostInfo::detect(library::get().map_or("", |l| l.version()));
     // Only TensorRT and CoreML key caches by the graph file.
     let info = match graph {
-        Some((label, path, _)) if matches!(p, Provider::TensorRt | Provider::CoreMl) => {
+        Some((label, path, _))
+            if matches!(
+                p,
+                Provider::TensorRt | Provider::NvTensorRtRtx | Provider::CoreMl
+            ) =>
+        {
             Some(GraphInfo::read(label, path)?)
         }
         _ => None,
@@ -245,6 +251,8 @@ pub(crate) fn dispatch(
         (Provider::Cuda, ProviderOptions::Cuda(o)) => o.to_ort().build(),
         #[cfg(feature = "tensorrt")]
         (Provider::TensorRt, ProviderOptions::TensorRt(o)) => o.to_ort().build(),
+        #[cfg(feature = "nvrtx")]
+        (Provider::NvTensorRtRtx, ProviderOptions::NvRtx(o)) => o.to_ort().build(),
         #[cfg(feature = "directml")]
         (Provider::DirectMl, ProviderOptions::DirectMl(o)) => o.to_ort().build(),
         #[cfg(feature = "coreml")]

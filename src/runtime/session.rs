@@ -735,6 +735,8 @@ fn load_error(what: &str, e: &ort::Error) -> Error {
             .with_hint("keep the .onnx file and its external data files (.onnx_data, .data) together in one folder"),
         C::ExecutionProviderFailure => Error::provider(format!("{what}: an execution provider failed: {msg}"))
             .with_hint("try another provider order, or run on cpu"),
+        C::NotImplemented if msg.contains("bfloat16") => Error::model(format!("{what} is bf16 where this execution provider has no bf16 kernel: {msg}"))
+            .with_hint("convert the model folder once: `fluxrt convert MODEL OUT --precision fp32` (fp16 for GPUs), or run bf16 graphs with --provider tensorrt"),
         C::NotImplemented => Error::model(format!("{what} uses something this ONNX Runtime cannot run: {msg}"))
             .with_hint("update ONNX Runtime, or re-export the graph with a supported opset / element types"),
         _ => Error::model(format!("ONNX Runtime cannot load {what}: {msg}")).with_hint(REEXPORT_HINT),

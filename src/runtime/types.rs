@@ -17,6 +17,8 @@ pub enum Provider {
     Cpu,
     Cuda,
     TensorRt,
+    /// NV TensorRT RTX (`NvTensorRTRTXExecutionProvider`): the provider that runs ModelOpt's fp8/fp4 graphs.
+    NvTensorRtRtx,
     DirectMl,
     CoreMl,
     Rocm,
@@ -25,10 +27,11 @@ pub enum Provider {
 }
 
 impl Provider {
-    pub const ALL: [Provider; 8] = [
+    pub const ALL: [Provider; 9] = [
         Provider::Cpu,
         Provider::Cuda,
         Provider::TensorRt,
+        Provider::NvTensorRtRtx,
         Provider::DirectMl,
         Provider::CoreMl,
         Provider::Rocm,
@@ -42,6 +45,7 @@ impl Provider {
             Provider::Cpu => "cpu",
             Provider::Cuda => "cuda",
             Provider::TensorRt => "tensorrt",
+            Provider::NvTensorRtRtx => "tensorrt-rtx",
             Provider::DirectMl => "directml",
             Provider::CoreMl => "coreml",
             Provider::Rocm => "rocm",
@@ -56,6 +60,7 @@ impl Provider {
             Provider::Cpu => "CPUExecutionProvider",
             Provider::Cuda => "CUDAExecutionProvider",
             Provider::TensorRt => "TensorrtExecutionProvider",
+            Provider::NvTensorRtRtx => "NvTensorRTRTXExecutionProvider",
             Provider::DirectMl => "DmlExecutionProvider",
             Provider::CoreMl => "CoreMLExecutionProvider",
             Provider::Rocm => "ROCMExecutionProvider",
@@ -68,6 +73,7 @@ impl Provider {
     pub fn feature(self) -> Option<&'static str> {
         match self {
             Provider::Cpu => None,
+            Provider::NvTensorRtRtx => Some("nvrtx"),
             other => Some(other.name()),
         }
     }
@@ -77,6 +83,10 @@ impl Provider {
         match self {
             Provider::Cpu => "onnxruntime",
             Provider::Cuda | Provider::TensorRt => "onnxruntime-gpu",
+            Provider::NvTensorRtRtx => {
+                "an ONNX Runtime built with the NV TensorRT RTX provider (Windows ML, or a source build with \
+                 --use_nv_tensorrt_rtx; not in the onnxruntime-gpu wheel)"
+            }
             Provider::DirectMl => "onnxruntime-directml (Windows)",
             Provider::CoreMl => "onnxruntime (the macOS build)",
             Provider::Rocm => "onnxruntime-rocm",
@@ -103,6 +113,7 @@ impl FromStr for Provider {
             "cpu" => Provider::Cpu,
             "cuda" => Provider::Cuda,
             "tensorrt" | "trt" | "nvtensorrt" => Provider::TensorRt,
+            "tensorrtrtx" | "nvtensorrtrtx" | "nvrtx" | "trtrtx" => Provider::NvTensorRtRtx,
             "directml" | "dml" => Provider::DirectMl,
             "coreml" => Provider::CoreMl,
             "rocm" => Provider::Rocm,
@@ -112,7 +123,7 @@ impl FromStr for Provider {
                 return Err(
                     Error::input(format!("unknown execution provider {:?}", s.trim())).with_hint(
                         format!(
-                            "valid providers: {} (aliases: trt, dml, ov)",
+                            "valid providers: {} (aliases: trt, nvrtx, dml, ov)",
                             Provider::ALL.map(Provider::name).join(", ")
                         ),
                     ),

@@ -23,6 +23,7 @@ pub mod cache;
 pub mod coreml;
 pub mod cuda;
 pub mod directml;
+pub mod nvrtx;
 pub mod tensorrt;
 pub mod values;
 
@@ -32,6 +33,7 @@ pub use cuda::{ArenaExtend, ConvSearch, CudaLayer, CudaOptions, CudaSettings};
 pub use directml::{
     DirectMlLayer, DirectMlOptions, DirectMlSettings, DmlDeviceFilter, DmlPerformance,
 };
+pub use nvrtx::NvRtxOptions;
 pub use tensorrt::{TensorRtLayer, TensorRtOptions, TensorRtSettings};
 pub use values::ByteSize;
 
@@ -65,6 +67,7 @@ pub struct GraphOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProviderOptions {
     TensorRt(TensorRtOptions),
+    NvRtx(NvRtxOptions),
     Cuda(CudaOptions),
     DirectMl(DirectMlOptions),
     CoreMl(CoreMlOptions),
@@ -78,6 +81,7 @@ impl ProviderOptions {
     pub fn ort_options(&self) -> Vec<(String, String)> {
         let v = match self {
             ProviderOptions::TensorRt(t) => t.ort_options(),
+            ProviderOptions::NvRtx(n) => n.ort_options(),
             ProviderOptions::Cuda(c) => c.ort_options(),
             ProviderOptions::DirectMl(d) => d.ort_options(),
             ProviderOptions::CoreMl(c) => c.ort_options(),
@@ -139,7 +143,10 @@ impl EpSettings {
 
     /// Whether CUDA graphs are asked for on one of `active` (CUDA's or TensorRT's `cuda_graph` setting).
     pub fn cuda_graphs_asked(&self, active: &[Provider]) -> bool {
-        (active.contains(&Provider::TensorRt) && self.tensorrt.cuda_graph)
+        (active
+            .iter()
+            .any(|p| matches!(p, Provider::TensorRt | Provider::NvTensorRtRtx))
+            && self.tensorrt.cuda_graph)
             || (active.contains(&Provider::Cuda) && self.cuda.cuda_graph)
     }
 
@@ -164,6 +171,9 @@ impl EpSettings {
         match p {
             Provider::TensorRt => {
                 ProviderOptions::TensorRt(self.tensorrt.options(self.gpu_id(), graph, host))
+            }
+            Provider::NvTensorRtRtx => {
+                ProviderOptions::NvRtx(self.tensorrt.nvrtx_options(self.gpu_id(), graph))
             }
             Provider::Cuda => ProviderOptions::Cuda(self.cuda.options(self.gpu_id(), opts)),
             Provider::DirectMl => {
@@ -193,6 +203,7 @@ impl EpSettings {
 pub fn prepare_cache_dirs(o: &ProviderOptions, g: &GraphInfo, host: &HostInfo) -> Result<()> {
     let dirs = match o {
         ProviderOptions::TensorRt(t) => [t.engine_cache_dir.as_ref(), t.timing_cache_dir.as_ref()],
+        ProviderOptions::NvRtx(n) => [n.runtime_cache_dir.as_ref(), None],
         ProviderOptions::CoreMl(c) => [c.cache_dir.as_ref(), None],
         _ => return Ok(()),
     };
