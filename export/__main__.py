@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .fixtures import KINDS as GOLDEN_KINDS
 
-SUBCOMMANDS = ("tiny", "preset", "layout", "goldens", "quantize", "optimize")
+SUBCOMMANDS = ("tiny", "preset", "layout", "hub-cache", "goldens", "quantize", "optimize", "convert")
 WORK_DIR = Path("build/export")
 
 
@@ -84,11 +84,25 @@ def sub_parser() -> argparse.ArgumentParser:
     pr.add_argument("--lora-slots", action=argparse.BooleanOptionalAction, default=None,
                     help="give the transformer run-time LoRA slot inputs, or not (default: only the tiny presets "
                     "have them)")
-    lay = sub.add_parser("layout", help="re-save an exported model in the BFL or optimum-onnx layout")
-    lay.add_argument("layout", choices=["bfl", "optimum"], help="bfl: the official black-forest-labs ONNX folders; "
-                     "optimum: optimum-onnx's diffusers-style folders")
-    lay.add_argument("model_dir", type=Path, help="a model folder written by python -m export")
+    lay = sub.add_parser("layout", help="re-save an exported model in the BFL or optimum-onnx layout, or as a "
+                         "faithful copy of an official BFL download")
+    lay.add_argument("layout", choices=["bfl", "optimum", "bfl-download"],
+                     help="bfl: the official black-forest-labs ONNX folders, fp32, with the base repo's tokenizers; "
+                     "optimum: optimum-onnx's diffusers-style folders; bfl-download: the folders as published "
+                     "(bf16, fixed text length, backbone.onnx_data, ModelOpt fp8/fp4 with trt-domain ops, "
+                     "t5-fp8.opt, no fp32, no tokenizers; docs/downloads.md)")
+    lay.add_argument("model_dir", type=Path, help="an fp32 model folder written by python -m export")
     lay.add_argument("out_dir", type=Path, help="the folder to create (must not exist or be empty)")
+    lay.add_argument("--kontext", action="store_true",
+                     help="bfl-download: the Kontext repo's shape (fp4_svd32 instead of fp4, plus vae_encoder.opt)")
+    hc = sub.add_parser("hub-cache", help="put a folder into a Hugging Face hub cache as `hf download` leaves it "
+                        "(blobs, snapshot symlinks, refs/main)")
+    hc.add_argument("cache", type=Path, help="the hub cache folder (what HF_HUB_CACHE names)")
+    hc.add_argument("repo_id", help="the repository id, e.g. black-forest-labs/FLUX.1-schnell")
+    hc.add_argument("src", type=Path, nargs="?", help="the folder whose files the snapshot holds")
+    hc.add_argument("--tokenizers-from", type=Path, metavar="MODEL",
+                    help="instead of SRC: the base repo's tokenizer/ and tokenizer_2/ for this exported model, "
+                    "in the hub's form")
     g = sub.add_parser("goldens", help="write diffusers FluxPipeline goldens for a checkpoint")
     g.add_argument("checkpoint", type=Path, help="diffusers-format Flux folder")
     g.add_argument("out_dir", type=Path, help="the goldens folder of this model (e.g. tests/goldens/tiny-flux-dev)")
@@ -148,8 +162,16 @@ def run_sub(args) -> None:
             raise ExportError(f"output folder {args.out_dir} exists and is not empty; choose a new folder")
         if not (args.model_dir / "manifest.json").is_file():
             raise ExportError(f"{args.model_dir} has no manifest.json; pass a model folder written by python -m export")
-        for path in layouts.resave(args.model_dir, args.out_dir, args.layout):
+        if args.layout == "bfl-download":
+            from .fixtures import bfl_download
+
+            written = bfl_download.write(args.model_dir, args.out_dir, kontext=args.kontext)
+        else:
+            written = layouts.resave(args.model_dir, args.out_dir, args.layout)
+        for path in written:
             print(f"wrote {path}")
+    elif args.command == "hub-cache":
+        hub_cache(args)
     elif args.command == "goldens":
         from .checkpoint import load
 
@@ -170,8 +192,31 @@ def run_sub(args) -> None:
                        calibration_size=args.vae_calibration_size, vae_exclude=tuple(args.vae_exclude))
 
 
+def hub_cache(args) -> None:
+    import tempfile
+
+    from .checkpoint import ExportError
+    from .fixtures import bfl_download
+
+    if (args.src is None) == (args.tokenizers_from is None):
+        raise ExportError("hub-cache takes SRC or --tokenizers-from MODEL (one of them)")
+    if args.src is not None:
+        if not args.src.is_dir():
+            raise ExportError(f"{args.src} is not a folder")
+        snap = bfl_download.write_hub_cache(args.cache, args.repo_id, args.src)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            bfl_download.write_hub_tokenizers(args.tokenizers_from, Path(tmp))
+            snap = bfl_download.write_hub_cache(args.cache, args.repo_id, Path(tmp))
+    print(f"wrote {snap}")
+
+
 def main(argv: list[str]) -> int:
     try:
+        if argv[:1] == ["convert"]:  # bf16 BFL download -> fp32/fp16/int8/int4; needs only onnx and numpy
+            from .convert import main as convert_main
+
+            return convert_main(argv[1:], prog="python -m export convert")
         return _main(argv)
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] in STACK:

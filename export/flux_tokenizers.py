@@ -493,7 +493,8 @@ def build_t5_tokenizer(out_dir: Path, cache_dir: Path | None = None, sources: di
     Files: tokenizer.json saved from the transformers-5 backend (WhitespaceSplit + Metaspace pre-tokenizer, so a
     trailing space adds no token), tokenizer_config.json (model_max_length 512) and special_tokens_map.json.
     Loadable by ``transformers.T5TokenizerFast.from_pretrained(out_dir)``. There is no spiece.model: no PyPI
-    package ships it. Returns the manifest metadata of :func:`export_tokenizer_json`.
+    package ships it (the runtime reads one natively when a folder has no tokenizer.json; export/fixtures/spiece.py
+    rebuilds one from this vocabulary for its tests). Returns the manifest metadata of :func:`export_tokenizer_json`.
     """
     out_dir = Path(out_dir)
     sources = sources or fetch_sources(cache_dir)

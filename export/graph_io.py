@@ -20,7 +20,8 @@ def save_graph(model: onnx.ModelProto, path: Path) -> str | None:
     data_path = path.with_name(data_name)
     if data_path.exists():
         data_path.unlink()  # onnx appends to an existing data file
-    big = model.ByteSize() > EXTERNAL_DATA_BYTES if _all_inline(model) else True
+    # Not model.ByteSize(): protobuf cannot even measure a message past 2 GiB (EncodeError), which is the case to catch.
+    big = _inline_bytes(model) > EXTERNAL_DATA_BYTES if _all_inline(model) else True
     if big:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
@@ -52,6 +53,19 @@ def const_value(producers: dict, initializers: dict, name: str):
         return numpy_helper.to_array(n.attribute[0].t)
     init = initializers.get(name)
     return None if init is None else numpy_helper.to_array(init)
+
+
+def _inline_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of the weights stored in the proto (initializers and Constant nodes' tensors), which is nearly all of
+    a graph's size."""
+    def tensor_bytes(t: onnx.TensorProto) -> int:
+        # raw_data, or the typed fields (4 or 8 bytes per element; an upper bound is enough here).
+        return len(t.raw_data) + 8 * (len(t.float_data) + len(t.int32_data) + len(t.int64_data) + len(t.double_data))
+
+    total = sum(tensor_bytes(t) for t in model.graph.initializer)
+    for n in model.graph.node:
+        total += sum(tensor_bytes(a.t) for a in n.attribute if a.type == onnx.AttributeProto.TENSOR)
+    return total
 
 
 def _all_inline(model: onnx.ModelProto) -> bool:

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import torch
 
+from .convert import FP16_ISLANDS, island_by_name  # the fp16 islands, shared with fluxrt convert
 from .graph_io import save_graph
 from .contract import contract_for
 from .wrappers import export_patches, wrap
@@ -18,30 +19,6 @@ from .wrappers import export_patches, wrap
 GRAPHS = ["clip", "t5", "transformer", "vae_decoder", "vae_encoder"]
 PRECISIONS = ["fp32", "fp16", "bf16"]
 DEFAULT_OPSET = 18
-
-# fp16 islands: what stays fp32 because it overflows or loses too much in fp16 (T5's feed-forward, the transformer's
-# residual adds and norms, the VAE's mid-block attention: the node lists onnxruntime's transformers/models/flux
-# optimizer keeps out of fp16, and diffusers' fp16 clipping in T5).
-FP16_ISLANDS = {
-    "clip": {"op_types": [], "whole_graph": False, "why": "CLIP-L runs in fp16 (demoDiffusion exports it so)"},
-    "t5": {"op_types": [], "whole_graph": True, "why": "T5 blocks overflow fp16 activations: the graph stays fp32"},
-    "transformer": {
-        "op_types": ["LayerNormalization", "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Softmax", "Cos", "Sin", "Exp"],
-        "node_patterns": ["single_transformer_blocks/Add"],
-        "whole_graph": False,
-        "why": "norms, softmax, RoPE/time embeddings and the single-block residual adds overflow in fp16",
-    },
-    "vae_decoder": {
-        "op_types": ["InstanceNormalization", "GroupNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt"],
-        "whole_graph": False,
-        "why": "group norms and the mid-block attention overflow in fp16",
-    },
-    "vae_encoder": {
-        "op_types": ["InstanceNormalization", "GroupNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Exp"],
-        "whole_graph": False,
-        "why": "group norms, the mid-block attention and exp(logvar) overflow in fp16",
-    },
-}
 
 
 @dataclass(frozen=True)
@@ -158,8 +135,7 @@ def _name_dims(model: onnx.ModelProto, contract, d: dict) -> None:
 
 
 def _island_nodes(model: onnx.ModelProto, spec: dict) -> list[str]:
-    pats = spec.get("node_patterns", [])
-    return [n.name for n in model.graph.node if any(p in n.name for p in pats)]
+    return [n.name for n in model.graph.node if island_by_name(n.name, spec)]
 
 
 def to_fp16(model: onnx.ModelProto, graph: str) -> tuple[onnx.ModelProto, dict]:

@@ -56,6 +56,10 @@ CALIBRATION_PROMPTS = (
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    # External data is copied: onnx (1.19+) refuses to load a data file with several hard links ("hardlink attack").
+    if src.suffix in (".data", ".onnx_data"):
+        shutil.copy2(src, dst)
+        return
     try:
         os.link(src, dst)
     except OSError:

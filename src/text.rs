@@ -9,7 +9,7 @@
 //! the special tokens, truncation and padding itself, where they can be tested and reported
 //! ([`Tokenized::lost`], [`truncation_warning`]).
 //!
-//! A tokenizer folder comes in two forms ([`TokenizerSource`]):
+//! A tokenizer folder comes in these forms ([`TokenizerSource`]):
 //! - the export step's: a tokenizer.json written from the transformers-5 backend tokenizer;
 //! - the Hugging Face hub's, as FLUX.1's base repositories ship them next to BFL's ONNX download: CLIP's
 //!   `tokenizer/` holds only vocab.json + merges.txt, which are built into a tokenizer here exactly as
@@ -17,7 +17,12 @@
 //!   pipeline predates transformers 5. transformers 5 keeps only the vocabulary and the precompiled charsmap
 //!   of a T5 tokenizer.json and rebuilds the rest (pre-tokenizer `WhitespaceSplit` + `Metaspace`); without
 //!   that, a prompt ending in whitespace gets an extra `▁` (id 3). [`PromptTokenizer::from_json`] does the
-//!   same rebuild for every T5 (Unigram) tokenizer.json, so both forms give diffusers' ids.
+//!   same rebuild for every T5 (Unigram) tokenizer.json, so both forms give diffusers' ids;
+//! - T5 as google/t5-v1_1-xxl ships it: spiece.model (+ tokenizer_config.json), no tokenizer.json. The
+//!   SentencePiece model is read natively ([`spiece`]) and built into the same pipeline transformers 5's
+//!   `T5Tokenizer` builds from it ([`PromptTokenizer::from_spiece`]).
+
+pub mod spiece;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -29,6 +34,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, DecoderWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::{Error, Result};
@@ -137,6 +143,9 @@ pub enum TokenizerSource {
     /// A CLIP folder as the Hugging Face hub ships openai/clip-vit-large-patch14 and FLUX.1's `tokenizer/`:
     /// vocab.json + merges.txt (+ tokenizer_config.json), no tokenizer.json.
     VocabMerges(PathBuf),
+    /// A T5 SentencePiece model (the spiece.model file) as the Hugging Face hub ships google/t5-v1_1-xxl:
+    /// spiece.model (+ tokenizer_config.json), no tokenizer.json.
+    SentencePiece(PathBuf),
 }
 
 /// File names inside a tokenizer folder.
@@ -144,6 +153,7 @@ pub const TOKENIZER_JSON: &str = "tokenizer.json";
 pub const VOCAB_JSON: &str = "vocab.json";
 pub const MERGES_TXT: &str = "merges.txt";
 pub const TOKENIZER_CONFIG_JSON: &str = "tokenizer_config.json";
+pub const SPIECE_MODEL: &str = "spiece.model";
 
 /// transformers 5's `CLIPTokenizer` pre-tokenizer pattern (split with behavior "removed", inverted).
 const CLIP_SPLIT_PATTERN: &str =
@@ -154,14 +164,18 @@ const FIX_HINT: &str = "re-run the export step (`python -m export`) or copy the 
 
 const FOLDER_HINT: &str = "copy the tokenizer folders of the FLUX.1 base repository (black-forest-labs/FLUX.1-schnell \
                            or -dev) next to the ONNX files: `tokenizer/` (CLIP: tokenizer.json, or vocab.json + \
-                           merges.txt) and `tokenizer_2/` (T5: tokenizer.json), or re-run the export step \
-                           (`python -m export`)";
+                           merges.txt) and `tokenizer_2/` (T5: tokenizer.json, or google/t5-v1_1-xxl's spiece.model \
+                           + tokenizer_config.json), or re-run the export step (`python -m export`)";
+
+/// The most `<extra_id_N>` sentinels a tokenizer_config.json may ask for (T5 has 100).
+const MAX_EXTRA_IDS: u64 = 10_000;
 
 impl TokenizerSource {
-    /// Finds the tokenizer at `path`: a tokenizer.json file, or a tokenizer folder holding a tokenizer.json
-    /// or (CLIP only) vocab.json + merges.txt. A tokenizer.json path that does not exist falls back to
-    /// vocab.json + merges.txt in the same folder for CLIP. Anything else is an [`Error::model`] naming the
-    /// file or folder.
+    /// Finds the tokenizer at `path`: a tokenizer.json file, (T5) a `.model` SentencePiece file, or a tokenizer
+    /// folder holding a tokenizer.json, else (CLIP) vocab.json + merges.txt or (T5) spiece.model; tokenizer.json
+    /// wins when a folder has both. A tokenizer.json path that does not exist falls back to what the same folder
+    /// holds instead (vocab.json + merges.txt for CLIP, spiece.model for T5). Anything else is an
+    /// [`Error::model`] naming the file or folder.
     pub fn locate(path: &Path, style: TokenizerStyle) -> Result<TokenizerSource> {
         let which = style.name();
         if path.is_dir() {
@@ -169,17 +183,12 @@ impl TokenizerSource {
             if json.is_file() {
                 return Ok(TokenizerSource::Json(json));
             }
-            if style == TokenizerStyle::Clip && has_vocab_and_merges(path) {
-                return Ok(TokenizerSource::VocabMerges(path.to_path_buf()));
+            if let Some(source) = Self::without_json(path, style) {
+                return Ok(source);
             }
             let found = match style {
-                TokenizerStyle::Clip => {
-                    "neither tokenizer.json nor vocab.json + merges.txt".to_string()
-                }
-                TokenizerStyle::T5 if path.join("spiece.model").is_file() => {
-                    "no tokenizer.json (only spiece.model, which fluxrt does not read)".to_string()
-                }
-                TokenizerStyle::T5 => "no tokenizer.json".to_string(),
+                TokenizerStyle::Clip => "neither tokenizer.json nor vocab.json + merges.txt",
+                TokenizerStyle::T5 => "neither tokenizer.json nor spiece.model",
             };
             return Err(Error::model(format!(
                 "the {which} tokenizer folder {} has {found}",
@@ -188,11 +197,14 @@ impl TokenizerSource {
             .with_hint(FOLDER_HINT));
         }
         if path.is_file() {
+            if style == TokenizerStyle::T5 && path.extension().is_some_and(|e| e == "model") {
+                return Ok(TokenizerSource::SentencePiece(path.to_path_buf()));
+            }
             return Ok(TokenizerSource::Json(path.to_path_buf()));
         }
-        if style == TokenizerStyle::Clip && path.file_name().is_some_and(|n| n == TOKENIZER_JSON) {
-            if let Some(dir) = path.parent().filter(|d| has_vocab_and_merges(d)) {
-                return Ok(TokenizerSource::VocabMerges(dir.to_path_buf()));
+        if path.file_name().is_some_and(|n| n == TOKENIZER_JSON) {
+            if let Some(source) = path.parent().and_then(|d| Self::without_json(d, style)) {
+                return Ok(source);
             }
         }
         let what = if path.extension().is_some_and(|e| e == "json") {
@@ -207,10 +219,25 @@ impl TokenizerSource {
         .with_hint(FIX_HINT))
     }
 
-    /// The tokenizer.json, or the folder holding vocab.json + merges.txt.
+    /// What a folder without tokenizer.json offers instead: vocab.json + merges.txt (CLIP), spiece.model (T5).
+    fn without_json(dir: &Path, style: TokenizerStyle) -> Option<TokenizerSource> {
+        match style {
+            TokenizerStyle::Clip if has_vocab_and_merges(dir) => {
+                Some(TokenizerSource::VocabMerges(dir.to_path_buf()))
+            }
+            TokenizerStyle::T5 if dir.join(SPIECE_MODEL).is_file() => {
+                Some(TokenizerSource::SentencePiece(dir.join(SPIECE_MODEL)))
+            }
+            _ => None,
+        }
+    }
+
+    /// The tokenizer.json, the folder holding vocab.json + merges.txt, or the spiece.model.
     pub fn path(&self) -> &Path {
         match self {
-            TokenizerSource::Json(p) | TokenizerSource::VocabMerges(p) => p,
+            TokenizerSource::Json(p)
+            | TokenizerSource::VocabMerges(p)
+            | TokenizerSource::SentencePiece(p) => p,
         }
     }
 }
@@ -221,11 +248,79 @@ fn has_vocab_and_merges(dir: &Path) -> bool {
 
 /// A special token as tokenizer_config.json names it: a string, or an object with `content`.
 fn config_token(config: &serde_json::Value, key: &str) -> Option<String> {
-    match &config[key] {
+    token_content(&config[key])
+}
+
+fn token_content(value: &serde_json::Value) -> Option<String> {
+    match value {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
         _ => None,
     }
+}
+
+/// An added token as tokenizer_config.json describes it: a string (special, not normalized), or an object with
+/// `content` and flags.
+fn config_added_token(value: &serde_json::Value, default_special: bool) -> Option<AddedToken> {
+    let content = token_content(value)?;
+    let flag = |k: &str, default: bool| value[k].as_bool().unwrap_or(default);
+    let special = flag("special", default_special);
+    Some(
+        AddedToken::from(content, special)
+            .normalized(flag("normalized", !special))
+            .lstrip(flag("lstrip", false))
+            .rstrip(flag("rstrip", false))
+            .single_word(flag("single_word", false)),
+    )
+}
+
+/// The tokens of tokenizer_config.json's `added_tokens_decoder`, by id (transformers adds them first).
+fn config_decoder_tokens(config: &serde_json::Value) -> Vec<AddedToken> {
+    let Some(decoder) = config["added_tokens_decoder"].as_object() else {
+        return Vec::new();
+    };
+    let mut entries: Vec<(u64, &serde_json::Value)> = decoder
+        .iter()
+        .filter_map(|(id, t)| Some((id.parse().ok()?, t)))
+        .collect();
+    entries.sort_by_key(|(id, _)| *id);
+    entries
+        .into_iter()
+        .filter_map(|(_, t)| config_added_token(t, true))
+        .collect()
+}
+
+/// `dir`'s tokenizer_config.json, or `Null` when it has none; unreadable or invalid JSON is an error.
+fn read_tokenizer_config(dir: &Path, which: &str) -> Result<serde_json::Value> {
+    let bad = |msg: String| Error::model(msg).with_hint(FOLDER_HINT);
+    let config_path = dir.join(TOKENIZER_CONFIG_JSON);
+    match std::fs::read_to_string(&config_path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| {
+            bad(format!(
+                "the {which} tokenizer config {} is not valid JSON: {e}",
+                config_path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(serde_json::Value::Null),
+        Err(e) => Err(bad(format!(
+            "the {which} tokenizer config {} cannot be read: {e}",
+            config_path.display()
+        ))),
+    }
+}
+
+/// Adds `tokens` as transformers does: skipping contents already added, the special ones as special tokens.
+fn add_tokens_once(tokenizer: &mut Tokenizer, tokens: Vec<AddedToken>) -> tokenizers::Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    let tokens: Vec<AddedToken> = tokens
+        .into_iter()
+        .filter(|t| seen.insert(t.content.clone()))
+        .collect();
+    let (special, plain): (Vec<AddedToken>, Vec<AddedToken>) =
+        tokens.into_iter().partition(|t| t.special);
+    tokenizer.add_special_tokens(special)?;
+    tokenizer.add_tokens(plain)?;
+    Ok(())
 }
 
 /// Rebuilds a T5 (Unigram) tokenizer.json's pipeline the way transformers 5's `T5Tokenizer` does when it loads
@@ -296,6 +391,7 @@ impl PromptTokenizer {
             TokenizerSource::VocabMerges(dir) => {
                 return Self::from_vocab_and_merges(&dir, settings)
             }
+            TokenizerSource::SentencePiece(model) => return Self::from_spiece(&model, settings),
         };
         let json = std::fs::read_to_string(&path).map_err(|e| {
             let what = if e.kind() == std::io::ErrorKind::NotFound {
@@ -313,7 +409,8 @@ impl PromptTokenizer {
     }
 
     /// Loads the tokenizer folder `dir` (FLUX.1's `tokenizer/` or `tokenizer_2/`): its tokenizer.json when it
-    /// has one, else (CLIP) its vocab.json + merges.txt. A folder with neither is an [`Error::model`] naming it.
+    /// has one, else (CLIP) its vocab.json + merges.txt or (T5) its spiece.model. A folder with none of them is
+    /// an [`Error::model`] naming it.
     pub fn from_folder(dir: impl AsRef<Path>, settings: TokenizerSettings) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
@@ -346,22 +443,7 @@ impl PromptTokenizer {
                 dir.display()
             )));
         }
-        let config_path = dir.join(TOKENIZER_CONFIG_JSON);
-        let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| {
-                bad(format!(
-                    "the {which} tokenizer config {} is not valid JSON: {e}",
-                    config_path.display()
-                ))
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Value::Null,
-            Err(e) => {
-                return Err(bad(format!(
-                    "the {which} tokenizer config {} cannot be read: {e}",
-                    config_path.display()
-                )))
-            }
-        };
+        let config = read_tokenizer_config(dir, which)?;
         let token = |key: &str, default: &str| {
             config_token(&config, key).unwrap_or_else(|| default.to_string())
         };
@@ -408,37 +490,9 @@ impl PromptTokenizer {
         tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
 
         // transformers adds the tokens of `added_tokens_decoder` (by id), then the named special tokens.
-        let mut added: Vec<AddedToken> = Vec::new();
-        if let Some(decoder) = config["added_tokens_decoder"].as_object() {
-            let mut entries: Vec<(u64, &serde_json::Value)> = decoder
-                .iter()
-                .filter_map(|(id, t)| Some((id.parse().ok()?, t)))
-                .collect();
-            entries.sort_by_key(|(id, _)| *id);
-            for (_, t) in entries {
-                let Some(content) = t["content"].as_str() else {
-                    continue;
-                };
-                let flag = |k: &str, default: bool| t[k].as_bool().unwrap_or(default);
-                let special = flag("special", true);
-                added.push(
-                    AddedToken::from(content, special)
-                        .normalized(flag("normalized", !special))
-                        .lstrip(flag("lstrip", false))
-                        .rstrip(flag("rstrip", false))
-                        .single_word(flag("single_word", false)),
-                );
-            }
-        }
-        for name in [&bos, &eos, &unk, &pad] {
-            if !added.iter().any(|t| &t.content == name) {
-                added.push(AddedToken::from(name.as_str(), true));
-            }
-        }
-        let (special, plain): (Vec<AddedToken>, Vec<AddedToken>) =
-            added.into_iter().partition(|t| t.special);
-        tokenizer.add_special_tokens(special).map_err(build_error)?;
-        tokenizer.add_tokens(plain).map_err(build_error)?;
+        let mut added = config_decoder_tokens(&config);
+        added.extend([&bos, &eos, &unk, &pad].map(|name| AddedToken::from(name.as_str(), true)));
+        add_tokens_once(&mut tokenizer, added).map_err(build_error)?;
 
         let id = |name: &str| {
             tokenizer.token_to_id(name).ok_or_else(|| {
@@ -454,6 +508,108 @@ impl PromptTokenizer {
                 .add_prefix_space(false),
         ));
         Self::from_tokenizer(tokenizer, settings, dir.to_path_buf())
+    }
+
+    /// Builds T5's tokenizer from a SentencePiece model (`model`: the spiece.model file; its folder's
+    /// tokenizer_config.json is read when there is one) exactly as transformers 5's `T5Tokenizer.from_pretrained`
+    /// builds it from a spiece.model-only folder: the pipeline of [`spiece::t5_tokenizer`] over
+    /// tokenizer_config.json's `extra_ids` sentinels (100 by default); added tokens: `added_tokens_decoder`'s
+    /// (with their flags), the eos / unk / pad tokens, then the config's `additional_special_tokens` (or
+    /// `extra_special_tokens`) list when it has one, else the model's CONTROL and USER_DEFINED pieces and the
+    /// `<extra_id_0>` … sentinels; the `$A </s>` post-processor. A missing, unreadable or malformed file, a
+    /// non-Unigram model or one that is not laid out like T5's is an [`Error::model`] naming the file.
+    pub fn from_spiece(model: &Path, settings: TokenizerSettings) -> Result<Self> {
+        let which = settings.style.name();
+        let bad = |msg: String| Error::model(msg).with_hint(FOLDER_HINT);
+        if settings.style != TokenizerStyle::T5 {
+            return Err(bad(format!(
+                "the {which} tokenizer file {} is a SentencePiece model, a T5 tokenizer",
+                model.display()
+            )));
+        }
+        let bytes = std::fs::read(model).map_err(|e| {
+            let what = if e.kind() == std::io::ErrorKind::NotFound {
+                "is missing"
+            } else {
+                "cannot be read"
+            };
+            bad(format!(
+                "the {which} tokenizer file {} {what}: {e}",
+                model.display()
+            ))
+        })?;
+        let invalid = |e: spiece::SpieceError| {
+            bad(format!(
+                "the {which} tokenizer file {} is not a usable SentencePiece model: {e}",
+                model.display()
+            ))
+        };
+        let parsed = spiece::parse(&bytes).map_err(invalid)?;
+        let dir = model.parent().unwrap_or(Path::new("."));
+        let config = read_tokenizer_config(dir, which)?;
+        let extra_ids = match &config["extra_ids"] {
+            serde_json::Value::Null => spiece::DEFAULT_EXTRA_IDS,
+            v => v
+                .as_u64()
+                .filter(|&n| n <= MAX_EXTRA_IDS)
+                .map(|n| n as usize)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "the {which} tokenizer config {} has extra_ids {v}: expected a count of at most \
+                         {MAX_EXTRA_IDS}",
+                        dir.join(TOKENIZER_CONFIG_JSON).display()
+                    ))
+                })?,
+        };
+        let mut tokenizer = spiece::t5_tokenizer(&parsed, extra_ids).map_err(invalid)?;
+
+        let token = |key: &str, default: &str| {
+            config_token(&config, key).unwrap_or_else(|| default.to_string())
+        };
+        let eos = token("eos_token", "</s>");
+        let mut added = config_decoder_tokens(&config);
+        added.extend(
+            [
+                eos.clone(),
+                token("unk_token", "<unk>"),
+                token("pad_token", "<pad>"),
+            ]
+            .map(|name| AddedToken::from(name, true)),
+        );
+        let listed = ["additional_special_tokens", "extra_special_tokens"]
+            .iter()
+            .find_map(|key| config[*key].as_array());
+        match listed {
+            Some(list) => added.extend(list.iter().filter_map(|t| config_added_token(t, true))),
+            None => {
+                added.extend(spiece::added_pieces(&parsed));
+                added.extend(
+                    (0..extra_ids).map(|i| AddedToken::from(format!("<extra_id_{i}>"), true)),
+                );
+            }
+        }
+        let build_error = |e: tokenizers::Error| {
+            bad(format!(
+                "the {which} tokenizer from {}: {e}",
+                model.display()
+            ))
+        };
+        add_tokens_once(&mut tokenizer, added).map_err(build_error)?;
+        let eos_id = tokenizer.token_to_id(&eos).ok_or_else(|| {
+            bad(format!(
+                "the {which} tokenizer file {} has no token {eos}",
+                model.display()
+            ))
+        })?;
+        let template = TemplateProcessing::builder()
+            .try_single(vec!["$A", eos.as_str()])
+            .and_then(|b| b.try_pair(vec!["$A", eos.as_str(), "$B", eos.as_str()]))
+            .map_err(|e| bad(format!("the {which} tokenizer's template: {e}")))?
+            .special_tokens(vec![(eos.as_str(), eos_id)])
+            .build()
+            .map_err(|e| bad(format!("the {which} tokenizer's template: {e}")))?;
+        tokenizer.with_post_processor(Some(template));
+        Self::from_tokenizer(tokenizer, settings, model.to_path_buf())
     }
 
     /// Like [`PromptTokenizer::from_file`] for tokenizer.json text already in memory; `origin` names it in errors.
@@ -611,7 +767,7 @@ impl PromptTokenizer {
         self.eos_id
     }
 
-    /// The tokenizer.json this was loaded from, or the folder of its vocab.json + merges.txt.
+    /// The tokenizer.json this was loaded from, the folder of its vocab.json + merges.txt, or its spiece.model.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -4,8 +4,8 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use fluxrt::model::{Layout, ModelSpec};
@@ -13,17 +13,17 @@ use fluxrt::pipeline::{LoadOptions, Pipeline, Quiet, Request};
 use fluxrt::runtime::Canceller;
 
 fn resave(model_name: &str, layout: &str, out: &Path) {
-    let o = Command::new(python())
-        .args(["-m", "export", "layout", layout])
-        .arg(model(model_name))
-        .arg(out)
-        .current_dir(root())
-        .output()
-        .expect("python runs");
-    assert!(
-        o.status.success(),
-        "export layout failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
+    let m = model(model_name);
+    python_ok(
+        "export layout",
+        [
+            OsStr::new("-m"),
+            OsStr::new("export"),
+            OsStr::new("layout"),
+            OsStr::new(layout),
+            m.as_os_str(),
+            out.as_os_str(),
+        ],
     );
 }
 

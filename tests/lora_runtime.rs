@@ -17,6 +17,7 @@ use fluxrt::pipeline::{LoadOptions, Pipeline, Quiet, Request};
 use fluxrt::runtime::Canceller;
 use safetensors::SafeTensors;
 use serde_json::{json, Value};
+use std::ffi::OsStr;
 
 /// How a case's golden image was computed (docs/testing.md): the text encoders, every step and the VAE decode.
 fn image_computed(case: &LoraCase) -> Computed {
@@ -478,19 +479,19 @@ fn write_lora(path: &Path, tensors: &[(&str, Vec<usize>)]) {
 /// The tiny schnell model exported without LoRA slots, by the export step itself.
 fn model_without_slots(dir: &Path) -> PathBuf {
     let out = dir.join("no-slots");
-    let o = std::process::Command::new(python())
-        .args(["-m", "export", "preset", "tiny-schnell"])
-        .arg(&out)
-        .arg("--work")
-        .arg(dir.join("work"))
-        .arg("--no-lora-slots")
-        .current_dir(root())
-        .output()
-        .expect("python runs");
-    assert!(
-        o.status.success(),
-        "export without slots failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
+    let work = dir.join("work");
+    python_ok(
+        "export without slots",
+        [
+            OsStr::new("-m"),
+            OsStr::new("export"),
+            OsStr::new("preset"),
+            OsStr::new("tiny-schnell"),
+            out.as_os_str(),
+            OsStr::new("--work"),
+            work.as_os_str(),
+            OsStr::new("--no-lora-slots"),
+        ],
     );
     out
 }

