@@ -4,12 +4,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use common::http::*;
 use common::{model, TestServer};
 use fluxrt::image_out;
 use fluxrt::pipeline::{LoadOptions, Pipeline, Quiet, Request};
@@ -39,158 +40,6 @@ fn shared() -> SocketAddr {
         std::mem::forget(s);
         addr
     })
-}
-
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "status {}: body is not JSON ({e}): {}",
-                self.status,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-}
-
-fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
-    s
-}
-
-fn request_head(method: &str, path: &str, headers: &[(&str, &str)], len: Option<usize>) -> String {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(n) = len {
-        head.push_str(&format!("Content-Length: {n}\r\n"));
-    }
-    head.push_str("\r\n");
-    head
-}
-
-/// Reads a whole response (the server closes after it: every request says `Connection: close`).
-fn read_response(s: &mut TcpStream) -> std::io::Result<Resp> {
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_response(&raw).ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("no HTTP response in {} bytes", raw.len()),
-        )
-    })
-}
-
-fn parse_response(raw: &[u8]) -> Option<Resp> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&raw[..end]).to_string();
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let mut body = raw[end + 4..].to_vec();
-    let chunked = headers.iter().any(|(k, v)| {
-        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-    });
-    if chunked {
-        let mut out = Vec::new();
-        let mut rest = &body[..];
-        loop {
-            let nl = rest.windows(2).position(|w| w == b"\r\n")?;
-            let n =
-                usize::from_str_radix(std::str::from_utf8(&rest[..nl]).ok()?.trim(), 16).ok()?;
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[nl + 2..nl + 2 + n]);
-            rest = &rest[nl + 2 + n + 2..];
-        }
-        body = out;
-    }
-    Some(Resp {
-        status,
-        headers,
-        body,
-    })
-}
-
-fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Resp {
-    let mut s = connect(addr);
-    let len = (method == "POST").then_some(body.len());
-    s.write_all(request_head(method, path, headers, len).as_bytes())
-        .unwrap();
-    s.write_all(body).unwrap();
-    read_response(&mut s).expect("a response")
-}
-
-fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {
-    request(
-        addr,
-        "POST",
-        path,
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    )
-}
-
-fn get(addr: SocketAddr, path: &str) -> Resp {
-    request(addr, "GET", path, &[], b"")
-}
-
-fn metrics(addr: SocketAddr) -> String {
-    String::from_utf8(get(addr, "/metrics").body).unwrap()
-}
-
-/// The value of one sample line (`name{labels} value`), 0 when absent.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .map(|v| v.parse().unwrap())
-        .unwrap_or(0.0)
-}
-
-fn requests_by_status(text: &str, endpoint: &str) -> std::collections::BTreeMap<u16, u64> {
-    let prefix = format!("fluxrt_http_requests_total{{endpoint=\"{endpoint}\",status=\"");
-    text.lines()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .map(|r| {
-            let (status, rest) = r.split_once('"').unwrap();
-            let n = rest.rsplit(' ').next().unwrap().parse().unwrap();
-            (status.parse().unwrap(), n)
-        })
-        .collect()
-}
-
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn decode_png(bytes: &[u8]) -> image::RgbImage {
@@ -923,6 +772,45 @@ fn shutdown_finishes_in_flight_requests_then_stops() {
     assert!(
         TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(),
         "still accepting"
+    );
+}
+
+#[test]
+fn draining_answers_503_while_the_port_stays_open_and_in_flight_work_finishes() {
+    let mut c = config();
+    c.drain_delay = Duration::from_secs(3);
+    let mut server = TestServer::start(c);
+    let addr = server.addr;
+    let body = json!({"prompt": "finish me", "width": 256, "height": 256, "steps": 6});
+    let in_flight = std::thread::spawn(move || post(addr, "/v1/generate", &body));
+    wait_for("the run to start", Duration::from_secs(30), || {
+        sample(&metrics(addr), "fluxrt_running_requests") == 1.0
+    });
+    let t0 = Instant::now();
+    server.signal_shutdown();
+    wait_for("readiness to turn 503", Duration::from_secs(5), || {
+        get(addr, "/ready").status == 503
+    });
+    // Still accepting during the drain: a load balancer sees 503 (retry elsewhere), not a refused connection.
+    let r = post(
+        addr,
+        "/v1/images/generations",
+        &json!({"prompt": "late", "size": "64x64", "steps": 1}),
+    );
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.header("retry-after").is_some());
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "checked within the drain"
+    );
+    assert_eq!(sample(&metrics(addr), "fluxrt_ready"), 0.0);
+    let resp = in_flight.join().unwrap();
+    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+    server.shutdown().0.unwrap();
+    assert!(t0.elapsed() >= Duration::from_secs(3), "the drain lasted");
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(),
+        "the port closes after the drain"
     );
 }
 

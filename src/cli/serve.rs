@@ -45,6 +45,11 @@ pub struct Args {
     /// Seconds that in-flight requests get to finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
     shutdown_timeout: f64,
+    /// Seconds to keep answering after SIGINT/SIGTERM, with GET /ready and new requests at 503, before the port
+    /// closes: load balancers and Kubernetes stop routing here first (set it to the readiness check's period
+    /// times its failure threshold). In-flight work goes on meanwhile.
+    #[arg(long, default_value_t = 0.0, value_name = "SECONDS")]
+    drain_delay: f64,
     /// Seconds a request body may take to arrive.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     body_timeout: f64,
@@ -101,6 +106,10 @@ pub fn run(a: Args) -> Result<()> {
     };
     config.request_timeout = seconds("request-timeout", a.request_timeout)?;
     config.shutdown_timeout = seconds("shutdown-timeout", a.shutdown_timeout)?;
+    config.drain_delay = match a.drain_delay {
+        0.0 => Duration::ZERO,
+        d => seconds("drain-delay", d)?,
+    };
     config.body_timeout = seconds("body-timeout", a.body_timeout)?;
     config.cache_bytes = a.cache_bytes;
     config.warmup = !a.no_warmup;

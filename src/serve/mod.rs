@@ -62,6 +62,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// After SIGINT/SIGTERM: how long in-flight and queued requests may take before they are cancelled.
     pub shutdown_timeout: Duration,
+    /// After SIGINT/SIGTERM and before the port closes: how long the server keeps answering, `GET /ready` and new
+    /// generations with 503, so load balancers and Kubernetes take the replica out before connections are refused.
+    /// Queued and running requests go on meanwhile.
+    pub drain_delay: Duration,
     /// Byte budget of the prompt-embedding cache shared by the workers; 0 turns it off.
     pub cache_bytes: usize,
     /// Run one small generation per worker before reporting ready (builds TensorRT engines, warms caches).
@@ -87,6 +91,7 @@ impl Config {
             body_timeout: Duration::from_secs(10),
             max_body_bytes: 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
             cache_bytes: 256 * 1024 * 1024,
             warmup: true,
             log: true,

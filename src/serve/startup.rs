@@ -21,8 +21,9 @@ use crate::{Error, Result};
 
 /// Starts the server: binds `host:port`, starts the workers (which load and warm up the model in the
 /// background: `GET /health` answers at once, `GET /ready` once they are done) and serves until `shutdown`
-/// completes. Then it stops accepting, lets queued and running requests finish within
-/// `shutdown_timeout`, cancels what is left, and [`Server::wait`] returns.
+/// completes. Then it answers 503 to readiness and new requests for `drain_delay` (still accepting, so load
+/// balancers see the 503 rather than a refused connection), stops accepting, lets queued and running requests
+/// finish within `shutdown_timeout`, cancels what is left, and [`Server::wait`] returns.
 pub async fn start(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -188,10 +189,18 @@ async fn serve(
     let signal = {
         let app = app.clone();
         async move {
-            if stop.await {
+            let signalled = stop.await;
+            app.shutting_down.store(true, Ordering::SeqCst);
+            let drain = app.config.drain_delay;
+            if signalled && !drain.is_zero() {
+                app.log(format_args!(
+                    "draining for {drain:?}: GET /ready and new requests get 503; queued and running requests go on"
+                ));
+                tokio::time::sleep(drain).await;
+            }
+            if signalled {
                 app.log("shutting down: no new connections; finishing in-flight requests");
             }
-            app.shutting_down.store(true, Ordering::SeqCst);
             app.sched.close();
             let _ = began_tx.send(());
         }
