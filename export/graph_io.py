@@ -55,6 +55,25 @@ def const_value(producers: dict, initializers: dict, name: str):
     return None if init is None else numpy_helper.to_array(init)
 
 
+def topological(nodes: list, graph) -> list | None:
+    """`nodes` in an order where each runs after the producers of its inputs (graph inputs and initializers are
+    ready from the start), or None when some input is never produced (a cycle or a dangling name)."""
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(nodes), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            return None
+        pending = rest
+    return ordered
+
+
 def _inline_bytes(model: onnx.ModelProto) -> int:
     """The bytes of the weights stored in the proto (initializers and Constant nodes' tensors), which is nearly all of
     a graph's size."""

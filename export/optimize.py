@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import ExportError
-from .graph_io import const_value, save_graph
+from .graph_io import const_value, save_graph, topological
 from .quantize import derived_model
 
 FUSIONS = ("attention", "layernorm", "gelu")
@@ -194,19 +194,9 @@ def fuse_attention(model) -> int:
                 for sn in a.g.node:
                     stack.extend(i for i in sn.input if i)
     live_ids = {id(n) for n in live}
-    ordered, done = [], {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
-    pending = [n for n in nodes if id(n) in live_ids]
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in done for i in n.input):
-                ordered.append(n)
-                done.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise ExportError("attention fusion left a cycle or a dangling input")
-        pending = rest
+    ordered = topological([n for n in nodes if id(n) in live_ids], g)
+    if ordered is None:
+        raise ExportError("attention fusion left a cycle or a dangling input")
     del g.node[:]
     g.node.extend(ordered)
     used = {i for n in g.node for i in n.input}

@@ -325,6 +325,54 @@ pub fn encode_png(img: &image::RgbImage, parameters: &str) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// How a finished image is written for a client: PNG (with its `parameters` chunk), JPEG at a quality, or
+/// lossless WebP (the `image` crate's WebP encoder is lossless only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encoding {
+    #[default]
+    Png,
+    /// Quality 1-100 (100: best and largest).
+    Jpeg {
+        quality: u8,
+    },
+    Webp,
+}
+
+impl Encoding {
+    /// The name OpenAI's `output_format` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encoding::Png => "png",
+            Encoding::Jpeg { .. } => "jpeg",
+            Encoding::Webp => "webp",
+        }
+    }
+}
+
+/// Encodes `img` as `encoding`; `parameters` goes into PNGs only (JPEG and WebP carry no metadata here).
+pub fn encode(img: &image::RgbImage, encoding: Encoding, parameters: &str) -> Result<Vec<u8>> {
+    let (w, h) = img.dimensions();
+    let fail = |e: image::ImageError| {
+        Error::io(format!(
+            "cannot encode the {w}x{h} {}: {e}",
+            encoding.name()
+        ))
+    };
+    let mut out = Vec::new();
+    match encoding {
+        Encoding::Png => return encode_png(img, parameters),
+        Encoding::Jpeg { quality } => {
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100))
+                .encode_image(img)
+                .map_err(fail)?
+        }
+        Encoding::Webp => image::codecs::webp::WebPEncoder::new_lossless(&mut out)
+            .encode(img.as_raw(), w, h, image::ExtendedColorType::Rgb8)
+            .map_err(fail)?,
+    }
+    Ok(out)
+}
+
 fn find_parameters(info: &png::Info) -> Option<String> {
     if let Some(t) = info
         .uncompressed_latin1_text
@@ -626,6 +674,46 @@ mod tests {
     fn bytes_of(values: &[f32]) -> Vec<u8> {
         let img = to_rgb8(chw(values).view()).unwrap();
         img.pixels().map(|p| p.0[0]).collect()
+    }
+
+    #[test]
+    fn jpeg_and_webp_decode_to_the_image() {
+        let img = image::RgbImage::from_fn(32, 16, |x, y| {
+            image::Rgb([(x * 8) as u8, (y * 16) as u8, 128])
+        });
+        let webp = encode(&img, Encoding::Webp, "ignored").unwrap();
+        let back = image::load_from_memory_with_format(&webp, image::ImageFormat::WebP)
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(back, img, "lossless");
+        let sizes: Vec<usize> = [95, 20]
+            .map(|q| {
+                let jpg = encode(&img, Encoding::Jpeg { quality: q }, "").unwrap();
+                let back = image::load_from_memory_with_format(&jpg, image::ImageFormat::Jpeg)
+                    .unwrap()
+                    .to_rgb8();
+                assert_eq!(back.dimensions(), (32, 16));
+                // A smooth ramp: every channel within a few levels at quality 95.
+                if q == 95 {
+                    let worst = back
+                        .as_raw()
+                        .iter()
+                        .zip(img.as_raw())
+                        .map(|(a, b)| a.abs_diff(*b))
+                        .max();
+                    assert!(worst.unwrap() <= 8, "{worst:?}");
+                }
+                jpg.len()
+            })
+            .into();
+        assert!(
+            sizes[1] < sizes[0],
+            "lower quality, smaller file: {sizes:?}"
+        );
+        assert_eq!(
+            encode(&img, Encoding::Png, "p").unwrap(),
+            encode_png(&img, "p").unwrap()
+        );
     }
 
     #[test]

@@ -257,7 +257,7 @@ proptest! {
         let got = parse_openai(&bytes, &l, &model(variant), 42);
         prop_assert_eq!(got.is_ok(), openai_valid(&m, &l), "{} -> {:?}", Value::Object(m.clone()), got.as_ref().err());
         match got {
-            Ok(p) => check_accepted(&p.request, &l, variant),
+            Ok((p, _)) => check_accepted(&p.request, &l, variant),
             Err(e) => {
                 prop_assert!([400u16, 422].contains(&e.status.as_u16()));
                 prop_assert!(!e.message.is_empty());
@@ -287,7 +287,7 @@ proptest! {
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
         let l = limits();
         for r in [
-            parse_openai(&bytes, &l, &model(Variant::Schnell), 0),
+            parse_openai(&bytes, &l, &model(Variant::Schnell), 0).map(|(p, _)| p),
             parse_native(&bytes, &l, &model(Variant::Dev), 0),
         ] {
             if let Err(e) = r {

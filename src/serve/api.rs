@@ -176,12 +176,134 @@ pub struct OpenAiRequest {
     /// Accepted and ignored (an end-user id for abuse tracking in OpenAI's API).
     #[serde(default)]
     pub user: Option<String>,
+    /// Accepted and ignored, as `user`.
+    #[serde(default)]
+    pub safety_identifier: Option<String>,
+    /// Accepted and echoed; FLUX has one quality: its steps come from `steps` or the model's default.
+    #[serde(default)]
+    pub quality: Option<String>,
+    /// Accepted and ignored: FLUX has no style switch (the prompt says it).
+    #[serde(default)]
+    pub style: Option<String>,
+    /// Accepted and ignored: this server runs no moderation model.
+    #[serde(default)]
+    pub moderation: Option<String>,
+    /// `opaque` or `auto`; `transparent` is refused (FLUX.1 renders opaque RGB).
+    #[serde(default)]
+    pub background: Option<String>,
+    /// `png` (default, with the generation settings in a `parameters` chunk), `jpeg` or `webp` (lossless).
+    #[serde(default)]
+    pub output_format: Option<String>,
+    /// 0-100, the JPEG quality (100: best, OpenAI's default); WebP here is lossless and ignores it.
+    #[serde(default)]
+    pub output_compression: Option<u8>,
+    /// Streaming is not offered yet: `true` is refused.
+    #[serde(default)]
+    pub stream: Option<bool>,
+    /// 0-3, with `stream` only.
+    #[serde(default)]
+    pub partial_images: Option<u8>,
     #[serde(default)]
     pub seed: Option<u64>,
     #[serde(default)]
     pub steps: Option<usize>,
     #[serde(default)]
     pub guidance: Option<f32>,
+}
+
+/// OpenAI's documented values of the generation fields accepted here (openai-python's image_generate_params).
+const QUALITIES: &[&str] = &[
+    "auto", "low", "medium", "high", "xhigh", "max", "standard", "hd",
+];
+const STYLES: &[&str] = &["vivid", "natural"];
+const MODERATIONS: &[&str] = &["auto", "low"];
+const BACKGROUNDS: &[&str] = &["auto", "opaque", "transparent"];
+const OUTPUT_FORMATS: &[&str] = &["png", "jpeg", "webp", "gif", "svg"];
+
+/// `value` when it is one of `allowed`, else 422 naming the field and the values.
+fn choice<'a>(
+    param: &str,
+    value: Option<&'a str>,
+    allowed: &[&str],
+) -> Result<Option<&'a str>, ApiError> {
+    match value {
+        Some(v) if !allowed.contains(&v) => Err(ApiError::invalid(
+            param,
+            format!(
+                "Invalid value: '{}'. Supported values are: {}.",
+                truncate(v, 40),
+                allowed
+                    .iter()
+                    .map(|a| format!("'{a}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .code("invalid_value")),
+        v => Ok(v),
+    }
+}
+
+/// What the OpenAI fields ask of the answer: the image encoding and the fields echoed beside `data`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAiOutput {
+    pub encoding: crate::image_out::Encoding,
+    pub quality: String,
+}
+
+impl OpenAiRequest {
+    /// Checks the OpenAI-only fields: refuses what this server cannot do, with the reason.
+    pub fn output(&self) -> Result<OpenAiOutput, ApiError> {
+        use crate::image_out::Encoding;
+        let quality = choice("quality", self.quality.as_deref(), QUALITIES)?.unwrap_or("auto");
+        choice("style", self.style.as_deref(), STYLES)?;
+        choice("moderation", self.moderation.as_deref(), MODERATIONS)?;
+        if choice("background", self.background.as_deref(), BACKGROUNDS)? == Some("transparent") {
+            return Err(ApiError::bad_request(
+                "background \"transparent\" is not supported: FLUX.1 renders opaque RGB images; use \"opaque\" or \"auto\"",
+            )
+            .param("background")
+            .code("unsupported_background"));
+        }
+        let compression = self.output_compression.unwrap_or(100);
+        if compression > 100 {
+            return Err(ApiError::invalid(
+                "output_compression",
+                format!("output_compression must be between 0 and 100, got {compression}"),
+            ));
+        }
+        let encoding = match choice("output_format", self.output_format.as_deref(), OUTPUT_FORMATS)? {
+            None | Some("png") => Encoding::Png,
+            Some("jpeg") => Encoding::Jpeg {
+                quality: compression.max(1),
+            },
+            Some("webp") => Encoding::Webp,
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "output_format \"{other}\" is not supported: FLUX.1 makes raster images; use \"png\", \"jpeg\" or \"webp\""
+                ))
+                .param("output_format")
+                .code("unsupported_output_format"))
+            }
+        };
+        if self.stream == Some(true) {
+            return Err(ApiError::bad_request(
+                "streaming (\"stream\": true) is not supported by this server yet; omit it to get the finished images",
+            )
+            .param("stream")
+            .code("unsupported_stream"));
+        }
+        if let Some(p) = self.partial_images.filter(|&p| p > 3) {
+            return Err(ApiError::invalid(
+                "partial_images",
+                format!("partial_images must be between 0 and 3, got {p}"),
+            ));
+        }
+        Ok(OpenAiOutput {
+            encoding,
+            quality: quality.to_string(),
+        })
+    }
 }
 
 /// `POST /v1/generate`: every option of `fluxrt generate`.
@@ -338,15 +460,38 @@ pub fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiEr
     Ok(value)
 }
 
+/// serde_json's message without its "at line L column C": parser internals, not the client's business.
+fn without_position(e: &serde_json::Error) -> String {
+    let full = e.to_string();
+    full.rsplit_once(" at line ")
+        .map_or(full.as_str(), |(m, _)| m)
+        .to_string()
+}
+
 fn json_error(e: &serde_json::Error, path: &str) -> ApiError {
     use serde_json::error::Category;
     match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => {
-            ApiError::bad_request(format!("the request body is not valid JSON: {e}"))
-                .code("invalid_json")
-        }
+        Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(format!(
+            "the request body is not valid JSON: {}",
+            without_position(e)
+        ))
+        .code("invalid_json"),
         Category::Data => {
-            let msg = e.to_string();
+            // serde_json appends "at line L column C": parser internals, not the client's business.
+            let msg = without_position(e);
+            if let Some(field) = msg
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split_once('`'))
+                .map(|(f, _)| f.to_string())
+            {
+                // As OpenAI answers an unknown field.
+                return ApiError::bad_request(format!(
+                    "Unknown parameter: '{}'.",
+                    truncate(&field, 60)
+                ))
+                .param(field)
+                .code("unknown_parameter");
+            }
             // serde names unknown and missing fields in backticks; the path names the field of a wrong type.
             let named = ["unknown field `", "missing field `"]
                 .iter()
@@ -509,8 +654,9 @@ pub fn parse_openai(
     limits: &Limits,
     model: &ModelInfo,
     random_seed: u64,
-) -> Result<Parsed, ApiError> {
+) -> Result<(Parsed, OpenAiOutput), ApiError> {
     let r: OpenAiRequest = from_json(body)?;
+    let output = r.output()?;
     match r.response_format.as_deref() {
         None | Some("b64_json") => {}
         Some("url") => {
@@ -533,7 +679,7 @@ pub fn parse_openai(
         Some(s) => parse_size(s, model)?,
         None => (model.width, model.height),
     };
-    build(
+    let parsed = build(
         r.prompt,
         None,
         size,
@@ -544,7 +690,8 @@ pub fn parse_openai(
         ["size", "size", "n", "prompt"],
         limits,
         model,
-    )
+    )?;
+    Ok((parsed, output))
 }
 
 /// Parses and validates a native `/v1/generate` body (on a server without LoRAs).
@@ -715,8 +862,12 @@ mod tests {
         );
         let e = parse(br#"{"prompt": "x", "loras": [{"name": "style", "scale": "strong"}]}"#);
         assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        // An unknown field, even inside: 400 unknown_parameter, as OpenAI answers one.
         let e = parse(br#"{"prompt": "x", "loras": [{"name": "style", "path": "/etc/passwd"}]}"#);
-        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::BAD_REQUEST, Some("unknown_parameter"))
+        );
         let e = parse(br#"{"prompt": "x", "loras": "style"}"#);
         assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
         // A server without LoRAs says how to offer them.
@@ -732,19 +883,21 @@ mod tests {
 
     #[test]
     fn openai_defaults_and_size() {
-        let p = parse_openai(
+        let (p, out) = parse_openai(
             br#"{"prompt":"a cat","size":"64x32"}"#,
             &Limits::default(),
             &model(),
             9,
         )
         .unwrap();
+        assert_eq!(out.encoding, crate::image_out::Encoding::Png);
+        assert_eq!(out.quality, "auto");
         assert_eq!((p.request.width, p.request.height), (64, 32));
         assert_eq!(
             (p.request.steps, p.request.seed, p.request.num_images),
             (4, 9, 1)
         );
-        let p = parse_openai(
+        let (p, _) = parse_openai(
             br#"{"prompt":"a","size":"auto","n":2,"seed":5}"#,
             &Limits::default(),
             &model(),
@@ -758,13 +911,102 @@ mod tests {
     }
 
     #[test]
+    fn openai_fields_are_accepted_mapped_or_refused_with_the_reason() {
+        use crate::image_out::Encoding;
+        let l = Limits::default();
+        let all = br#"{"prompt":"a","model":"x","n":1,"size":"64x64","quality":"hd","style":"natural",
+            "moderation":"low","background":"opaque","output_format":"jpeg","output_compression":60,
+            "response_format":"b64_json","user":"u","safety_identifier":"s","stream":false,"partial_images":0}"#;
+        let (_, out) = parse_openai(all, &l, &model(), 0).unwrap();
+        assert_eq!(out.encoding, Encoding::Jpeg { quality: 60 });
+        assert_eq!(out.quality, "hd");
+        let fmt = |f: &str| {
+            let body = format!(r#"{{"prompt":"a","output_format":"{f}"}}"#);
+            parse_openai(body.as_bytes(), &l, &model(), 0).map(|(_, o)| o.encoding)
+        };
+        assert_eq!(fmt("webp").unwrap(), Encoding::Webp);
+        assert_eq!(fmt("jpeg").unwrap(), Encoding::Jpeg { quality: 100 });
+        for (body, status, param, code) in [
+            (
+                &br#"{"prompt":"a","output_format":"svg"}"#[..],
+                400,
+                "output_format",
+                "unsupported_output_format",
+            ),
+            (
+                br#"{"prompt":"a","output_format":"bmp"}"#,
+                422,
+                "output_format",
+                "invalid_value",
+            ),
+            (
+                br#"{"prompt":"a","background":"transparent"}"#,
+                400,
+                "background",
+                "unsupported_background",
+            ),
+            (
+                br#"{"prompt":"a","quality":"ultra"}"#,
+                422,
+                "quality",
+                "invalid_value",
+            ),
+            (
+                br#"{"prompt":"a","style":"cartoon"}"#,
+                422,
+                "style",
+                "invalid_value",
+            ),
+            (
+                br#"{"prompt":"a","moderation":"high"}"#,
+                422,
+                "moderation",
+                "invalid_value",
+            ),
+            (
+                br#"{"prompt":"a","stream":true}"#,
+                400,
+                "stream",
+                "unsupported_stream",
+            ),
+        ] {
+            let e = parse_openai(body, &l, &model(), 0).unwrap_err();
+            assert_eq!(
+                (e.status.as_u16(), e.param.as_deref(), e.code),
+                (status, Some(param), Some(code)),
+                "{}",
+                e.message
+            );
+        }
+        for (body, param) in [
+            (
+                &br#"{"prompt":"a","output_compression":101}"#[..],
+                "output_compression",
+            ),
+            (br#"{"prompt":"a","partial_images":4}"#, "partial_images"),
+        ] {
+            let e = parse_openai(body, &l, &model(), 0).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.param.as_deref()), (422, Some(param)));
+        }
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let l = Limits::default();
         let e = parse_openai(br#"{"prompt":"a","colour":1}"#, &l, &model(), 0).unwrap_err();
         assert_eq!(
-            (e.status.as_u16(), e.param.as_deref()),
-            (422, Some("colour"))
+            (e.status.as_u16(), e.param.as_deref(), e.code),
+            (400, Some("colour"), Some("unknown_parameter"))
         );
+        assert_eq!(e.message, "Unknown parameter: 'colour'.");
+        for body in [&br#"{"prompt":"a","n":"two"}"#[..], br#"{"prompt":"a""#] {
+            let e = parse_openai(body, &l, &model(), 0).unwrap_err();
+            assert!(
+                !e.message.contains("line") && !e.message.contains("column"),
+                "{}",
+                e.message
+            );
+        }
         let e = parse_openai(br#"{"prompt":"a","n":"two"}"#, &l, &model(), 0).unwrap_err();
         assert_eq!((e.status.as_u16(), e.param.as_deref()), (422, Some("n")));
         let e = parse_openai(br#"{"n":1}"#, &l, &model(), 0).unwrap_err();

@@ -26,11 +26,13 @@ pub(super) async fn index() -> Json<serde_json::Value> {
         "service": "fluxrt",
         "version": env!("CARGO_PKG_VERSION"),
         "endpoints": {
-            "POST /v1/images/generations": "OpenAI Images API (b64_json)",
+            "POST /v1/images/generations": "OpenAI Images API (b64_json; png, jpeg or webp)",
             "POST /v1/generate": "native generation: JSON, or one PNG with Accept: image/png",
             "GET /v1/models": "the loaded model",
             "GET /health": "alive",
             "GET /ready": "model loaded and warmed up",
+            "GET /v1/health/live": "alive (as /health)",
+            "GET /v1/health/ready": "ready (as /ready)",
             "GET /metrics": "Prometheus metrics",
         }
     }))
@@ -179,15 +181,18 @@ struct Done {
     queue_wait: Duration,
     batch_requests: usize,
     batch_images: usize,
-    pngs: Vec<Vec<u8>>,
+    /// The images, encoded as asked (PNG unless the OpenAI endpoint's output_format says otherwise).
+    files: Vec<Vec<u8>>,
     png_time: Duration,
 }
 
-/// Queues `req`, waits for its run (up to the request timeout) and encodes the PNGs off the async threads.
+/// Queues `req`, waits for its run (up to the request timeout) and encodes the images as `encoding` off the async
+/// threads.
 async fn generate(
     app: &Arc<App>,
     model: &ModelInfo,
     req: Request,
+    encoding: image_out::Encoding,
 ) -> std::result::Result<Done, ApiError> {
     let (mut ticket, rx) = app.sched.submit(req.clone()).map_err(|r| match r {
         Refused::Full { retry_after } => ApiError::new(
@@ -227,30 +232,31 @@ async fn generate(
     let metrics = app.metrics.clone();
     let encoded = tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
-        let mut pngs = Vec::with_capacity(output.images.len());
+        let mut files = Vec::with_capacity(output.images.len());
         for img in &output.images {
             let t = Instant::now();
             let p = GenerationParams {
                 seed: img.seed,
                 ..params.clone()
             };
-            pngs.push(image_out::encode_png(
+            files.push(image_out::encode(
                 &img.rgb,
+                encoding,
                 &image_out::a1111_parameters(&p),
             )?);
             metrics.stage("png_encode", t.elapsed());
         }
-        Ok::<_, Error>((output, pngs, t0.elapsed()))
+        Ok::<_, Error>((output, files, t0.elapsed()))
     })
     .await
-    .map_err(|_| ApiError::from_error(&Error::runtime("PNG encoding panicked")))?;
-    let (output, pngs, png_time) = encoded.map_err(|e| ApiError::from_error(&e))?;
+    .map_err(|_| ApiError::from_error(&Error::runtime("image encoding panicked")))?;
+    let (output, files, png_time) = encoded.map_err(|e| ApiError::from_error(&e))?;
     Ok(Done {
         output,
         queue_wait: res.queue_wait,
         batch_requests: res.batch_requests,
         batch_images: res.batch_images,
-        pngs,
+        files,
         png_time,
     })
 }
@@ -273,17 +279,27 @@ async fn openai_inner(
 ) -> std::result::Result<Response, ApiError> {
     let model = app.serving_model()?.clone();
     let bytes = read_body(app, headers, body).await?;
-    let parsed = api::parse_openai(&bytes, &app.config.limits, &model, random_seed())?;
-    let done = generate(app, &model, parsed.request).await?;
+    let (parsed, out) = api::parse_openai(&bytes, &app.config.limits, &model, random_seed())?;
+    let size = format!("{}x{}", parsed.request.width, parsed.request.height);
+    let done = generate(app, &model, parsed.request, out.encoding).await?;
     let b64 = base64::engine::general_purpose::STANDARD;
     let data: Vec<_> = done
         .output
         .images
         .iter()
-        .zip(&done.pngs)
-        .map(|(img, png)| json!({"b64_json": b64.encode(png), "seed": img.seed}))
+        .zip(&done.files)
+        .map(|(img, file)| json!({"b64_json": b64.encode(file), "seed": img.seed}))
         .collect();
-    Ok(Json(json!({"created": unix_now(), "data": data})).into_response())
+    // The echo fields of OpenAI's ImagesResponse (no `usage`: FLUX's text encoders are not billed by token).
+    Ok(Json(json!({
+        "created": unix_now(),
+        "data": data,
+        "background": "opaque",
+        "output_format": out.encoding.name(),
+        "quality": out.quality,
+        "size": size,
+    }))
+    .into_response())
 }
 
 pub(super) async fn native_generate(
@@ -325,12 +341,12 @@ async fn native_inner(
         .param("num_images"));
     }
     let req = parsed.request.clone();
-    let mut done = generate(app, &model, parsed.request).await?;
+    let mut done = generate(app, &model, parsed.request, image_out::Encoding::Png).await?;
     let mut warnings = parsed.warnings;
     warnings.append(&mut done.output.warnings);
     if png {
         let seed = done.output.images[0].seed;
-        let mut resp = done.pngs.swap_remove(0).into_response();
+        let mut resp = done.files.swap_remove(0).into_response();
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
         h.insert("x-fluxrt-seed", HeaderValue::from(seed));
@@ -347,7 +363,7 @@ async fn native_inner(
     Ok(Json(json!({
         "created": unix_now(),
         "model": model.name,
-        "images": done.output.images.iter().zip(&done.pngs).map(|(img, png)| json!({
+        "images": done.output.images.iter().zip(&done.files).map(|(img, png)| json!({
             "seed": img.seed,
             "png_base64": b64.encode(png),
         })).collect::<Vec<_>>(),

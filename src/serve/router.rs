@@ -17,12 +17,14 @@ use super::handlers::{
 };
 use super::{ApiError, App};
 
-const ENDPOINTS: [&str; 7] = [
+const ENDPOINTS: [&str; 9] = [
     "/v1/images/generations",
     "/v1/generate",
     "/v1/models",
     "/health",
     "/ready",
+    "/v1/health/live",
+    "/v1/health/ready",
     "/metrics",
     "/",
 ];
@@ -34,6 +36,9 @@ pub(super) fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/ready", get(ready))
+        // The probe paths NVIDIA NIM and other serving platforms expect, beside fluxrt's own.
+        .route("/v1/health/live", get(health))
+        .route("/v1/health/ready", get(ready))
         .route("/metrics", get(metrics_text))
         .route("/", get(index))
         .fallback(not_found)
