@@ -26,6 +26,7 @@ fn config() -> Config {
     let mut c = Config::new(model("tiny-flux-schnell"));
     c.load.threads = Some(1);
     c.limits.max_pixels = 1024 * 1024;
+    c.max_body_bytes = 1024 * 1024; // the body tests send 10 MB
     c
 }
 
@@ -901,6 +902,20 @@ fn shutdown_cancels_what_is_left_after_its_deadline() {
 }
 
 #[test]
+fn a_too_small_max_body_is_refused_before_anything_loads() {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_fluxrt"))
+        .args(["serve", "--port", "0", "--max-body", "10"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--max-body must be at least 1024 bytes"),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_binary_serves_and_exits_0_on_sigterm() {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fluxrt"))
@@ -912,6 +927,8 @@ fn the_binary_serves_and_exits_0_on_sigterm() {
             "1",
             "--shutdown-timeout",
             "10",
+            "--max-body",
+            "2000000",
         ])
         .arg("--model")
         .arg(model("tiny-flux-schnell"))

@@ -53,6 +53,10 @@ pub struct Args {
     /// Seconds a request body may take to arrive.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     body_timeout: f64,
+    /// Largest request body in bytes; a larger one gets 413. The default holds two 2048x2048 PNGs and a mask in
+    /// base64 (what image edits send).
+    #[arg(long, default_value_t = fluxrt::serve::DEFAULT_MAX_BODY_BYTES, value_name = "BYTES")]
+    max_body: usize,
     /// Byte budget of the prompt-embedding cache (a repeated prompt skips CLIP and T5); 0 turns it off.
     #[arg(long, default_value_t = 256 * 1024 * 1024, value_name = "BYTES")]
     cache_bytes: usize,
@@ -111,6 +115,13 @@ pub fn run(a: Args) -> Result<()> {
         d => seconds("drain-delay", d)?,
     };
     config.body_timeout = seconds("body-timeout", a.body_timeout)?;
+    if a.max_body < 1024 {
+        return Err(Error::input(format!(
+            "--max-body must be at least 1024 bytes, got {}",
+            a.max_body
+        )));
+    }
+    config.max_body_bytes = a.max_body;
     config.cache_bytes = a.cache_bytes;
     config.warmup = !a.no_warmup;
     config.loras = a

@@ -117,7 +117,7 @@ async fn read_body(
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
-            format!("the request body is larger than {limit} bytes"),
+            format!("the request body is larger than {limit} bytes (the server's --max-body)"),
         )
         .code("body_too_large")
     };

@@ -40,6 +40,9 @@ pub use api::{ApiError, Limits, ModelInfo};
 use metrics::{Gauges, Metrics};
 use scheduler::Scheduler;
 
+/// Two 2048x2048 RGBA PNGs at their worst (no compression) and a mask, base64-encoded: 64 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
 /// Everything `fluxrt serve` can be told.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -59,6 +62,7 @@ pub struct Config {
     pub request_timeout: Duration,
     /// How long a request body may take to arrive (a client that stops half-way gets 408).
     pub body_timeout: Duration,
+    /// Largest request body (`--max-body`); past it, 413.
     pub max_body_bytes: usize,
     /// After SIGINT/SIGTERM: how long in-flight and queued requests may take before they are cancelled.
     pub shutdown_timeout: Duration,
@@ -89,7 +93,7 @@ impl Config {
             limits: Limits::default(),
             request_timeout: Duration::from_secs(300),
             body_timeout: Duration::from_secs(10),
-            max_body_bytes: 1024 * 1024,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_timeout: Duration::from_secs(30),
             drain_delay: Duration::ZERO,
             cache_bytes: 256 * 1024 * 1024,
