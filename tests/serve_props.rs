@@ -108,6 +108,15 @@ const OPENAI_KEYS: &[&str] = &[
     "seed",
     "steps",
     "guidance",
+    "quality",
+    "style",
+    "moderation",
+    "background",
+    "output_format",
+    "output_compression",
+    "stream",
+    "partial_images",
+    "safety_identifier",
 ];
 const NATIVE_KEYS: &[&str] = &[
     "prompt",
@@ -211,7 +220,26 @@ fn openai_valid(m: &Map<String, Value>, l: &Limits) -> bool {
         None => true,
         Some(v) => v.as_str() == Some("b64_json"),
     };
+    // OpenAI's fields: one of the documented values this server serves (no transparency, raster formats, no
+    // streaming), or absent.
+    let one_of = |k: &str, values: &[&str]| {
+        opt(m, k).is_none_or(|v| v.as_str().is_some_and(|s| values.contains(&s)))
+    };
+    let openai_fields = one_of(
+        "quality",
+        &[
+            "auto", "low", "medium", "high", "xhigh", "max", "standard", "hd",
+        ],
+    ) && one_of("style", &["vivid", "natural"])
+        && one_of("moderation", &["auto", "low"])
+        && one_of("background", &["auto", "opaque"])
+        && one_of("output_format", &["png", "jpeg", "webp"])
+        && uint(opt(m, "output_compression"), 100).is_some()
+        && uint(opt(m, "partial_images"), 3).is_some()
+        && opt(m, "stream").is_none_or(|v| v == &Value::Bool(false))
+        && string_ok(opt(m, "safety_identifier"));
     size && format
+        && openai_fields
         && string_ok(opt(m, "model"))
         && string_ok(opt(m, "user"))
         && common_ok(m, l, "n")
