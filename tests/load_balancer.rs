@@ -92,12 +92,17 @@ impl Replica {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        signal(self.child.id(), sig);
     }
+}
+
+/// `kill SIG PID`.
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
 }
 
 impl Drop for Replica {
@@ -408,17 +413,11 @@ fn replicas_behind_haproxy_lose_no_request_when_one_drains_and_one_dies() {
         let mut f = faults.lock().unwrap();
         if done >= requests * 2 / 3 && !f.0 {
             f.0 = true;
-            Command::new("kill")
-                .args(["-TERM", &pids.0.to_string()])
-                .status()
-                .unwrap();
+            signal(pids.0, "-TERM");
         }
         if done >= requests * 4 / 3 && !f.1 {
             f.1 = true;
-            Command::new("kill")
-                .args(["-KILL", &pids.1.to_string()])
-                .status()
-                .unwrap();
+            signal(pids.1, "-KILL");
         }
     });
     report(

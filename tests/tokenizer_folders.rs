@@ -295,6 +295,18 @@ fn ids(v: &serde_json::Value) -> Vec<i64> {
         .collect()
 }
 
+/// The prompt's ids as transformers returns them unpadded: its content and the closing `</s>`.
+fn unpadded_ids(tok: &PromptTokenizer, prompt: &str) -> Vec<i64> {
+    let mut ids: Vec<i64> = tok
+        .content_ids(prompt)
+        .unwrap()
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    ids.push(i64::from(tok.eos_id()));
+    ids
+}
+
 fn t5_settings(max_length: usize) -> TokenizerSettings {
     TokenizerSettings {
         eos_id: Some(1),
@@ -313,13 +325,7 @@ fn spiece_differences(tok: &PromptTokenizer, goldens: &serde_json::Value) -> Vec
         let prompt = case["prompt"].as_str().unwrap();
         let (want, want_unpadded) = (ids(&case["ids"]), ids(&case["unpadded_ids"]));
         let got = tok.encode(prompt).unwrap();
-        let mut unpadded: Vec<i64> = tok
-            .content_ids(prompt)
-            .unwrap()
-            .into_iter()
-            .map(i64::from)
-            .collect();
-        unpadded.push(i64::from(tok.eos_id()));
+        let unpadded = unpadded_ids(tok, prompt);
         if got.ids != want {
             failures.push(format!("{name}: padded {:?}, want {want:?}", got.ids));
         }
@@ -538,13 +544,7 @@ fn spiece_added_tokens_follow_transformers_for_each_config() {
         let tok = PromptTokenizer::from_folder(folder, t5_settings(64))
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         for (prompt, want) in prompts.iter().zip(v["ids"].as_array().unwrap()) {
-            let mut unpadded: Vec<i64> = tok
-                .content_ids(prompt)
-                .unwrap()
-                .into_iter()
-                .map(i64::from)
-                .collect();
-            unpadded.push(1);
+            let unpadded = unpadded_ids(&tok, prompt);
             if unpadded != ids(want) {
                 failures.push(format!(
                     "{name} {prompt:?}: {unpadded:?}, transformers {want}"
